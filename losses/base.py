@@ -1,0 +1,154 @@
+"""The objective contract shared by every loss, the bandit lab and the LLM trainer.
+
+An objective sees a batch of B sequences of up to T completion tokens (a bandit is T = 1):
+
+- ``logprobs[B, T]``      per-token log-probs of the policy, with grad, at the sampling temperature
+- ``ref_logprobs[B, T]``  per-token log-probs of the frozen reference (no grad)
+- ``mask[B, T]``          1 on completion tokens, 0 on padding
+- ``rewards[B]``          sequence rewards (``[B, C]`` for several reward components, RCfD)
+- ``group[B]``            which prompt a sample belongs to (k samples per prompt)
+- ``pairs[P, 2]``         row indices of (chosen, rejected) -- or (y, y') for off-policy CoPG
+- ``demo_rewards[B]``     reward of the prompt's demonstration (RCfD), same shape as ``rewards``
+- ``stream[B]``           independent runs sharing one call (the bandit's seeds); only stateful
+                          objectives (REINFORCE's moving baseline) look at it
+
+Normalisation belongs to the contract, not to each loss. An objective declares its ``unit``
+(``"sequence"``, ``"pair"`` or ``"token"``) and returns ``sum(per-unit terms) / num_units``.
+The trainer passes the number of units in the whole optimizer step (all micro-batches, all
+processes), so summing micro-batch losses equals the full-batch loss and gradient accumulation
+or data parallelism change nothing. Called without ``num_units``, a loss is a plain batch mean.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+Unit = Literal["sequence", "pair", "token"]
+
+
+@dataclass
+class LossBatch:
+    logprobs: Tensor
+    mask: Tensor
+    ref_logprobs: Tensor | None = None
+    rewards: Tensor | None = None
+    group: Tensor | None = None
+    pairs: Tensor | None = None
+    demo_rewards: Tensor | None = None
+    stream: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.logprobs.dim() != 2 or self.mask.shape != self.logprobs.shape:
+            raise ValueError(
+                f"logprobs and mask must both be [B, T]; got {tuple(self.logprobs.shape)} "
+                f"and {tuple(self.mask.shape)}"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.logprobs.shape[0]
+
+    def select(self, rows: Tensor) -> LossBatch:
+        """Rows ``rows`` of the batch, with ``pairs`` re-indexed (pairs must lie inside ``rows``)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "pairs":
+                continue
+            out[f.name] = value[rows]
+        pairs = None
+        if self.pairs is not None:
+            where = torch.full((self.size,), -1, dtype=torch.long, device=rows.device)
+            where[rows] = torch.arange(len(rows), device=rows.device)
+            mapped = where[self.pairs]
+            keep = (mapped >= 0).all(dim=1)
+            if not bool(keep.all()) and bool((mapped >= 0).any(dim=1)[~keep].any()):
+                raise ValueError("select() would split a pair across micro-batches")
+            pairs = mapped[keep]
+        return replace(self, **out, pairs=pairs)
+
+
+def sequence_logprobs(logprobs: Tensor, mask: Tensor, average: bool = False) -> Tensor:
+    """ℓ(y) = Σ_t logprobs·mask, or the length-averaged ℓ̄(y) = ℓ(y)/|y|."""
+    total = (logprobs * mask).sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def group_leave_one_out_mean(values: Tensor, group: Tensor) -> Tensor:
+    """For each row, the mean of ``values`` over the OTHER rows of its group, b_i = Σ_{j≠i} v_j/(k−1).
+
+    Groups may have different sizes; a group of one gets baseline 0 (no other sample to compare).
+    """
+    _, inverse = torch.unique(group, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, inverse, torch.ones_like(values)
+    )
+    others = (counts[inverse] - 1).clamp(min=1)
+    baseline = (sums[inverse] - values) / others
+    return torch.where(counts[inverse] > 1, baseline, torch.zeros_like(baseline))
+
+
+def pairs_within_groups(group: Tensor) -> Tensor:
+    """All unordered pairs (i, j), i < j, of rows that share a group: [P, 2]."""
+    same = group[:, None] == group[None, :]
+    upper = torch.triu(torch.ones_like(same), diagonal=1)
+    return (same & upper).nonzero()
+
+
+class Objective(ABC):
+    """Base class: subclasses set ``name``, ``unit``, ``online`` and ``needs`` and implement ``terms``."""
+
+    name: ClassVar[str]
+    unit: ClassVar[Unit]
+    online: ClassVar[bool]  # True: trained on fresh samples of the policy; False: on a fixed dataset
+    needs: ClassVar[tuple[str, ...]] = ()
+    paired: ClassVar[bool] = False  # the batch must carry ``pairs`` (or groups to build them from)
+
+    def count_units(self, batch: LossBatch) -> int:
+        """How many units this batch holds (sum these over micro-batches/processes for ``num_units``)."""
+        if self.unit == "token":
+            return int(batch.mask.sum())
+        if self.unit == "pair":
+            return int(self.batch_pairs(batch).shape[0])
+        return batch.size
+
+    def batch_pairs(self, batch: LossBatch) -> Tensor:
+        if batch.pairs is not None:
+            return batch.pairs
+        if batch.group is not None:
+            return pairs_within_groups(batch.group)
+        raise ValueError(f"objective {self.name!r} needs pairs (or groups to pair within)")
+
+    def check(self, batch: LossBatch) -> None:
+        missing = [n for n in self.needs if getattr(batch, n) is None]
+        if missing:
+            raise ValueError(f"objective {self.name!r} needs batch fields {missing}")
+
+    @abstractmethod
+    def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-unit loss terms (summed by ``__call__``) and per-row metrics."""
+
+    def __call__(self, batch: LossBatch, num_units: float | None = None) -> tuple[Tensor, dict[str, float]]:
+        self.check(batch)
+        terms, metrics = self.terms(batch)
+        denom = float(num_units) if num_units is not None else max(self.count_units(batch), 1)
+        loss = terms.sum() / denom
+        return loss, {k: float(v.detach().float().mean()) for k, v in metrics.items() if v.numel()}
+
+    def after_step(self, batch: LossBatch) -> None:
+        """Called once per optimizer step with the step's whole (detached) batch; stateless by default."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,54 @@
+"""KL control shared by every objective.
+
+Per-token log-ratio δ_t = log π(y_t|·) − log π_ref(y_t|·); Schulman's (2020) estimators of
+KL(π‖π_ref) from samples of π:
+
+    k1 = δ                       unbiased, can be negative per sample
+    k3 = exp(−δ) − 1 + δ         unbiased, always ≥ 0, lower variance
+
+Online objectives fold β·KL into the *detached* sequence reward R(x,y) = r(x,y) − β·Σ_t k(δ_t).
+With k1 the score-function gradient of E_π[R] is exactly the gradient of the KL-regularised
+objective (the missing E[∇ log π] term is zero). k3 is an unbiased estimate of the KL *value*
+but, used as a detached reward, its score-function gradient is not ∇KL: it converges to a
+different (more conservative) policy. It is offered because it is what many runs log and use;
+k1 is the default and the one whose fixed points the tests check.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+KLEstimator = Literal["k1", "k3"]
+
+
+def token_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    delta = logprobs - ref_logprobs
+    if estimator == "k1":
+        return delta
+    if estimator == "k3":
+        return torch.expm1(-delta) + delta
+    raise ValueError(f"kl_estimator: expected 'k1' or 'k3', got {estimator!r}")
+
+
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Σ_t k(δ_t) over completion tokens: [B]."""
+    return (token_kl(logprobs, ref_logprobs, estimator) * mask).sum(-1)
+
+
+def regularised_reward(
+    rewards: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    mask: Tensor,
+    beta: float,
+    estimator: KLEstimator = "k1",
+) -> tuple[Tensor, Tensor]:
+    """R = r − β·KL_seq, detached; returns (R, KL_seq)."""
+    if ref_logprobs is None or beta == 0:
+        zero = torch.zeros_like(rewards)
+        return rewards.detach(), zero
+    kl = sequence_kl(logprobs.detach(), ref_logprobs.detach(), mask, estimator)
+    return (rewards - beta * kl).detach(), kl

@@ -1,0 +1,80 @@
+"""REINFORCE with a moving-average baseline (Williams 1992).
+
+    R_i = r_i − β·KL_seq(y_i)                         (detached, see losses/kl.py)
+    L   = −(1/N) Σ_i (R_i − b)·ℓ(y_i),   ℓ(y) = Σ_t log π(y_t | x, y_<t)
+
+b is an exponential moving average of R over past optimizer steps (b ← m·b + (1−m)·mean R),
+fixed during a step so the estimator stays unbiased. One baseline per ``stream`` (the bandit
+lab runs independent seeds in one call). Unit: sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from losses.base import LossBatch, Objective, sequence_logprobs
+from losses.kl import KLEstimator, regularised_reward
+
+
+class Reinforce(Objective):
+    name = "reinforce"
+    unit = "sequence"
+    online = True
+    needs = ("rewards",)
+
+    def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1", baseline_momentum: float = 0.9):
+        self.beta = beta
+        self.kl_estimator = kl_estimator
+        self.baseline_momentum = baseline_momentum
+        self.baseline: Tensor | None = None  # [n_streams]
+        self.baseline_seen: Tensor | None = None
+
+    def _streams(self, batch: LossBatch) -> Tensor:
+        if batch.stream is not None:
+            return batch.stream.long()
+        return torch.zeros(batch.size, dtype=torch.long, device=batch.logprobs.device)
+
+    def _baseline_for(self, stream: Tensor) -> Tensor:
+        n = int(stream.max()) + 1 if stream.numel() else 1
+        if self.baseline is None or self.baseline.numel() < n:
+            grown = torch.zeros(n, dtype=torch.float64)
+            seen = torch.zeros(n, dtype=torch.bool)
+            if self.baseline is not None:
+                grown[: self.baseline.numel()] = self.baseline
+                seen[: self.baseline_seen.numel()] = self.baseline_seen
+            self.baseline, self.baseline_seen = grown, seen
+        return self.baseline.to(stream.device)[stream]
+
+    def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        R, kl = regularised_reward(
+            batch.rewards, batch.logprobs, batch.ref_logprobs, batch.mask, self.beta, self.kl_estimator
+        )
+        advantage = R - self._baseline_for(self._streams(batch)).to(R.dtype)
+        logp = sequence_logprobs(batch.logprobs, batch.mask)
+        return -advantage * logp, {"advantage": advantage, "kl": kl, "regularised_reward": R}
+
+    def after_step(self, batch: LossBatch) -> None:
+        R, _ = regularised_reward(
+            batch.rewards, batch.logprobs, batch.ref_logprobs, batch.mask, self.beta, self.kl_estimator
+        )
+        stream = self._streams(batch)
+        self._baseline_for(stream)
+        stream = stream.cpu()
+        n = self.baseline.numel()
+        sums = torch.zeros(n, dtype=torch.float64).index_add_(0, stream, R.detach().double().cpu())
+        counts = torch.zeros(n, dtype=torch.float64).index_add_(0, stream, torch.ones(len(stream), dtype=torch.float64))
+        present = counts > 0
+        means = sums[present] / counts[present]
+        m = self.baseline_momentum
+        # the first step initialises the baseline to the batch mean instead of decaying from 0
+        old = torch.where(self.baseline_seen[present], self.baseline[present], means)
+        self.baseline[present] = m * old + (1 - m) * means
+        self.baseline_seen[present] = True
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline, "baseline_seen": self.baseline_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline = state.get("baseline")
+        self.baseline_seen = state.get("baseline_seen")
