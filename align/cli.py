@@ -13,7 +13,11 @@ from align.config import RecipeError
 
 # subcommand -> (module with ``main(args)``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("align.train_cli", "align a language model with the recipe's objective and reward"),
+    "sft": ("align.train_cli", "supervised fine-tuning on completion tokens (objective sft)"),
+    "recipes": ("align.train_cli", "list the bundled recipes"),
     "bandit": ("align.bandit.cli", "compare objectives on toy bandits with closed-form optima"),
+    "rm": ("align.rm", "train a reward model from preference pairs (Bradley-Terry)"),
 }
 
 

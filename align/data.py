@@ -1,0 +1,93 @@
+"""Data: prompts, pairs and SFT rows through ``datasets``; tokenisation and padding.
+
+Rows are checked once at load (missing column, empty prompt) with errors naming the row and
+column. Step batches are drawn from per-epoch permutations that depend only on (seed, step),
+so a resumed run, or a run split over more processes, sees the same rows at the same step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from align.config import RecipeError
+
+_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(RecipeError):
+    """Bad data rows: the message names the file, row and column."""
+
+
+def load_table(source: str, split: str = "train", subset: str | None = None):
+    """A ``datasets.Dataset`` from a local file (by extension) or a hub dataset name."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in _LOCAL_FORMATS:
+        if not path.is_file():
+            raise DataError(f"data {source!r}: no such file")
+        return datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+    if path.is_dir():
+        return datasets.load_dataset(str(path), subset, split=split)
+    return datasets.load_dataset(source, subset, split=split)
+
+
+def read_columns(source: str, table, columns: list[str], non_empty: list[str]) -> dict[str, list]:
+    """Columns as python lists; a missing column or an empty text names the row and column."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"data {source!r}: missing column {missing[0]!r} (columns: {table.column_names})")
+    out = {c: list(v) for c, v in table.select_columns(columns).to_dict().items()}
+    for column in non_empty:
+        for row, value in enumerate(out[column]):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"data {source!r} row {row}: column {column!r} is empty or not text")
+    if not out[columns[0]]:
+        raise DataError(f"data {source!r}: no rows")
+    return out
+
+
+def step_rows(n_rows: int, step: int, rows_per_step: int, seed: int) -> list[int]:
+    """Dataset indices for optimizer step ``step``: consecutive slices of per-epoch permutations."""
+    start = step * rows_per_step
+    out: list[int] = []
+    while len(out) < rows_per_step:
+        epoch, offset = divmod(start + len(out), n_rows)
+        generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
+        order = torch.randperm(n_rows, generator=generator)
+        take = min(rows_per_step - len(out), n_rows - offset)
+        out.extend(order[offset : offset + take].tolist())
+    return out
+
+
+def encode_prompts(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [row[-max_tokens:] for row in ids]  # keep the end of a long prompt: it is what is continued
+
+
+def encode_completions(tokenizer, texts: list[str], max_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    tail = [] if eos_token_id is None else [eos_token_id]
+    return [(row + tail)[:max_tokens] for row in ids]
+
+
+def pad(rows: list[list[int]], pad_id: int, side: str, device=None) -> tuple[Tensor, Tensor]:
+    """(ids, mask) as [B, max_len] tensors padded on ``side`` ('left' or 'right')."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not row:
+            continue
+        if side == "left":
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        else:
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,187 @@
+"""The training recipe: every field `align train` / `align sft` reads, validated before any model loads.
+
+A recipe is YAML; every section forbids unknown keys; overrides on the command line use dotted
+keys (``objective.beta=0.1 train.steps=50``). The objective's own options (``beta``,
+``average_logprobs``, ``kl_estimator`` ...) are checked against ``losses.options(name)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+import losses
+from align.config import Strict
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str | None = Field(None, description="module names; None lets peft pick")
+
+
+class ModelConfig(Strict):
+    path: str = Field(..., description="hub id or local directory of an AutoModelForCausalLM")
+    tokenizer: str | None = Field(None, description="tokenizer hub id or path (default: model path)")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters; the reference is the base with adapters off")
+    disable_dropout: bool = Field(True, description="RL and DPO train with dropout off (TRL does the same)")
+
+
+class DataConfig(Strict):
+    train: str = Field(..., description="local .jsonl/.json/.csv/.parquet file, or a hub dataset name")
+    split: str = "train"
+    subset: str | None = None
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    demonstration_column: str = Field("demonstration", description="RCfD: a demonstration per prompt")
+    max_prompt_tokens: int = Field(256, gt=0, description="prompts are truncated on the left to this many tokens")
+    max_completion_tokens: int = Field(256, gt=0, description="offline completions are truncated to this")
+    eval_prompts: str | None = Field(None, description="held-out prompts for the before/after report")
+
+
+class ObjectiveConfig(Strict):
+    name: str = Field("rloo", description="a name in losses.REGISTRY")
+    k: int = Field(4, ge=1, description="completions sampled per prompt (online objectives)")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra options passed to losses.build")
+    beta: float | None = Field(None, ge=0, description="KL coefficient (shortcut for options.beta)")
+    mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="online: sample from the policy; offline: a fixed pair/row file (auto: the objective's kind)"
+    )
+
+    @property
+    def online(self) -> bool:
+        return self.mode == "online" or (self.mode == "auto" and losses.REGISTRY[self.name].online)
+
+    @field_validator("name")
+    @classmethod
+    def known(cls, name: str) -> str:
+        if name not in losses.REGISTRY:
+            raise ValueError(f"expected one of {sorted(losses.REGISTRY)}")
+        return name
+
+    @model_validator(mode="after")
+    def check_options(self) -> ObjectiveConfig:
+        allowed = losses.options(self.name)
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for {self.name!r}; expected {sorted(allowed)}")
+        if self.beta is not None and "beta" not in allowed:
+            raise ValueError(f"{self.name!r} takes no beta")
+        return self
+
+    def build(self) -> losses.Objective:
+        opts = dict(self.options)
+        if self.beta is not None:
+            opts["beta"] = self.beta
+        return losses.build(self.name, **opts)
+
+
+class RewardComponent(Strict):
+    name: str = Field(..., description="a name in rewards.REGISTRY")
+    weight: float = 1.0
+    normalize: bool = Field(False, description="running whitening of this component before weighting")
+    clip: tuple[float, float] | None = Field(None, description="clip the (normalised) component to [lo, hi]")
+    label: str | None = Field(None, description="the component's name in logs (default: the reward name)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the reward's own options")
+
+    @model_validator(mode="after")
+    def known(self) -> RewardComponent:
+        import rewards
+
+        if self.name not in rewards.REGISTRY:
+            raise ValueError(f"unknown reward {self.name!r}; expected one of {sorted(rewards.REGISTRY)}")
+        allowed = rewards.options(self.name)
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for reward {self.name!r}; expected {sorted(allowed)}")
+        missing = [k for k, v in allowed.items() if v is inspect.Parameter.empty and k not in self.options]
+        if missing:
+            raise ValueError(f"reward {self.name!r} needs option(s) {missing}")
+        return self
+
+
+class GenerationConfig(Strict):
+    max_new_tokens: int = Field(32, gt=0)
+    min_new_tokens: int = Field(0, ge=0, description="EOS is masked out before this many tokens")
+    temperature: float = Field(1.0, gt=0, description="log-probs for the loss use the same temperature")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    stop_strings: list[str] = Field(default_factory=list, description="a completion ends after the first one")
+    batch_size: int | None = Field(None, gt=0, description="prompts per generate call (default: the whole step)")
+
+    @model_validator(mode="after")
+    def lengths(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, gt=0, description="optimizer steps")
+    batch_size: int = Field(8, gt=0, description="per micro-batch: prompts (online), pairs or rows (offline)")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    max_bad_steps: int = Field(10, ge=0, description="stop after this many steps skipped for NaN/inf")
+    epochs_offline: int | None = Field(None, gt=0, description="offline: stop after this many passes instead")
+
+
+class OutputConfig(Strict):
+    dir: str = Field("runs/align", description="run directory: checkpoints, metrics.jsonl, report")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, gt=0)
+    sample_every: int = Field(10, ge=0, description="log sample completions every N steps (0: never)")
+    report_to: list[Literal["wandb"]] = Field(default_factory=list)
+    wandb_project: str = "align"
+    report: bool = Field(True, description="write a summary with plots at the end")
+    save_model: bool = Field(True, description="save the final policy in HF format under DIR/final")
+
+
+class Recipe(Strict):
+    description: str = ""
+    prepare: Literal["quickstart"] | None = Field(
+        None, description="build the embedded quickstart assets (corpus, tokenizer, SFT model) if missing"
+    )
+    model: ModelConfig
+    reference: str | None = Field(None, description="reference model path (default: a frozen copy of the policy)")
+    data: DataConfig
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    reward: list[RewardComponent] = Field(default_factory=list)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    resume: str | None = Field(None, description="'latest' or a checkpoint directory")
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, (dict, str)):
+            value = [value]
+        return [{"name": v} if isinstance(v, str) else v for v in value or []]
+
+    @model_validator(mode="after")
+    def consistent(self) -> Recipe:
+        name = self.objective.name
+        if self.objective.online and not self.reward:
+            raise ValueError(f"reward: objective {name!r} is trained online and needs a reward")
+        if self.objective.online and name in ("dpo", "ipo", "sft"):
+            raise ValueError(f"objective.mode: {name!r} is trained on a fixed dataset, not online")
+        if not self.objective.online and name in ("reinforce", "rloo", "rcfd"):
+            raise ValueError(f"objective.mode: {name!r} needs samples from the policy (online)")
+        if self.objective.online and name in ("rloo", "rcfd", "copg") and self.objective.k < 2:
+            raise ValueError(f"objective.k: {self.objective.name!r} needs k >= 2 samples per prompt")
+        return self

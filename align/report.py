@@ -1,0 +1,146 @@
+"""End-of-run report: reward before and after on held-out prompts, KL, samples, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from align import data as data_lib
+from align.logging import read_metrics
+from align.logprobs import completion_logprobs
+from align.rollout import decode_completions, generate, sample_keys
+
+EVAL_SEED_OFFSET = 10_007  # evaluation samples never reuse a training step's keys
+
+
+@torch.no_grad()
+def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) -> dict:
+    """One sample per prompt from ``policy``; its reward and its KL to the reference (k1, k3)."""
+    from align.trainer import reference_model  # local: trainer imports this module lazily too
+
+    gen = recipe.generation
+    ids = data_lib.encode_prompts(models.tokenizer, prompts, recipe.data.max_prompt_tokens)
+    prompt_ids, prompt_mask = data_lib.pad(ids, models.pad_token_id, "left", device)
+    keys = sample_keys(recipe.train.seed + EVAL_SEED_OFFSET, 0, torch.arange(len(prompts)), 1)
+    rollout = generate(policy, prompt_ids, prompt_mask, keys, k=1, max_new_tokens=gen.max_new_tokens,
+                       min_new_tokens=gen.min_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                       top_p=gen.top_p, eos_token_id=models.eos_token_id, pad_token_id=models.pad_token_id)
+    texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, gen.temperature)
+    logp = completion_logprobs(policy, *args)
+    with reference_model(models, _NoAccelerator()) as ref:
+        ref_logp = completion_logprobs(ref, *args)
+    delta = (logp - ref_logp) * rollout.completion_mask
+    k3 = (torch.expm1(-delta) + delta) * rollout.completion_mask
+    out = {"kl_k1": float(delta.sum(-1).mean()), "kl_k3": float(k3.sum(-1).mean()),
+           "length": float(rollout.completion_mask.sum(-1).float().mean()), "texts": texts}
+    if reward is not None:
+        scores, components = reward.score(prompts, texts, {})
+        out["reward"] = float(scores.float().mean())
+        out["components"] = {k: float(torch.tensor(v).mean()) for k, v in components.items()}
+    return out
+
+
+class _NoAccelerator:
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+def eval_prompts(recipe, dataset, limit: int = 64) -> list[str]:
+    if recipe.data.eval_prompts:
+        table = data_lib.load_table(recipe.data.eval_prompts)
+        cols = data_lib.read_columns(recipe.data.eval_prompts, table, [recipe.data.prompt_column], [recipe.data.prompt_column])
+        return cols[recipe.data.prompt_column][:limit]
+    return dataset.prompts[:limit] if dataset is not None else []
+
+
+def plot_metrics(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("reward_mean", "kl_k1", "loss", "completion_length") if any(k in r for r in records)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(list(axes) if len(keys) > 1 else [axes], keys):
+        steps = [r["step"] for r in records if r.get(key) is not None]
+        ax.plot(steps, [r[key] for r in records if r.get(key) is not None])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) -> dict:
+    """report.json, report.md and metrics.png in the run dir; returns the headline numbers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    records = [r for r in read_metrics(run_dir) if "skipped" not in r]
+    plot_metrics(records, run_dir / "metrics.png")
+    out: dict = {"plot": str(run_dir / "metrics.png")}
+    prompts = eval_prompts(recipe, dataset)
+    if prompts and recipe.objective.online:
+        policy = accelerator.unwrap_model(models.policy)
+        with models_in_eval(policy):
+            before = evaluate_policy(recipe, models, _reference_for_eval(models, policy), prompts, reward, accelerator.device)
+            after = evaluate_policy(recipe, models, policy, prompts, reward, accelerator.device)
+        out["before"] = {k: v for k, v in before.items() if k != "texts"}
+        out["after"] = {k: v for k, v in after.items() if k != "texts"}
+        out["samples"] = [{"prompt": p, "before": b, "after": a}
+                          for p, b, a in list(zip(prompts, before["texts"], after["texts"]))[:8]]
+    (run_dir / "report.json").write_text(json.dumps(out, indent=2))
+    lines = [f"# align run report: {recipe.objective.name}", "", f"![metrics](metrics.png)", ""]
+    if "before" in out:
+        table = Table(title=f"{recipe.objective.name}: held-out prompts ({len(prompts)})")
+        for col in ("", "reward", "KL k1", "KL k3", "length"):
+            table.add_column(col)
+        lines += ["| | reward | KL k1 | KL k3 | length |", "|---|---|---|---|---|"]
+        for name in ("before", "after"):
+            row = out[name]
+            cells = [f"{row.get('reward', float('nan')):.3f}", f"{row['kl_k1']:.3f}", f"{row['kl_k3']:.3f}", f"{row['length']:.1f}"]
+            table.add_row(name, *cells)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "## Samples", ""]
+        for s in out["samples"]:
+            lines += [f"- **{s['prompt']}** → before: `{s['before']}` → after: `{s['after']}`"]
+        Console(stderr=True).print(table)
+        for s in out["samples"][:4]:
+            Console(stderr=True).print(f"[bold]{s['prompt']}[/bold] | before: {s['before']!r} | after: {s['after']!r}")
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return {"report": str(run_dir / "report.md"), **{k: out[k] for k in ("before", "after") if k in out}}
+
+
+class models_in_eval:
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def _reference_for_eval(models, policy):
+    """The reference as a generator: the frozen copy, or the LoRA policy with adapters off."""
+    if models.reference is not None:
+        return models.reference
+    return _AdaptersOff(policy)
+
+
+class _AdaptersOff(torch.nn.Module):
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)

@@ -1,0 +1,45 @@
+"""The trainer's view of the recipe's reward: scores as tensors, every component kept for logging.
+
+Rewards themselves live in ``rewards/`` (TRL's ``(prompts, completions, **columns) -> list[float]``
+convention); this module only turns the recipe's component list into one object the loop calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class RewardFunction:
+    def __init__(self, components: list, device: torch.device):
+        import rewards as rewards_lib
+
+        specs = [c.model_dump(exclude_none=True) for c in components]
+        self.combined = rewards_lib.build_combined(specs, device=str(device))
+        self.demo_cache = rewards_lib.DemoRewardCache(self.combined)
+        self._last: Tensor | None = None
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> tuple[Tensor, dict[str, list[float]]]:
+        """Weighted total per sample [N] and each component's raw scores."""
+        components = self.combined.score_components(prompts, completions, **columns)
+        total = self.combined.combine(components)
+        self._last = torch.tensor([components[name] for name in components], dtype=torch.float32).T
+        return torch.tensor(total, dtype=torch.float32), components
+
+    def last_components_tensor(self) -> Tensor:
+        """[N, C] raw component scores of the last ``score`` call (RCfD calibrates each one)."""
+        return self._last
+
+    def score_demonstrations(self, prompts: list[str], demonstrations: list[str], columns: dict[str, list]) -> Tensor:
+        return torch.as_tensor(self.demo_cache(prompts, demonstrations, **columns), dtype=torch.float32)
+
+    def state_dict(self) -> dict:
+        return self.combined.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.combined.load_state_dict(state)
+
+
+def build_reward(components: list, device: torch.device) -> RewardFunction:
+    return RewardFunction(components, device)

@@ -1,0 +1,238 @@
+"""``align rm``: train a scalar reward model on preference pairs (Bradley–Terry).
+
+Each row of a JSONL file holds a prompt x, a preferred completion y_w and a rejected one y_l.
+The model r (any ``AutoModelForSequenceClassification`` loaded with ``num_labels = 1``: a BERT
+or a GPT-2 base gets a fresh one-logit head) reads ``prompt + separator + completion`` and is
+trained to rank them, with the Bradley–Terry likelihood P(y_w ≻ y_l) = σ(r(x, y_w) − r(x, y_l)):
+
+    L = −mean log σ(r(x, y_w) − r(x, y_l))
+
+A fraction of the pairs (or a separate file) is held out; held-out accuracy is the share of pairs
+with r(x, y_w) > r(x, y_l). The result is saved with ``save_pretrained`` (safetensors) and the
+tokenizer, plus ``metrics.json``, the resolved ``recipe.yaml`` and ``align_rm.json`` (the text
+format), so ``rewards.build("reward_model", model=DIR)`` scores exactly as it was trained.
+
+    align rm recipes/rm.yaml model=path/to/base data.path=pairs.jsonl train.epochs=2
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from align.config import RecipeError, Strict, dump_recipe, load_recipe
+
+
+class RMData(Strict):
+    path: str = Field(..., description="JSONL file of preference pairs")
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    eval_path: str | None = Field(None, description="held-out pairs (default: eval_fraction of path)")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of pairs held out when no eval_path")
+    max_pairs: int | None = Field(None, gt=0, description="use only the first N pairs of path")
+    separator: str = Field("", description="text between prompt and completion")
+    max_length: int | None = Field(None, gt=0, description="tokens per text (default: the model's limit)")
+    truncation_side: Literal["left", "right"] = Field("left", description="left keeps the completion's end")
+
+
+class RMTrain(Strict):
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0, description="pairs per optimizer step")
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, then constant")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    device: str | None = Field(None, description="default: cuda if available, else cpu")
+    eval_batch_size: int = Field(32, gt=0)
+
+
+class RMRecipe(Strict):
+    description: str = ""
+    model: str = Field(..., description="base model: hub id or local path")
+    tokenizer: str | None = Field(None, description="default: the model's")
+    data: RMData
+    train: RMTrain = Field(default_factory=RMTrain)
+    output_dir: str = Field("runs/rm", description="where the reward model and metrics.json go")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def read_pairs(path: str, data: RMData) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) triples from a JSONL file; RecipeError for a bad file."""
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(f"data: {path!r}: no such file")
+    columns = (data.prompt_column, data.chosen_column, data.rejected_column)
+    rows = []
+    with file.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise RecipeError(f"data: {path!r} line {lineno}: not valid JSON") from None
+            missing = [c for c in columns if c not in row]
+            if missing:
+                raise RecipeError(f"data: {path!r} line {lineno}: no column(s) {missing}; has {sorted(row)}")
+            rows.append(tuple(str(row[c]) for c in columns))
+    if not rows:
+        raise RecipeError(f"data: {path!r}: no pairs")
+    return rows
+
+
+def split_pairs(recipe: RMRecipe) -> tuple[list, list]:
+    pairs = read_pairs(recipe.data.path, recipe.data)
+    if recipe.data.max_pairs:
+        pairs = pairs[: recipe.data.max_pairs]
+    if recipe.data.eval_path:
+        return pairs, read_pairs(recipe.data.eval_path, recipe.data)
+    order = list(range(len(pairs)))
+    random.Random(recipe.train.seed).shuffle(order)
+    n_eval = math.ceil(recipe.data.eval_fraction * len(pairs)) if recipe.data.eval_fraction > 0 else 0
+    if n_eval >= len(pairs):
+        raise RecipeError(f"data.eval_fraction: holds out all {len(pairs)} pairs")
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+# -- model --------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(chosen: Any, rejected: Any) -> Any:
+    """−mean log σ(r_w − r_l) over a batch of pairs (tensors [P])."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def pair_scores(model: Any, tokenizer: Any, batch: list[tuple[str, str, str]], recipe: RMRecipe, device: str):
+    """r(x, y_w) and r(x, y_l) for a batch of pairs, in one forward pass of 2P texts."""
+    from rewards.reward_model import join_texts
+
+    prompts = [p for p, _, _ in batch]
+    texts = join_texts(prompts, [c for _, c, _ in batch], recipe.data.separator)
+    texts += join_texts(prompts, [r for _, _, r in batch], recipe.data.separator)
+    max_length = recipe.data.max_length
+    enc = tokenizer(
+        texts, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt"
+    ).to(device)
+    scores = model(**enc).logits[:, 0].float()
+    return scores[: len(batch)], scores[len(batch) :]
+
+
+def evaluate(model: Any, tokenizer: Any, pairs: list, recipe: RMRecipe, device: str) -> dict[str, float]:
+    """Held-out accuracy (share of pairs with r_w > r_l), Bradley–Terry loss and mean margin."""
+    import torch
+
+    if not pairs:
+        return {}
+    model.eval()
+    correct, loss, margin = 0, 0.0, 0.0
+    size = recipe.train.eval_batch_size
+    with torch.no_grad():
+        for lo in range(0, len(pairs), size):
+            batch = pairs[lo : lo + size]
+            rw, rl = pair_scores(model, tokenizer, batch, recipe, device)
+            correct += int((rw > rl).sum())
+            loss += float(bradley_terry_loss(rw, rl)) * len(batch)
+            margin += float((rw - rl).sum())
+    model.train()
+    n = len(pairs)
+    return {"accuracy": correct / n, "loss": loss / n, "margin": margin / n}
+
+
+def train_reward_model(recipe: RMRecipe, log: Any = print) -> dict[str, Any]:
+    """Train, evaluate and save; returns the metrics written to ``output_dir/metrics.json``."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rewards.base import resolve_device
+    from rewards.entailment import model_max_length
+    from rewards.reward_model import FORMAT_FILE, ensure_padding
+
+    start = time.perf_counter()
+    train_pairs, eval_pairs = split_pairs(recipe)
+    device = resolve_device(recipe.train.device)
+    random.seed(recipe.train.seed)
+    torch.manual_seed(recipe.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer or recipe.model)
+    tokenizer.truncation_side = recipe.data.truncation_side
+    model = AutoModelForSequenceClassification.from_pretrained(
+        recipe.model, num_labels=1, ignore_mismatched_sizes=True
+    )
+    ensure_padding(tokenizer, model)
+    model.to(device).train()
+    if recipe.data.max_length is None:
+        limit = model_max_length(tokenizer, model.config)
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": limit})})
+
+    cfg = recipe.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    )
+    before = evaluate(model, tokenizer, eval_pairs, recipe, device)
+    rng = random.Random(cfg.seed)
+    step, history = 0, []
+    for epoch in range(cfg.epochs):
+        order = list(range(len(train_pairs)))
+        rng.shuffle(order)
+        correct, total_loss = 0, 0.0
+        for lo in range(0, len(order), cfg.batch_size):
+            batch = [train_pairs[i] for i in order[lo : lo + cfg.batch_size]]
+            rw, rl = pair_scores(model, tokenizer, batch, recipe, device)
+            loss = bradley_terry_loss(rw, rl)
+            if not torch.isfinite(loss):
+                raise RecipeError(f"train: non-finite loss at step {step}; lower train.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            correct += int((rw > rl).sum())
+            total_loss += loss.item() * len(batch)
+        held_out = evaluate(model, tokenizer, eval_pairs, recipe, device)
+        row = {"epoch": epoch + 1, "step": step, "train_loss": total_loss / len(order),
+               "train_accuracy": correct / len(order), **{f"eval_{k}": v for k, v in held_out.items()}}
+        history.append(row)
+        log("align rm: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    text_format = {k: getattr(recipe.data, k) for k in ("separator", "max_length", "truncation_side")}
+    (out / FORMAT_FILE).write_text(json.dumps(text_format, indent=2))
+    dump_recipe(recipe, out / "recipe.yaml")
+    metrics = {
+        "n_train": len(train_pairs),
+        "n_eval": len(eval_pairs),
+        "steps": step,
+        **{f"eval_{k}_before": v for k, v in before.items()},
+        **history[-1],
+        "history": history,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def main(args: Any) -> int:
+    recipe = load_recipe(RMRecipe, args.recipe, list(args.overrides))
+    metrics = train_reward_model(recipe)
+    acc = metrics.get("eval_accuracy")
+    shown = f"held-out accuracy {acc:.3f} on {metrics['n_eval']} pairs" if acc is not None else "no held-out pairs"
+    print(f"align rm: {shown}; saved to {recipe.output_dir}", file=sys.stdout)
+    return 0

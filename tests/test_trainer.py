@@ -1,0 +1,214 @@
+"""The trainer's invariants on a tiny random GPT-2: every objective trains; gradient accumulation,
+2-process DDP and resume change nothing; bad input fails early with a one-line error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import RecipeError, validate
+from align.recipe import Recipe
+from align.trainer import TrainingError, train
+
+LENGTH = [{"name": "length", "options": {"target": 12, "unit": "chars"}}]
+
+# objective section, data file key, extra recipe fields
+OBJECTIVES = {
+    "sft": ({"name": "sft"}, "sft", {}),
+    "dpo": ({"name": "dpo", "beta": 0.1}, "pairs", {}),
+    "dpo_avg": ({"name": "dpo", "beta": 0.1, "options": {"average_logprobs": True}}, "pairs", {}),
+    "ipo": ({"name": "ipo", "beta": 0.5}, "pairs", {}),
+    "copg_offline": ({"name": "copg", "beta": 0.5, "mode": "offline"}, "pairs", {}),
+    "rloo": ({"name": "rloo", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
+    "reinforce": ({"name": "reinforce", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
+    "copg": ({"name": "copg", "beta": 0.5, "k": 2}, "prompts", {"reward": LENGTH}),
+    "rcfd": ({"name": "rcfd", "beta": 0.05, "k": 2}, "demos", {"reward": LENGTH}),
+}
+GENERATION = {"max_new_tokens": 8, "stop_strings": ["e"]}  # "e" cuts completions at unequal lengths
+
+
+def make_recipe(model_dir, data_files, run_dir, key: str, **train_fields) -> Recipe:
+    objective, data_key, extra = OBJECTIVES[key]
+    data = {"train": str(data_files[data_key])}
+    raw = {
+        "model": {"path": str(model_dir)},
+        "data": data,
+        "objective": objective,
+        "generation": GENERATION,
+        "train": {"steps": 2, "batch_size": 8, "lr": 5e-3, "lr_scheduler": "linear", "seed": 3, **train_fields},
+        "output": {"dir": str(run_dir), "report": False, "sample_every": 0},
+        **extra,
+    }
+    return validate(Recipe, raw)
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("key", list(OBJECTIVES))
+def test_gradient_accumulation_equivalence(key, tiny_model_dir, tiny_data_files, tmp_path):
+    """batch 8 × accumulation 1 == batch 1 × accumulation 8 == batch 2 × 4, for every objective."""
+    initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    results = {}
+    for batch, accumulation in [(8, 1), (1, 8), (2, 4)]:
+        run = tmp_path / f"b{batch}x{accumulation}"
+        summary = train(make_recipe(tiny_model_dir, tiny_data_files, run, key,
+                                    batch_size=batch, gradient_accumulation_steps=accumulation))
+        assert summary["skipped_steps"] == 0
+        results[(batch, accumulation)] = final_params(run)
+    reference = results[(8, 1)]
+    assert max_diff(reference, {k: v for k, v in initial.items() if k in reference}) > 1e-4, "nothing trained"
+    for config, params in results.items():
+        assert max_diff(reference, params) < 2e-5, f"{key}: {config} differs from 8x1"
+    if OBJECTIVES[key][1] == "prompts":
+        lengths = {r["completion_length"] for r in _metrics(tmp_path / "b8x1")}
+        assert all(0 < x < GENERATION["max_new_tokens"] for x in lengths), "completions should end early and unevenly"
+
+
+def _metrics(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("key", ["dpo", "rloo", "reinforce"])
+def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
+    """SIGTERM at step 2 saves a checkpoint; resuming to step 4 equals the uninterrupted run bit for bit."""
+    straight = tmp_path / "straight"
+    train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, steps=4, batch_size=4))
+
+    interrupted = tmp_path / "interrupted"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, key, steps=4, batch_size=4)
+
+    def stop_at_two(step: int, record: dict) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = train(recipe, on_step=stop_at_two)
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2
+    assert (interrupted / "checkpoints" / "step-000002" / "model" / "model.safetensors").is_file()
+    assert not list((interrupted / "checkpoints").glob(".tmp-*"))
+    resumed = recipe.model_copy(update={"resume": "latest"})
+    assert train(resumed)["steps"] == 4
+
+    a, b = final_params(straight), final_params(interrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = {"step_s", "tokens_per_s", "generation_s"}
+    clean = [[{k: v for k, v in r.items() if k not in drop} for r in _metrics(run)] for run in (straight, interrupted)]
+    assert clean[0] == clean[1]
+
+
+@pytest.mark.parametrize("key", ["dpo", "rloo"])
+def test_two_process_ddp_equals_one_process(key, tiny_model_dir, tiny_data_files, tmp_path):
+    """accelerate launch --cpu --num_processes 2 (batch 4 each) == 1 process (batch 8)."""
+    import yaml
+
+    runs = {}
+    for procs, batch in [(1, 8), (2, 4)]:
+        run = tmp_path / f"p{procs}"
+        recipe = make_recipe(tiny_model_dir, tiny_data_files, run, key, batch_size=batch)
+        path = tmp_path / f"p{procs}.yaml"
+        path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+        # `accelerate launch --cpu` starts one process unless mpirun is installed; torchrun's
+        # launcher (--multi_gpu) with ACCELERATE_USE_CPU gives real gloo DDP on CPU
+        launcher = ["--multi_gpu"] if procs > 1 else ["--cpu"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(29500 + procs + os.getpid() % 1000),
+               "-m", "align.cli", "train", str(path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[procs] = final_params(run)
+    assert max_diff(runs[1], runs[2]) < 2e-5
+
+
+def test_local_directory_and_hub_id_share_one_path(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
+    """A hub id resolves through the HF cache (offline here) into the same loading code as a local path."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--align-tests--tiny" / "snapshots" / ("0" * 40)
+    snapshot.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--align-tests--tiny" / "refs").mkdir()
+    (cache / "models--align-tests--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    local = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "local", "dpo", steps=1)
+    hub = make_recipe("align-tests/tiny", tiny_data_files, tmp_path / "hub_run", "dpo", steps=1)
+    train(local)
+    train(hub)
+    assert max_diff(final_params(tmp_path / "local"), final_params(tmp_path / "hub_run")) == 0.0
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, tiny_data_files, tmp_path):
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "nan", "sft", steps=20, lr=1e30,
+                         max_grad_norm=None, max_bad_steps=3)
+    with pytest.raises(TrainingError, match=r"4 steps skipped for non-finite values \(train.max_bad_steps=3\)"):
+        train(recipe)
+    records = _metrics(tmp_path / "nan")
+    assert sum(1 for r in records if r.get("skipped")) == 3  # the 4th raises before it is logged
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align.cli", *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_bad_data_rows_name_row_and_column(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "the film", "completion": " was good ."}\n{"prompt": "  ", "completion": " ok ."}\n')
+    out = run_cli("sft", _write_recipe(tmp_path, tiny_model_dir, bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "row 1: column 'prompt' is empty" in out.stderr
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"text": "the film"}\n')
+    out = run_cli("sft", _write_recipe(tmp_path, tiny_model_dir, missing))
+    assert out.returncode == 2 and "missing column 'prompt'" in out.stderr
+
+
+def _write_recipe(tmp_path: Path, model_dir, data: Path) -> str:
+    path = tmp_path / f"{data.stem}.yaml"
+    path.write_text(f"model: {{path: {model_dir}}}\ndata: {{train: {data}}}\noutput: {{dir: {tmp_path / 'run'}}}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "field 'train.stepz': unknown key"),
+        ("train.steps=many", "field 'train.steps'"),
+        ("objective.name=ppo", "field 'objective.name'"),
+        ("objective.options.gamma=1", "unknown option(s) ['gamma'] for 'rloo'"),
+        ("generation.min_new_tokens=99", "min_new_tokens (99) > max_new_tokens (32)"),
+        ("objective.k=1", "objective.k"),
+    ],
+)
+def test_recipe_errors_are_one_line_before_any_model_loads(override, message, tmp_path):
+    path = tmp_path / "r.yaml"
+    # the model path does not exist: a schema error must come first
+    path.write_text("model: {path: /nonexistent}\ndata: {train: x.jsonl}\nobjective: {name: rloo}\nreward: [sentiment]\n")
+    out = run_cli("train", str(path), override)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_online_objective_without_reward_is_rejected():
+    with pytest.raises(RecipeError, match="reward: objective 'rloo' is trained online and needs a reward"):
+        validate(Recipe, {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "objective": {"name": "rloo"}})
