@@ -45,6 +45,8 @@ def read_columns(source: str, table, columns: list[str], non_empty: list[str]) -
     out = {c: list(v) for c, v in table.select_columns(columns).to_dict().items()}
     for column in non_empty:
         for row, value in enumerate(out[column]):
+            if isinstance(value, list) and value:  # chat messages
+                continue
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"data {source!r} row {row}: column {column!r} is empty or not text")
     if not out[columns[0]]:
@@ -62,6 +64,36 @@ def step_rows(n_rows: int, step: int, rows_per_step: int, seed: int) -> list[int
         order = torch.randperm(n_rows, generator=generator)
         take = min(rows_per_step - len(out), n_rows - offset)
         out.extend(order[offset : offset + take].tolist())
+    return out
+
+
+def message_text(value) -> str:
+    """A completion given as chat messages (TRL's conversational format) → the assistant's text."""
+    if isinstance(value, list):
+        replies = [m.get("content", "") for m in value if isinstance(m, dict) and m.get("role") == "assistant"]
+        return "".join(replies) if replies else "".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
+    return value
+
+
+def format_prompts(tokenizer, columns: dict[str, list], cfg, source: str) -> list[str]:
+    """Prompt strings from a column or a ``prompt_template``; messages go through the chat template."""
+    if cfg.prompt_template is not None:
+        names = list(columns)
+        try:
+            prompts = [cfg.prompt_template.format(**dict(zip(names, row))) for row in zip(*columns.values())]
+        except KeyError as err:
+            raise DataError(f"data {source!r}: prompt_template uses missing column {err.args[0]!r}") from None
+    else:
+        prompts = columns[cfg.prompt_column]
+    out = []
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, str) and cfg.chat_template:
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list):
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise DataError(f"data {source!r} row {row}: chat messages, but the tokenizer has no chat template")
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        out.append(prompt)
     return out
 
 

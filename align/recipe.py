@@ -42,6 +42,12 @@ class DataConfig(Strict):
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     demonstration_column: str = Field("demonstration", description="RCfD: a demonstration per prompt")
+    prompt_template: str | None = Field(
+        None, description="build the prompt from row columns, e.g. '{document}\\n\\nTL;DR:' (else prompt_column)"
+    )
+    chat_template: bool = Field(
+        False, description="wrap each prompt as a user message and apply the tokenizer's chat template"
+    )
     max_prompt_tokens: int = Field(256, gt=0, description="prompts are truncated on the left to this many tokens")
     max_completion_tokens: int = Field(256, gt=0, description="offline completions are truncated to this")
     eval_prompts: str | None = Field(None, description="held-out prompts for the before/after report")

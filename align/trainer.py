@@ -126,9 +126,11 @@ class OnlineData:
     def __init__(self, recipe: Recipe, tokenizer):
         cfg = recipe.data
         table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
-        wanted = [cfg.prompt_column] + [c for c in table.column_names if c != cfg.prompt_column]
-        self.columns = data_lib.read_columns(cfg.train, table, wanted, non_empty=[cfg.prompt_column])
-        self.prompts = self.columns.pop(cfg.prompt_column)
+        first = [] if cfg.prompt_template else [cfg.prompt_column]
+        wanted = first + [c for c in table.column_names if c not in first]
+        self.columns = data_lib.read_columns(cfg.train, table, wanted, non_empty=first)
+        self.prompts = data_lib.format_prompts(tokenizer, self.columns, cfg, cfg.train)
+        self.columns.pop(cfg.prompt_column, None)
         self.prompt_ids = data_lib.encode_prompts(tokenizer, self.prompts, cfg.max_prompt_tokens)
         if recipe.objective.name == "rcfd" and cfg.demonstration_column not in self.columns:
             raise data_lib.DataError(f"data {cfg.train!r}: missing column {cfg.demonstration_column!r} (rcfd demonstrations)")
@@ -146,11 +148,12 @@ class OfflineData:
         table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
         texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
         reward_cols = [c for c in ("chosen_reward", "rejected_reward") if c in table.column_names]
-        columns = data_lib.read_columns(cfg.train, table, [cfg.prompt_column, *texts, *reward_cols],
-                                        non_empty=[cfg.prompt_column, *texts])
-        self.prompts = columns[cfg.prompt_column]
+        prompt_cols = [cfg.prompt_column] if not cfg.prompt_template else [c for c in table.column_names if c not in texts + reward_cols]
+        columns = data_lib.read_columns(cfg.train, table, [*prompt_cols, *texts, *reward_cols],
+                                        non_empty=[*prompt_cols[:1], *texts] if not cfg.prompt_template else texts)
+        self.prompts = data_lib.format_prompts(tokenizer, {c: columns[c] for c in prompt_cols}, cfg, cfg.train)
         self.prompt_ids = data_lib.encode_prompts(tokenizer, self.prompts, cfg.max_prompt_tokens)
-        self.completion_texts = [columns[c] for c in texts]
+        self.completion_texts = [[data_lib.message_text(v) for v in columns[c]] for c in texts]
         self.completion_ids = [data_lib.encode_completions(tokenizer, col, cfg.max_completion_tokens, eos_token_id)
                                for col in self.completion_texts]
         self.pair_rewards = [columns[c] for c in reward_cols] if len(reward_cols) == 2 else None

@@ -212,3 +212,61 @@ def test_recipe_errors_are_one_line_before_any_model_loads(override, message, tm
 def test_online_objective_without_reward_is_rejected():
     with pytest.raises(RecipeError, match="reward: objective 'rloo' is trained online and needs a reward"):
         validate(Recipe, {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "objective": {"name": "rloo"}})
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, tiny_data_files, tmp_path):
+    """LoRA: no second model in memory; KL is exactly 0 at step 1 (LoRA B starts at zero) and the
+    saved checkpoint is a peft adapter."""
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "lora", "rloo", steps=3, lr=5e-2)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
+        update={"lora": validate(Recipe, {"model": {"path": "x", "lora": {"r": 4, "alpha": 8,
+                "target_modules": ["c_attn"]}}, "data": {"train": "x"}, "objective": {"name": "sft"}}).model.lora})})
+    import align.trainer as trainer_mod
+
+    seen = {}
+    original = trainer_mod.load_models
+
+    def spy(*args, **kwargs):
+        models = original(*args, **kwargs)
+        seen["reference"] = models.reference
+        return models
+
+    trainer_mod.load_models = spy
+    try:
+        train(recipe)
+    finally:
+        trainer_mod.load_models = original
+    assert seen["reference"] is None
+    records = _metrics(tmp_path / "lora")
+    assert records[0]["kl_k1"] == 0.0 and records[0]["kl_k3"] == 0.0
+    assert records[-1]["kl_k1"] != 0.0
+    assert (tmp_path / "lora" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_same_seed_same_metrics(tiny_model_dir, tiny_data_files, tmp_path):
+    drop = {"step_s", "tokens_per_s", "generation_s"}
+    runs = []
+    for name in ("a", "b"):
+        train(make_recipe(tiny_model_dir, tiny_data_files, tmp_path / name, "rloo", steps=2, batch_size=4))
+        runs.append([{k: v for k, v in r.items() if k not in drop} for r in _metrics(tmp_path / name)])
+    assert runs[0] == runs[1]
+
+
+def test_prompt_template_builds_prompts_from_columns(tiny_model_dir, tmp_path):
+    from align.data import DataError, format_prompts
+
+    class Cfg:
+        prompt_template = "Summarize: {document}\nTL;DR:"
+        prompt_column = "prompt"
+        chat_template = False
+
+    assert format_prompts(None, {"document": ["a b", "c"]}, Cfg, "x") == ["Summarize: a b\nTL;DR:", "Summarize: c\nTL;DR:"]
+    Cfg.prompt_template = "{article}"
+    with pytest.raises(DataError, match="prompt_template uses missing column 'article'"):
+        format_prompts(None, {"document": ["a"]}, Cfg, "x")
+
+
+def test_recipes_command_lists_bundled_recipes():
+    out = run_cli("recipes")
+    assert out.returncode == 0
+    assert "quickstart.yaml" in out.stdout and "pythia1b_tldr_rloo.yaml" in out.stdout
