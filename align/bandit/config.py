@@ -1,0 +1,208 @@
+"""The bandit recipe: every field `align bandit` reads, validated before anything runs.
+
+The schema's defaults are ``recipes/bandit/default.yaml``: `align bandit` with no recipe runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+import losses
+from align.config import Strict, format_validation_error
+
+# objectives trained on samples of the policy with a reward (everything else is fed pairs)
+SEQUENCE_OBJECTIVES = ("reinforce", "rloo", "rcfd")
+ENTRY_KEYS = ("name", "label", "data", "k", "options")
+SAMPLERS = ("uniform", "ref", "policy")
+
+
+class ObjectiveEntry(Strict):
+    """One objective to train. Keys other than the ones below are options of ``losses.build``."""
+
+    name: str = Field(..., description="a name in losses.REGISTRY")
+    label: str | None = Field(None, description="key in results.json (default: the name, made unique)")
+    data: Literal["auto", "policy", "sampler"] = Field(
+        "auto",
+        description="policy: fresh samples of the policy; sampler: pairs from `sampler`, used without "
+        "importance weights; auto: reinforce/rloo/rcfd policy, copg/dpo/ipo the sampler's pairs",
+    )
+    k: int | None = Field(
+        None,
+        ge=1,
+        description="samples per group from the policy (default: the recipe's k); with data: sampler, "
+        "k: 1 puts every row in its own group (rloo then has no baseline: plain policy gradient)",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="options for losses.build (beta defaults to the recipe's)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def flat_options(cls, value: Any) -> Any:
+        """Accept ``dpo`` or ``{name: dpo, average_logprobs: true}``: unknown keys are objective options."""
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict):
+            value = dict(value)
+            extra = {k: value.pop(k) for k in list(value) if k not in ENTRY_KEYS}
+            value["options"] = {**dict(value.get("options") or {}), **extra}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def known(cls, name: str) -> str:
+        if name not in losses.REGISTRY or name == "sft":
+            raise ValueError(
+                f"unknown objective {name!r}; expected one of {sorted(set(losses.REGISTRY) - {'sft'})}"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def known_options(self) -> ObjectiveEntry:
+        allowed = losses.options(self.name)
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for {self.name!r}; expected {sorted(allowed)}")
+        return self
+
+    def source(self, sampler: Any) -> Literal["policy", "sampler"]:
+        if self.data != "auto":
+            return self.data
+        if self.name in SEQUENCE_OBJECTIVES or sampler == "policy":
+            return "policy"
+        return "sampler"
+
+    def build(self, beta: float) -> losses.Objective:
+        return losses.build(self.name, **{"beta": beta, **self.options})
+
+    @property
+    def averaged(self) -> bool:
+        return bool(self.options.get("average_logprobs", False))
+
+
+class PairSampler(Strict):
+    """Pairs (y, y') with y ~ mu1 and y' ~ mu2 over the arms, optionally a fixed dataset of them."""
+
+    mu1: list[float] = Field(..., min_length=2, description="distribution of the first element of each pair")
+    mu2: list[float] | None = Field(None, description="distribution of the second element (default: mu1)")
+    dataset_size: int | None = Field(
+        None,
+        gt=0,
+        description="draw this many pairs (and their labels) once per seed and train on them; "
+        "null: fresh pairs every step",
+    )
+
+    @field_validator("mu1", "mu2")
+    @classmethod
+    def distribution(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (min(value) < 0 or abs(sum(value) - 1) > 1e-6):
+            raise ValueError("expected non-negative probabilities summing to 1")
+        return value
+
+
+class SequenceConfig(Strict):
+    """A tabular autoregressive policy: logits[position, previous token, token], token 0 is EOS."""
+
+    vocab_size: int = Field(4, ge=2, description="tokens including EOS (token 0)")
+    max_length: int = Field(
+        8, ge=2, description="a sequence that has not ended by then is cut (EOS counts as a token)"
+    )
+    ref_eos_prob: float = Field(
+        0.25, gt=0, lt=1, description="reference: P(EOS) at every position, other tokens uniform"
+    )
+    length_reward: float = Field(
+        0.2, description="r(y) = length_reward * |y|; preference labels are Bradley-Terry on r"
+    )
+
+
+class BanditRecipe(Strict):
+    description: str = ""
+    mode: Literal["bandit", "sequence"] = Field(
+        "bandit", description="K-armed bandit, or tabular sequence policy"
+    )
+    rewards: list[float] = Field(
+        [1.0, 0.8, 0.5, 0.2, 0.0], min_length=2, description="bandit: r(a) for each of the K arms"
+    )
+    ref_logits: list[float] | None = Field(
+        [0.0, 0.5, 1.0, 0.0, -0.5], description="bandit: reference logits, K floats (null: uniform)"
+    )
+    beta: float = Field(0.25, gt=0, description="KL coefficient, passed to every objective")
+    demo_reward: float = Field(0.5, description="RCfD: the demonstration's reward r_d")
+    sampler: Literal["uniform", "ref", "policy"] | PairSampler = Field(
+        "uniform",
+        description="pairs for copg, dpo, ipo: uniform, ref, policy, or {mu1, mu2, dataset_size}",
+    )
+    objectives: list[ObjectiveEntry] = Field(
+        default_factory=lambda: [{"name": n} for n in ("reinforce", "rloo", "copg", "dpo", "ipo", "rcfd")],
+        min_length=1,
+        description="names, or mappings {name, label, data, k, <objective options>}",
+    )
+    k: int = Field(4, ge=2, description="samples per group from the policy (rloo, rcfd, on-policy copg)")
+    steps: int = Field(800, gt=0, description="optimizer steps")
+    batch_size: int = Field(
+        512,
+        gt=0,
+        description="per seed and step: samples from the policy (in groups of k), or pairs from the sampler",
+    )
+    lr: float = Field(0.1, gt=0, description="Adam learning rate on the logits")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay from lr to lr*final_lr_ratio"
+    )
+    final_lr_ratio: float = Field(0.01, ge=0, le=1)
+    seeds: int = Field(16, gt=0, description="independent runs, vectorised in one tensor")
+    seed: int = Field(0, description="base random seed")
+    log_every: int = Field(10, gt=0, description="log curves every this many steps")
+    out: str = Field("runs/bandit/default", description="output directory: results.json, curves.png")
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig, description="mode: sequence settings")
+
+    @field_validator("ref_logits")
+    @classmethod
+    def one_per_arm(cls, value: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        K = len(info.data.get("rewards") or [])
+        if value is not None and info.data.get("mode") == "bandit" and K and len(value) != K:
+            raise ValueError(f"expected {K} floats (one per reward), got {len(value)}")
+        return value
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def one_sampler(cls, value: Any) -> Any:
+        """A name or a {mu1, mu2, dataset_size} mapping, with one error line for either."""
+        if isinstance(value, dict):
+            try:
+                return PairSampler.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(format_validation_error(err)) from None
+        if value not in SAMPLERS:
+            raise ValueError(f"expected one of {list(SAMPLERS)} or a mapping {{mu1, mu2, dataset_size}}")
+        return value
+
+    @field_validator("sampler")
+    @classmethod
+    def pair_sampler_fits(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, PairSampler):
+            if info.data.get("mode") == "sequence":
+                raise ValueError("mode sequence takes uniform, ref or policy")
+            K = len(info.data.get("rewards") or [])
+            for name, mu in (("mu1", value.mu1), ("mu2", value.mu2)):
+                if mu is not None and K and len(mu) != K:
+                    raise ValueError(f"{name}: expected {K} probabilities (one per reward), got {len(mu)}")
+        return value
+
+    @field_validator("objectives")
+    @classmethod
+    def unique_labels(cls, entries: list[ObjectiveEntry]) -> list[ObjectiveEntry]:
+        """Default label: the name (+ "_avg" for average_logprobs), then "_2", "_3" ... if taken."""
+        explicit = [e.label for e in entries if e.label is not None]
+        if len(set(explicit)) != len(explicit):
+            raise ValueError(f"labels must be unique, got {explicit}")
+        taken = set(explicit)
+        for entry in entries:
+            if entry.label is None:
+                base = entry.name + ("_avg" if entry.averaged else "")
+                entry.label, n = base, 2
+                while entry.label in taken:
+                    entry.label, n = f"{base}_{n}", n + 1
+                taken.add(entry.label)
+        return entries

@@ -1,0 +1,88 @@
+"""Outputs of a lab run: results.json, a PNG of the curves with seed bands, a rich table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+PANELS = [
+    ("kl_to_target", "KL(π ‖ target)", "log"),
+    ("expected_reward", "E_π[r]", "linear"),
+    ("kl_to_ref", "KL(π ‖ π_ref)", "linear"),
+    ("mean_length", "mean length |y|", "linear"),
+]
+
+
+def write_json(results: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
+def plot(results: dict[str, Any], out: Path) -> Path:
+    runs = results["objectives"]
+    panels = [p for p in PANELS if any(p[0] in run["curves"] for run in runs.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}
+    for ax, (key, title, scale) in zip(axes[0], panels):
+        for label, run in runs.items():
+            curves = run["curves"]
+            if key not in curves:
+                continue
+            steps, mean, std = curves["step"], curves[key], curves[key + "_std"]
+            lo = [m - s for m, s in zip(mean, std)]
+            hi = [m + s for m, s in zip(mean, std)]
+            if scale == "log":  # floor at 1e-6; a band never reaches below a tenth of the mean
+                mean = [max(m, 1e-6) for m in mean]
+                lo = [max(v, m / 10) for v, m in zip(lo, mean)]
+                hi = [max(v, 1e-6) for v in hi]
+            ax.plot(steps, mean, color=colors[label], label=label)
+            ax.fill_between(steps, lo, hi, color=colors[label], alpha=0.2, linewidth=0)
+        ax.set_yscale(scale)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    handles = [plt.Line2D([], [], color=colors[label], label=label) for label in runs]
+    axes[0][-1].legend(handles=handles, fontsize=8)
+    fig.suptitle(f"{results['mode']} lab, β = {results['beta']}, {results['seeds']} seeds (mean ± std)")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _mean_std(values: list[float]) -> str:
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
+
+
+def table(results: dict[str, Any], console: Console | None = None) -> None:
+    sequence = results["mode"] == "sequence"
+    t = Table(title=f"align bandit ({results['mode']}, β = {results['beta']}, {results['seeds']} seeds)")
+    for column in ("objective", "data", "KL to target", "expected reward", "KL to ref") + (
+        ("mean length",) if sequence else ()
+    ):
+        t.add_column(column, justify="left" if column in ("objective", "data") else "right")
+    for label, run in results["objectives"].items():
+        final = run["final"]
+        row = [
+            label,
+            run["data"],
+            _mean_std(final["kl_to_target"]) if "kl_to_target" in final else "n/a",
+            f"{statistics.fmean(final['expected_reward']):.4f}",
+            f"{statistics.fmean(final['kl_to_ref']):.4f}",
+        ]
+        if sequence:
+            row.append(f"{statistics.fmean(final['mean_length']):.3f}")
+        t.add_row(*row)
+    (console or Console()).print(t)
