@@ -26,11 +26,15 @@ def prepare_quickstart(recipe) -> Path:
     assets = ensure_quickstart_assets(root, seed=0)
     if (sft_model / "config.json").is_file():
         return sft_model
-    sft = load_recipe(Recipe, SFT_RECIPE, [
-        f"model.path={assets['base_model']}",
-        f"data.train={assets['sft']}",
-        f"output.dir={root / 'sft_run'}",
-    ])
+    sft = load_recipe(
+        Recipe,
+        SFT_RECIPE,
+        [
+            f"model.path={assets['base_model']}",
+            f"data.train={assets['sft']}",
+            f"output.dir={root / 'sft_run'}",
+        ],
+    )
     print(f"align: first run -- supervised fine-tuning the quickstart policy into {sft_model}")
     summary = train(sft)
     tmp = root / f".tmp-{sft_model.name}"

@@ -29,7 +29,9 @@ class ModelConfig(Strict):
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = False
-    lora: LoraConfig | None = Field(None, description="train LoRA adapters; the reference is the base with adapters off")
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters; the reference is the base with adapters off"
+    )
     disable_dropout: bool = Field(True, description="RL and DPO train with dropout off (TRL does the same)")
 
 
@@ -59,7 +61,8 @@ class ObjectiveConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="extra options passed to losses.build")
     beta: float | None = Field(None, ge=0, description="KL coefficient (shortcut for options.beta)")
     mode: Literal["auto", "online", "offline"] = Field(
-        "auto", description="online: sample from the policy; offline: a fixed pair/row file (auto: the objective's kind)"
+        "auto",
+        description="online: sample from the policy; offline: a fixed pair/row file (auto: the objective's kind)",
     )
 
     @property

@@ -24,9 +24,20 @@ def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) 
     ids = data_lib.encode_prompts(models.tokenizer, prompts, recipe.data.max_prompt_tokens)
     prompt_ids, prompt_mask = data_lib.pad(ids, models.pad_token_id, "left", device)
     keys = sample_keys(recipe.train.seed + EVAL_SEED_OFFSET, 0, torch.arange(len(prompts)), 1)
-    rollout = generate(policy, prompt_ids, prompt_mask, keys, k=1, max_new_tokens=gen.max_new_tokens,
-                       min_new_tokens=gen.min_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
-                       top_p=gen.top_p, eos_token_id=models.eos_token_id, pad_token_id=models.pad_token_id)
+    rollout = generate(
+        policy,
+        prompt_ids,
+        prompt_mask,
+        keys,
+        k=1,
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=gen.min_new_tokens,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+        eos_token_id=models.eos_token_id,
+        pad_token_id=models.pad_token_id,
+    )
     texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
     args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, gen.temperature)
     logp = completion_logprobs(policy, *args)
@@ -34,8 +45,12 @@ def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) 
         ref_logp = completion_logprobs(ref, *args)
     delta = (logp - ref_logp) * rollout.completion_mask
     k3 = (torch.expm1(-delta) + delta) * rollout.completion_mask
-    out = {"kl_k1": float(delta.sum(-1).mean()), "kl_k3": float(k3.sum(-1).mean()),
-           "length": float(rollout.completion_mask.sum(-1).float().mean()), "texts": texts}
+    out = {
+        "kl_k1": float(delta.sum(-1).mean()),
+        "kl_k3": float(k3.sum(-1).mean()),
+        "length": float(rollout.completion_mask.sum(-1).float().mean()),
+        "texts": texts,
+    }
     if reward is not None:
         scores, components = reward.score(prompts, texts, {})
         out["reward"] = float(scores.float().mean())
@@ -52,7 +67,9 @@ class _NoAccelerator:
 def eval_prompts(recipe, dataset, limit: int = 64) -> list[str]:
     if recipe.data.eval_prompts:
         table = data_lib.load_table(recipe.data.eval_prompts)
-        cols = data_lib.read_columns(recipe.data.eval_prompts, table, [recipe.data.prompt_column], [recipe.data.prompt_column])
+        cols = data_lib.read_columns(
+            recipe.data.eval_prompts, table, [recipe.data.prompt_column], [recipe.data.prompt_column]
+        )
         return cols[recipe.data.prompt_column][:limit]
     return dataset.prompts[:limit] if dataset is not None else []
 
@@ -90,14 +107,18 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) ->
     if prompts and recipe.objective.online:
         policy = accelerator.unwrap_model(models.policy)
         with models_in_eval(policy):
-            before = evaluate_policy(recipe, models, _reference_for_eval(models, policy), prompts, reward, accelerator.device)
+            before = evaluate_policy(
+                recipe, models, _reference_for_eval(models, policy), prompts, reward, accelerator.device
+            )
             after = evaluate_policy(recipe, models, policy, prompts, reward, accelerator.device)
         out["before"] = {k: v for k, v in before.items() if k != "texts"}
         out["after"] = {k: v for k, v in after.items() if k != "texts"}
-        out["samples"] = [{"prompt": p, "before": b, "after": a}
-                          for p, b, a in list(zip(prompts, before["texts"], after["texts"]))[:8]]
+        out["samples"] = [
+            {"prompt": p, "before": b, "after": a}
+            for p, b, a in list(zip(prompts, before["texts"], after["texts"]))[:8]
+        ]
     (run_dir / "report.json").write_text(json.dumps(out, indent=2))
-    lines = [f"# align run report: {recipe.objective.name}", "", f"![metrics](metrics.png)", ""]
+    lines = [f"# align run report: {recipe.objective.name}", "", "![metrics](metrics.png)", ""]
     if "before" in out:
         table = Table(title=f"{recipe.objective.name}: held-out prompts ({len(prompts)})")
         for col in ("", "reward", "KL k1", "KL k3", "length"):
@@ -105,7 +126,12 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) ->
         lines += ["| | reward | KL k1 | KL k3 | length |", "|---|---|---|---|---|"]
         for name in ("before", "after"):
             row = out[name]
-            cells = [f"{row.get('reward', float('nan')):.3f}", f"{row['kl_k1']:.3f}", f"{row['kl_k3']:.3f}", f"{row['length']:.1f}"]
+            cells = [
+                f"{row.get('reward', float('nan')):.3f}",
+                f"{row['kl_k1']:.3f}",
+                f"{row['kl_k3']:.3f}",
+                f"{row['length']:.1f}",
+            ]
             table.add_row(name, *cells)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "## Samples", ""]

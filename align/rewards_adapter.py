@@ -19,7 +19,9 @@ class RewardFunction:
         self.demo_cache = rewards_lib.DemoRewardCache(self.combined)
         self._last: Tensor | None = None
 
-    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> tuple[Tensor, dict[str, list[float]]]:
+    def score(
+        self, prompts: list[str], completions: list[str], columns: dict[str, list]
+    ) -> tuple[Tensor, dict[str, list[float]]]:
         """Weighted total per sample [N] and each component's raw scores."""
         components = self.combined.score_components(prompts, completions, **columns)
         total = self.combined.combine(components)

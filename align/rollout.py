@@ -102,7 +102,11 @@ def generate(
 ) -> Rollout:
     """Sample k completions for each of N left-padded prompts; ``keys`` from ``sample_keys``."""
     device = prompt_ids.device
-    eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device, dtype=torch.long)
+    eos = torch.tensor(
+        [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+        device=device,
+        dtype=torch.long,
+    )
     cache_arg, last_only = _forward_kwargs(model)
     extra = {"logits_to_keep": 1} if last_only else {}
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)

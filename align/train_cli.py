@@ -19,9 +19,7 @@ def run_train(args) -> int:
     if args.command == "sft" and not any(o.startswith("objective.name=") for o in overrides):
         overrides.append("objective.name=sft")
     recipe = load_recipe(Recipe, args.recipe, overrides)
-    from align.trainer import train
-
-    from align.trainer import TrainingError
+    from align.trainer import TrainingError, train
 
     try:
         summary = train(recipe)
@@ -29,8 +27,10 @@ def run_train(args) -> int:
         print(f"align {args.command}: {err}", file=sys.stderr)
         return 1
     if summary.get("stopped_by"):
-        print(f"align: stopped by {summary['stopped_by']} at step {summary['steps']}; "
-              f"checkpoint {summary['checkpoint']} (resume with resume=latest)")
+        print(
+            f"align: stopped by {summary['stopped_by']} at step {summary['steps']}; "
+            f"checkpoint {summary['checkpoint']} (resume with resume=latest)"
+        )
     else:
         print(f"align: done, {summary['steps']} steps; run directory {recipe.output.dir}")
     return 0

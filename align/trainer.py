@@ -60,7 +60,9 @@ def load_models(recipe: Recipe, device: torch.device, need_reference: bool) -> M
     cfg = recipe.model
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.tokenizer or cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -69,8 +71,13 @@ def load_models(recipe: Recipe, device: torch.device, need_reference: bool) -> M
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
         policy = get_peft_model(policy, lora)
         if recipe.reference is not None:
             reference = AutoModelForCausalLM.from_pretrained(recipe.reference, **load)
@@ -133,7 +140,9 @@ class OnlineData:
         self.columns.pop(cfg.prompt_column, None)
         self.prompt_ids = data_lib.encode_prompts(tokenizer, self.prompts, cfg.max_prompt_tokens)
         if recipe.objective.name == "rcfd" and cfg.demonstration_column not in self.columns:
-            raise data_lib.DataError(f"data {cfg.train!r}: missing column {cfg.demonstration_column!r} (rcfd demonstrations)")
+            raise data_lib.DataError(
+                f"data {cfg.train!r}: missing column {cfg.demonstration_column!r} (rcfd demonstrations)"
+            )
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -148,14 +157,24 @@ class OfflineData:
         table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
         texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
         reward_cols = [c for c in ("chosen_reward", "rejected_reward") if c in table.column_names]
-        prompt_cols = [cfg.prompt_column] if not cfg.prompt_template else [c for c in table.column_names if c not in texts + reward_cols]
-        columns = data_lib.read_columns(cfg.train, table, [*prompt_cols, *texts, *reward_cols],
-                                        non_empty=[*prompt_cols[:1], *texts] if not cfg.prompt_template else texts)
+        prompt_cols = (
+            [cfg.prompt_column]
+            if not cfg.prompt_template
+            else [c for c in table.column_names if c not in texts + reward_cols]
+        )
+        columns = data_lib.read_columns(
+            cfg.train,
+            table,
+            [*prompt_cols, *texts, *reward_cols],
+            non_empty=[*prompt_cols[:1], *texts] if not cfg.prompt_template else texts,
+        )
         self.prompts = data_lib.format_prompts(tokenizer, {c: columns[c] for c in prompt_cols}, cfg, cfg.train)
         self.prompt_ids = data_lib.encode_prompts(tokenizer, self.prompts, cfg.max_prompt_tokens)
         self.completion_texts = [[data_lib.message_text(v) for v in columns[c]] for c in texts]
-        self.completion_ids = [data_lib.encode_completions(tokenizer, col, cfg.max_completion_tokens, eos_token_id)
-                               for col in self.completion_texts]
+        self.completion_ids = [
+            data_lib.encode_completions(tokenizer, col, cfg.max_completion_tokens, eos_token_id)
+            for col in self.completion_texts
+        ]
         self.pair_rewards = [columns[c] for c in reward_cols] if len(reward_cols) == 2 else None
         self.ref_cache: list[Tensor] | None = None  # per dataset row: [n_texts, T] reference log-probs
 
@@ -182,12 +201,15 @@ def local_rows(recipe: Recipe, n_rows: int, step: int, accelerator) -> list[int]
     return rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
 
 
-def rollout_batch(recipe: Recipe, models: Models, dataset: OnlineData, reward: RewardFunction,
-                  step: int, accelerator) -> StepBatch:
+def rollout_batch(
+    recipe: Recipe, models: Models, dataset: OnlineData, reward: RewardFunction, step: int, accelerator
+) -> StepBatch:
     """prompts → k completions each (KV cache, left padding) → rewards."""
     gen, k = recipe.generation, recipe.objective.k
     rows = local_rows(recipe, len(dataset), step, accelerator)
-    prompt_ids, prompt_mask = data_lib.pad([dataset.prompt_ids[i] for i in rows], models.pad_token_id, "left", accelerator.device)
+    prompt_ids, prompt_mask = data_lib.pad(
+        [dataset.prompt_ids[i] for i in rows], models.pad_token_id, "left", accelerator.device
+    )
     keys = sample_keys(recipe.train.seed, step, torch.tensor(rows), k)
     chunk = gen.batch_size or len(rows)
     policy = accelerator.unwrap_model(models.policy)
@@ -197,10 +219,22 @@ def rollout_batch(recipe: Recipe, models: Models, dataset: OnlineData, reward: R
         sel = slice(lo, lo + chunk)
         # re-pad the chunk so its prompts are as short as they can be
         ids, mask = _trim_left(prompt_ids[sel], prompt_mask[sel])
-        parts.append(generate(policy, ids, mask, keys[lo * k : (lo + chunk) * k], k=k,
-                              max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
-                              temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                              eos_token_id=models.eos_token_id, pad_token_id=models.pad_token_id))
+        parts.append(
+            generate(
+                policy,
+                ids,
+                mask,
+                keys[lo * k : (lo + chunk) * k],
+                k=k,
+                max_new_tokens=gen.max_new_tokens,
+                min_new_tokens=gen.min_new_tokens,
+                temperature=gen.temperature,
+                top_k=gen.top_k,
+                top_p=gen.top_p,
+                eos_token_id=models.eos_token_id,
+                pad_token_id=models.pad_token_id,
+            )
+        )
     rollout = _concat_rollouts(parts, models.pad_token_id)
     texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
     generation_seconds = time.perf_counter() - start
@@ -208,12 +242,15 @@ def rollout_batch(recipe: Recipe, models: Models, dataset: OnlineData, reward: R
     columns = {name: [values[i] for i in rows for _ in range(k)] for name, values in dataset.columns.items()}
     rewards, components = reward.score(prompts, texts, columns)
     batch = StepBatch(
-        prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
-        completion_ids=rollout.completion_ids, completion_mask=rollout.completion_mask,
+        prompt_ids=rollout.prompt_ids,
+        prompt_mask=rollout.prompt_mask,
+        completion_ids=rollout.completion_ids,
+        completion_mask=rollout.completion_mask,
         micro_batches=split_micro_batches(len(rows), k, recipe.train.batch_size, "grouped"),
         rewards=rewards.to(accelerator.device),
         group=torch.arange(len(rows), device=accelerator.device).repeat_interleave(k),
-        texts=texts, prompts=prompts,
+        texts=texts,
+        prompts=prompts,
         metrics={f"reward/{n}": float(torch.tensor(v, dtype=torch.float64).mean()) for n, v in components.items()},
     )
     batch.metrics["generation_s"] = generation_seconds
@@ -234,10 +271,13 @@ def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         return parts[0]
     P = max(p.prompt_ids.shape[1] for p in parts)
     T = max(p.completion_ids.shape[1] for p in parts)
+
     def left(x: Tensor, value: int) -> Tensor:
         return torch.nn.functional.pad(x, (P - x.shape[1], 0), value=value)
+
     def right(x: Tensor, value: int) -> Tensor:
         return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
     return Rollout(
         prompt_ids=torch.cat([left(p.prompt_ids, pad_id) for p in parts]),
         prompt_mask=torch.cat([left(p.prompt_mask, 0) for p in parts]),
@@ -246,8 +286,9 @@ def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     )
 
 
-def offline_batch(recipe: Recipe, models: Models, dataset: OfflineData, reward: RewardFunction | None,
-                  step: int, accelerator) -> StepBatch:
+def offline_batch(
+    recipe: Recipe, models: Models, dataset: OfflineData, reward: RewardFunction | None, step: int, accelerator
+) -> StepBatch:
     """A step's pairs (chosen block, then rejected block: one forward for both) or SFT rows."""
     rows = local_rows(recipe, len(dataset), step, accelerator)
     n_texts = len(dataset.completion_ids)
@@ -255,10 +296,16 @@ def offline_batch(recipe: Recipe, models: Models, dataset: OfflineData, reward: 
     completion_rows = [dataset.completion_ids[t][i] for t in range(n_texts) for i in rows]
     prompt_ids, prompt_mask = data_lib.pad(prompt_rows, models.pad_token_id, "left", accelerator.device)
     completion_ids, completion_mask = data_lib.pad(completion_rows, models.pad_token_id, "right", accelerator.device)
-    batch = StepBatch(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                      micro_batches=split_micro_batches(len(rows), 1, recipe.train.batch_size,
-                                                        "paired" if dataset.paired else "grouped"),
-                      prompts=[dataset.prompts[i] for _ in range(n_texts) for i in rows])
+    batch = StepBatch(
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
+        completion_mask,
+        micro_batches=split_micro_batches(
+            len(rows), 1, recipe.train.batch_size, "paired" if dataset.paired else "grouped"
+        ),
+        prompts=[dataset.prompts[i] for _ in range(n_texts) for i in rows],
+    )
     if dataset.paired:
         n = len(rows)
         batch.pairs = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(accelerator.device)
@@ -267,7 +314,9 @@ def offline_batch(recipe: Recipe, models: Models, dataset: OfflineData, reward: 
     if dataset.ref_cache is not None:
         T = completion_ids.shape[1]
         cached = [dataset.ref_cache[i][t] for t in range(n_texts) for i in rows]
-        batch.ref_logprobs = torch.stack([torch.nn.functional.pad(c, (0, T - c.shape[0]))[:T] for c in cached]).to(accelerator.device)
+        batch.ref_logprobs = torch.stack([torch.nn.functional.pad(c, (0, T - c.shape[0]))[:T] for c in cached]).to(
+            accelerator.device
+        )
     return batch
 
 
@@ -295,8 +344,18 @@ def cache_reference_logprobs(recipe: Recipe, models: Models, dataset: OfflineDat
     with reference_model(models, accelerator) as ref:
         for lo in starts:
             rows = list(range(lo, min(lo + chunk, n)))
-            p_ids, p_mask = data_lib.pad([dataset.prompt_ids[i] for _ in range(n_texts) for i in rows], models.pad_token_id, "left", accelerator.device)
-            c_ids, c_mask = data_lib.pad([dataset.completion_ids[t][i] for t in range(n_texts) for i in rows], models.pad_token_id, "right", accelerator.device)
+            p_ids, p_mask = data_lib.pad(
+                [dataset.prompt_ids[i] for _ in range(n_texts) for i in rows],
+                models.pad_token_id,
+                "left",
+                accelerator.device,
+            )
+            c_ids, c_mask = data_lib.pad(
+                [dataset.completion_ids[t][i] for t in range(n_texts) for i in rows],
+                models.pad_token_id,
+                "right",
+                accelerator.device,
+            )
             lp = completion_logprobs(ref, p_ids, p_mask, c_ids, c_mask).cpu()
             for j, i in enumerate(rows):
                 local[i] = [lp[t * len(rows) + j, : len(dataset.completion_ids[t][i])] for t in range(n_texts)]
@@ -319,8 +378,9 @@ def _stack_ragged(parts: list[Tensor]) -> Tensor:
 # the optimizer step
 
 
-def optimizer_step(recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch,
-                   optimizer, scheduler, accelerator) -> dict[str, float] | None:
+def optimizer_step(
+    recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch, optimizer, scheduler, accelerator
+) -> dict[str, float] | None:
     """logprobs → objective → backward for each micro-batch, then one clipped optimizer step.
 
     Returns the step metrics, or None when the step was skipped (non-finite loss or gradient).
@@ -328,13 +388,17 @@ def optimizer_step(recipe: Recipe, models: Models, objective: losses.Objective, 
     temperature = recipe.generation.temperature if recipe.objective.online else 1.0
     full = _loss_batch(batch, logprobs=torch.zeros_like(batch.completion_mask, dtype=torch.float32))
     local_units = torch.tensor(float(objective.count_units(full)), device=accelerator.device)
-    global_units = float(accelerator.reduce(local_units, reduction="sum")) if accelerator.num_processes > 1 else float(local_units)
+    global_units = (
+        float(accelerator.reduce(local_units, reduction="sum")) if accelerator.num_processes > 1 else float(local_units)
+    )
     scale = accelerator.num_processes  # DDP averages gradients over processes; our loss is already global
     totals: dict[str, float] = {}
     policy_lp, ref_lp = [], []
     finite = True
     for i, rows in enumerate(batch.micro_batches):
         last = i == len(batch.micro_batches) - 1
+        # gradients are all-reduced (DDP) / the DeepSpeed engine steps only on the last micro-batch
+        accelerator.gradient_state._set_sync_gradients(last)
         sync = contextlib.nullcontext() if last else accelerator.no_sync(models.policy)
         with sync:
             p_ids, p_mask = _trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
@@ -354,28 +418,33 @@ def optimizer_step(recipe: Recipe, models: Models, objective: losses.Objective, 
             loss_value = float(loss.detach())
             if not torch.isfinite(loss) or not torch.isfinite(logprobs.detach()).all():
                 finite = False
-            accelerator.backward(loss * scale)
+            # accelerate (and DeepSpeed) divide by the accumulation count; our loss is already
+            # normalised by the global unit count, so undo it
+            accelerator.backward(loss * scale * accelerator.gradient_accumulation_steps)
         weight = objective.count_units(micro) / max(global_units / accelerator.num_processes, 1)
         for key, value in {"loss": loss_value * scale, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + (value if key == "loss" else value * weight)
         policy_lp.append(_pad_to(logprobs.detach(), batch.completion_mask.shape[1]))
         if ref is not None:
             ref_lp.append(_pad_to(ref.detach(), batch.completion_mask.shape[1]))
-    grad_norm = None
     if recipe.train.max_grad_norm is not None:
-        grad_norm = accelerator.clip_grad_norm_(models.policy.parameters(), recipe.train.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(models.policy.parameters(), recipe.train.max_grad_norm)
     else:
-        grad_norm = torch.norm(torch.stack([p.grad.norm() for p in models.policy.parameters() if p.grad is not None]))
-    grad_norm = float(grad_norm)
-    if not finite or not math.isfinite(grad_norm):
+        grads = [p.grad.norm() for p in models.policy.parameters() if p.grad is not None]
+        norm = torch.norm(torch.stack(grads)) if grads else None
+    grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
+    if not finite or (grad_norm is not None and not math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return None
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     order = torch.cat(batch.micro_batches)
-    full = _loss_batch(batch, logprobs=torch.cat(policy_lp)[_inverse(order)],
-                       ref=torch.cat(ref_lp)[_inverse(order)] if ref_lp else None)
+    full = _loss_batch(
+        batch,
+        logprobs=torch.cat(policy_lp)[_inverse(order)],
+        ref=torch.cat(ref_lp)[_inverse(order)] if ref_lp else None,
+    )
     objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
     totals["grad_norm"] = grad_norm
     totals["lr"] = scheduler.get_last_lr()[0]
@@ -397,8 +466,13 @@ def _pad_to(x: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
-def _loss_batch(batch: StepBatch, logprobs: Tensor, rows: Tensor | None = None, mask: Tensor | None = None,
-                ref: Tensor | None = None) -> LossBatch:
+def _loss_batch(
+    batch: StepBatch,
+    logprobs: Tensor,
+    rows: Tensor | None = None,
+    mask: Tensor | None = None,
+    ref: Tensor | None = None,
+) -> LossBatch:
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     pairs = batch.pairs
     if pairs is not None and rows is not None:
@@ -421,12 +495,18 @@ def _gather_batch(full: LossBatch, accelerator) -> LossBatch:
     """The whole step's batch over all processes, for stateful objectives (REINFORCE's baseline)."""
     if accelerator.num_processes == 1:
         return full
+
     def gather(x: Tensor | None) -> Tensor | None:
         if x is None:
             return None
         return accelerator.gather(accelerator.pad_across_processes(x, dim=1) if x.dim() == 2 else x)
-    return LossBatch(logprobs=gather(full.logprobs), mask=gather(full.mask), ref_logprobs=gather(full.ref_logprobs),
-                     rewards=gather(full.rewards))
+
+    return LossBatch(
+        logprobs=gather(full.logprobs),
+        mask=gather(full.mask),
+        ref_logprobs=gather(full.ref_logprobs),
+        rewards=gather(full.rewards),
+    )
 
 
 def sequence_stats(full: LossBatch, batch: StepBatch) -> dict[str, float]:
@@ -480,10 +560,14 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def make_accelerator():
+def make_accelerator(recipe: Recipe):
+    """Accelerate picks the backend from the launch config (CPU, DDP, DeepSpeed, FSDP).
+
+    It is told the number of micro-batches per step so DeepSpeed's engine steps on the last one.
+    """
     from accelerate import Accelerator
 
-    return Accelerator()
+    return Accelerator(gradient_accumulation_steps=recipe.train.gradient_accumulation_steps)
 
 
 def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -498,7 +582,7 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
         from align.quickstart_pipeline import prepare_quickstart
 
         prepare_quickstart(recipe)
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(recipe)
     set_seed(recipe.train.seed)
     run_dir = Path(recipe.output.dir)
     resume_from = resolve_resume(recipe.resume, run_dir)
@@ -510,10 +594,18 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
         dataset = OnlineData(recipe, models.tokenizer)
     else:
         dataset = OfflineData(recipe, models.tokenizer, models.eos_token_id)
-    optimizer = torch.optim.AdamW([p for p in models.policy.parameters() if p.requires_grad], lr=recipe.train.lr,
-                                  betas=recipe.train.adam_betas, weight_decay=recipe.train.weight_decay)
-    scheduler = get_scheduler(recipe.train.lr_scheduler, optimizer, num_warmup_steps=recipe.train.warmup_steps,
-                              num_training_steps=recipe.train.steps)
+    optimizer = torch.optim.AdamW(
+        [p for p in models.policy.parameters() if p.requires_grad],
+        lr=recipe.train.lr,
+        betas=recipe.train.adam_betas,
+        weight_decay=recipe.train.weight_decay,
+    )
+    scheduler = get_scheduler(
+        recipe.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=recipe.train.warmup_steps,
+        num_training_steps=recipe.train.steps,
+    )
     models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
     # not prepared: accelerate's scheduler wrapper steps once per process, which would make the
     # schedule depend on the process count; registered so checkpoints still hold its state
@@ -530,15 +622,25 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run_dir / "recipe.yaml")
-    log = MetricsLog(run_dir, step, accelerator.is_main_process, recipe.output.report_to,
-                     recipe.model_dump(mode="json"), recipe.output.wandb_project)
+    log = MetricsLog(
+        run_dir,
+        step,
+        accelerator.is_main_process,
+        recipe.output.report_to,
+        recipe.model_dump(mode="json"),
+        recipe.output.wandb_project,
+    )
     bar = progress_bar(recipe.train.steps, step, accelerator.is_main_process, f"{objective.name}")
     stopped_by = None
     models.policy.train(not recipe.model.disable_dropout)
 
     def trainer_state() -> dict:
-        return {"step": step, "bad_steps": bad_steps, "objective": objective.state_dict(),
-                "reward": reward.state_dict() if reward is not None else {}}
+        return {
+            "step": step,
+            "bad_steps": bad_steps,
+            "objective": objective.state_dict(),
+            "reward": reward.state_dict() if reward is not None else {},
+        }
 
     with StopSignal() as stop:
         while step < recipe.train.steps:
@@ -554,8 +656,10 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
                 if accelerator.is_main_process:
                     bar.write(f"step {step}: non-finite loss, log-probs or gradient; step skipped ({bad_steps} so far)")
                 if bad_steps > recipe.train.max_bad_steps:
-                    raise TrainingError(f"{bad_steps} steps skipped for non-finite values (train.max_bad_steps="
-                                        f"{recipe.train.max_bad_steps}); lower train.lr or check the reward")
+                    raise TrainingError(
+                        f"{bad_steps} steps skipped for non-finite values (train.max_bad_steps="
+                        f"{recipe.train.max_bad_steps}); lower train.lr or check the reward"
+                    )
                 metrics = {"skipped": 1.0}
             seconds = time.perf_counter() - started
             record = log_step(recipe, step, metrics, batch, seconds, bad_steps)
@@ -568,10 +672,14 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
                 stopped_by = signal.Signals(stop.received).name
                 break
             if recipe.output.save_every and step % recipe.output.save_every == 0 and step < recipe.train.steps:
-                save_checkpoint(accelerator, models.policy, models.tokenizer, trainer_state(), run_dir, recipe.output.keep_last)
+                save_checkpoint(
+                    accelerator, models.policy, models.tokenizer, trainer_state(), run_dir, recipe.output.keep_last
+                )
     bar.close()
     log.close()
-    checkpoint = save_checkpoint(accelerator, models.policy, models.tokenizer, trainer_state(), run_dir, recipe.output.keep_last)
+    checkpoint = save_checkpoint(
+        accelerator, models.policy, models.tokenizer, trainer_state(), run_dir, recipe.output.keep_last
+    )
     summary = {"steps": step, "skipped_steps": bad_steps, "stopped_by": stopped_by, "checkpoint": str(checkpoint)}
     if stopped_by is None and recipe.output.save_model:
         final = run_dir / "final"

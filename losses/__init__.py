@@ -1,8 +1,8 @@
 """Objectives: pure tensor maths over per-token log-probs and masks (see losses/base.py).
 
-    from losses import build
-    objective = build("dpo", beta=0.1, average_logprobs=True)
-    loss, metrics = objective(LossBatch(...), num_units=global_pairs)
+from losses import build
+objective = build("dpo", beta=0.1, average_logprobs=True)
+loss, metrics = objective(LossBatch(...), num_units=global_pairs)
 """
 
 from __future__ import annotations

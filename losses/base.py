@@ -45,8 +45,7 @@ class LossBatch:
     def __post_init__(self) -> None:
         if self.logprobs.dim() != 2 or self.mask.shape != self.logprobs.shape:
             raise ValueError(
-                f"logprobs and mask must both be [B, T]; got {tuple(self.logprobs.shape)} "
-                f"and {tuple(self.mask.shape)}"
+                f"logprobs and mask must both be [B, T]; got {tuple(self.logprobs.shape)} and {tuple(self.mask.shape)}"
             )
 
     @property

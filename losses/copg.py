@@ -35,9 +35,7 @@ class CoPG(Objective):
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         pairs = self.batch_pairs(batch)
-        log_ratio = sequence_logprobs(batch.logprobs, batch.mask) - sequence_logprobs(
-            batch.ref_logprobs, batch.mask
-        )
+        log_ratio = sequence_logprobs(batch.logprobs, batch.mask) - sequence_logprobs(batch.ref_logprobs, batch.mask)
         h = batch.rewards - self.beta * log_ratio
         gap = h[pairs[:, 0]] - h[pairs[:, 1]]
         return gap**2 / (2 * self.beta), {"h_gap": gap.detach().abs(), "log_ratio": log_ratio.detach()}

@@ -65,8 +65,11 @@ def test_gradient_accumulation_equivalence(key, tiny_model_dir, tiny_data_files,
     results = {}
     for batch, accumulation in [(8, 1), (1, 8), (2, 4)]:
         run = tmp_path / f"b{batch}x{accumulation}"
-        summary = train(make_recipe(tiny_model_dir, tiny_data_files, run, key,
-                                    batch_size=batch, gradient_accumulation_steps=accumulation))
+        summary = train(
+            make_recipe(
+                tiny_model_dir, tiny_data_files, run, key, batch_size=batch, gradient_accumulation_steps=accumulation
+            )
+        )
         assert summary["skipped_steps"] == 0
         results[(batch, accumulation)] = final_params(run)
     reference = results[(8, 1)]
@@ -125,10 +128,26 @@ def test_two_process_ddp_equals_one_process(key, tiny_model_dir, tiny_data_files
         # `accelerate launch --cpu` starts one process unless mpirun is installed; torchrun's
         # launcher (--multi_gpu) with ACCELERATE_USE_CPU gives real gloo DDP on CPU
         launcher = ["--multi_gpu"] if procs > 1 else ["--cpu"]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(29500 + procs + os.getpid() % 1000),
-               "-m", "align.cli", "train", str(path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *launcher,
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(29500 + procs + os.getpid() % 1000),
+            "-m",
+            "align.cli",
+            "train",
+            str(path),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -158,8 +177,9 @@ def test_local_directory_and_hub_id_share_one_path(tiny_model_dir, tiny_data_fil
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, tiny_data_files, tmp_path):
-    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "nan", "sft", steps=20, lr=1e30,
-                         max_grad_norm=None, max_bad_steps=3)
+    recipe = make_recipe(
+        tiny_model_dir, tiny_data_files, tmp_path / "nan", "sft", steps=20, lr=1e30, max_grad_norm=None, max_bad_steps=3
+    )
     with pytest.raises(TrainingError, match=r"4 steps skipped for non-finite values \(train.max_bad_steps=3\)"):
         train(recipe)
     records = _metrics(tmp_path / "nan")
@@ -202,7 +222,9 @@ def _write_recipe(tmp_path: Path, model_dir, data: Path) -> str:
 def test_recipe_errors_are_one_line_before_any_model_loads(override, message, tmp_path):
     path = tmp_path / "r.yaml"
     # the model path does not exist: a schema error must come first
-    path.write_text("model: {path: /nonexistent}\ndata: {train: x.jsonl}\nobjective: {name: rloo}\nreward: [sentiment]\n")
+    path.write_text(
+        "model: {path: /nonexistent}\ndata: {train: x.jsonl}\nobjective: {name: rloo}\nreward: [sentiment]\n"
+    )
     out = run_cli("train", str(path), override)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
@@ -218,9 +240,22 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, tiny_data_
     """LoRA: no second model in memory; KL is exactly 0 at step 1 (LoRA B starts at zero) and the
     saved checkpoint is a peft adapter."""
     recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "lora", "rloo", steps=3, lr=5e-2)
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
-        update={"lora": validate(Recipe, {"model": {"path": "x", "lora": {"r": 4, "alpha": 8,
-                "target_modules": ["c_attn"]}}, "data": {"train": "x"}, "objective": {"name": "sft"}}).model.lora})})
+    recipe = recipe.model_copy(
+        update={
+            "model": recipe.model.model_copy(
+                update={
+                    "lora": validate(
+                        Recipe,
+                        {
+                            "model": {"path": "x", "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn"]}},
+                            "data": {"train": "x"},
+                            "objective": {"name": "sft"},
+                        },
+                    ).model.lora
+                }
+            )
+        }
+    )
     import align.trainer as trainer_mod
 
     seen = {}
@@ -260,7 +295,10 @@ def test_prompt_template_builds_prompts_from_columns(tiny_model_dir, tmp_path):
         prompt_column = "prompt"
         chat_template = False
 
-    assert format_prompts(None, {"document": ["a b", "c"]}, Cfg, "x") == ["Summarize: a b\nTL;DR:", "Summarize: c\nTL;DR:"]
+    assert format_prompts(None, {"document": ["a b", "c"]}, Cfg, "x") == [
+        "Summarize: a b\nTL;DR:",
+        "Summarize: c\nTL;DR:",
+    ]
     Cfg.prompt_template = "{article}"
     with pytest.raises(DataError, match="prompt_template uses missing column 'article'"):
         format_prompts(None, {"document": ["a"]}, Cfg, "x")
