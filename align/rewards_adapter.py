@@ -16,6 +16,7 @@ class RewardFunction:
 
         specs = [c.model_dump(exclude_none=True) for c in components]
         self.combined = rewards_lib.build_combined(specs, device=str(device))
+        self.combined.allow_non_finite = True  # a NaN/inf score skips the step (counted) rather than ending the run
         self.demo_cache = rewards_lib.DemoRewardCache(self.combined)
         self._last: Tensor | None = None
 

@@ -48,7 +48,10 @@ class RMTrain(Strict):
     batch_size: int = Field(8, gt=0, description="pairs per optimizer step")
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up, then constant")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
+    lr_scheduler: Literal["constant", "linear"] = Field(
+        "linear", description="after warm-up: constant, or linear decay to 0 at the last step"
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     device: str | None = Field(None, description="default: cuda if available, else cpu")
@@ -178,9 +181,16 @@ def train_reward_model(recipe: RMRecipe, log: Any = print) -> dict[str, Any]:
 
     cfg = recipe.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    )
+    total_steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
+
+    def lr_factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     before = evaluate(model, tokenizer, eval_pairs, recipe, device)
     rng = random.Random(cfg.seed)
     step, history = 0, []

@@ -308,3 +308,67 @@ def test_recipes_command_lists_bundled_recipes():
     out = run_cli("recipes")
     assert out.returncode == 0
     assert "quickstart.yaml" in out.stdout and "pythia1b_tldr_rloo.yaml" in out.stdout
+
+
+def _register_test_reward(name: str, scores_for_call):
+    """A reward whose n-th call returns ``scores_for_call(n, completions)``."""
+    import rewards
+
+    calls = {"n": 0}
+
+    def factory():
+        def reward(prompts, completions, **columns):
+            calls["n"] += 1
+            return scores_for_call(calls["n"], completions)
+
+        return reward
+
+    rewards.register(factory, name=name)
+    return calls
+
+
+def test_nan_reward_skips_the_step_and_counts_it(tiny_model_dir, tiny_data_files, tmp_path):
+    _register_test_reward(
+        "nan_on_second_call",
+        lambda n, c: [float("nan") if n == 2 and i == 0 else 1.0 * len(x) for i, x in enumerate(c)],
+    )
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rloo", steps=3, batch_size=4)
+    recipe = recipe.model_copy(
+        update={
+            "reward": validate(
+                Recipe,
+                {
+                    "model": {"path": "m"},
+                    "data": {"train": "d"},
+                    "objective": {"name": "rloo"},
+                    "reward": ["nan_on_second_call"],
+                },
+            ).reward
+        }
+    )
+    summary = train(recipe)
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 1
+    records = _metrics(tmp_path / "run")
+    assert [bool(r.get("skipped")) for r in records] == [False, True, False]
+
+
+def test_a_raising_reward_stops_the_run_naming_it(tiny_model_dir, tiny_data_files, tmp_path):
+    from rewards import RewardError
+
+    _register_test_reward("broken_scorer", lambda n, c: [0.0] * (len(c) - 1))
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rloo", steps=2, batch_size=4)
+    recipe = recipe.model_copy(
+        update={
+            "reward": validate(
+                Recipe,
+                {
+                    "model": {"path": "m"},
+                    "data": {"train": "d"},
+                    "objective": {"name": "rloo"},
+                    "reward": ["broken_scorer"],
+                },
+            ).reward
+        }
+    )
+    with pytest.raises(RewardError, match=r"reward 'broken_scorer' returned 7 scores for 8 completions"):
+        train(recipe)

@@ -1,0 +1,123 @@
+"""What every reward shares: the calling convention, the safety wrapper and small helpers.
+
+A reward is a callable ``(prompts, completions, **columns) -> list[float]`` (TRL's convention):
+``prompts[i]`` and ``completions[i]`` are one sample, and every extra dataset column arrives as a
+keyword list with one value per sample (``document=[...]``, ``reference=[...]``). Rewards that
+run a model load it once, in ``__init__``, and score under ``torch.no_grad()``; they never see
+the policy.
+
+``call_reward`` is the one door through which composites and trainers call a reward: whatever goes
+wrong inside (an exception, the wrong number of scores, a string, a NaN) comes out as a
+``RewardError`` whose message names the reward.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+class RewardError(RuntimeError):
+    """A reward failed or returned something that is not one finite number per completion."""
+
+
+class Reward:
+    """Base class of the bundled rewards: a ``name`` for the registry and the call signature.
+
+    Subclasses take their options as keyword arguments of ``__init__`` (that signature is what
+    ``rewards.options(name)`` reports and what ``rewards.build`` checks) and implement
+    ``__call__``.
+    """
+
+    name: ClassVar[str] = "reward"
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        raise RewardError(f"reward {self.name!r} does not implement __call__")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` as given, else ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    if device:
+        return str(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def column(columns: dict[str, Any], key: str, n: int, reward: str) -> list[Any]:
+    """The per-sample values of column ``key``, with an error naming the reward if it is absent."""
+    if key not in columns:
+        raise KeyError(f"reward {reward!r} needs column {key!r}; got columns {sorted(columns)}")
+    values = list(columns[key])
+    if len(values) != n:
+        raise ValueError(f"reward {reward!r}: column {key!r} has {len(values)} values for {n} completions")
+    return values
+
+
+def _as_float(value: Any) -> float | None:
+    """A real number as float, else None (strings, None, complex, containers)."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
+        item = value.item()
+        return float(item) if isinstance(item, numbers.Real) else None
+    return None
+
+
+def call_reward(
+    name: str,
+    fn: RewardFn,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    allow_non_finite: bool = False,
+    **columns: Any,
+) -> list[float]:
+    """Call ``fn`` and check it returned one finite number per completion.
+
+    Raises ``RewardError`` naming ``name`` if the reward raises, returns a different number of
+    scores than completions, or returns a non-numeric or non-finite (NaN, ±inf) value. With
+    ``allow_non_finite`` NaN/±inf pass through: the trainer skips and counts such steps instead
+    of stopping the run (one bad score should not end a long job).
+    """
+    prompts, completions = list(prompts), list(completions)
+    n = len(completions)
+    if len(prompts) != n:
+        raise RewardError(f"reward {name!r}: {len(prompts)} prompts for {n} completions")
+    for key, values in columns.items():
+        try:
+            size = len(values)
+        except TypeError:
+            raise RewardError(
+                f"reward {name!r}: column {key!r} is not a list (one value per sample)"
+            ) from None
+        if size != n:
+            raise RewardError(f"reward {name!r}: column {key!r} has {size} values for {n} completions")
+    try:
+        scores = fn(prompts, completions, **columns)
+    except RewardError:
+        raise
+    except Exception as err:
+        raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
+    if hasattr(scores, "tolist") and not isinstance(scores, (list, tuple)):
+        scores = scores.tolist()  # a tensor or an array
+    if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence):
+        raise RewardError(f"reward {name!r} returned {type(scores).__name__}, expected a list of {n} floats")
+    if len(scores) != n:
+        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {n} completions")
+    out: list[float] = []
+    for i, value in enumerate(scores):
+        number = _as_float(value)
+        if number is None:
+            raise RewardError(f"reward {name!r} returned a non-numeric score {value!r} for completion {i}")
+        if not math.isfinite(number) and not allow_non_finite:
+            raise RewardError(f"reward {name!r} returned a non-finite score {number} for completion {i}")
+        out.append(number)
+    return out

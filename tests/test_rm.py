@@ -1,0 +1,166 @@
+"""``align rm`` on a synthetic preference set whose true reward is known.
+
+Texts are 8 words from a small vocabulary; the true reward counts "good" words minus "bad" words,
+and the chosen text of each pair has the higher true reward. A tiny BERT (built from a config,
+WordLevel tokenizer trained here, saved and loaded back through from_pretrained) must rank
+held-out pairs correctly > 90 % of the time, and the saved model must work as the
+``reward_model`` reward.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    PreTrainedTokenizerFast,
+)
+
+import rewards
+from align import cli
+
+GOOD = ["great", "good", "excellent", "wonderful", "superb"]
+BAD = ["bad", "awful", "terrible", "poor", "boring"]
+NEUTRAL = ["the", "movie", "plot", "actor", "scene", "was", "film", "story", "music", "and", "a", "it"]
+PROMPTS = ["review:", "my opinion:", "verdict:"]
+
+
+def true_reward(text: str) -> int:
+    words = text.split()
+    return sum(w in GOOD for w in words) - sum(w in BAD for w in words)
+
+
+def random_text(rng: random.Random, n: int = 8) -> str:
+    pool = rng.choice([GOOD + NEUTRAL, BAD + NEUTRAL, GOOD + BAD + NEUTRAL])
+    return " ".join(rng.choice(pool) for _ in range(n))
+
+
+def make_pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        a, b = random_text(rng), random_text(rng)
+        if true_reward(a) == true_reward(b):
+            continue
+        chosen, rejected = (a, b) if true_reward(a) > true_reward(b) else (b, a)
+        rows.append({"question": rng.choice(PROMPTS), "chosen": " " + chosen, "rejected": " " + rejected})
+    return rows
+
+
+def build_base(out: Path) -> Path:
+    """A tiny BERT encoder (no head) and a WordLevel tokenizer, saved to ``out``."""
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = GOOD + BAD + NEUTRAL + PROMPTS
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        model_max_length=64,
+    ).save_pretrained(out)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.token_to_id("[PAD]"),
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    BertModel(config).save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("rm")
+    base = build_base(root / "base")
+    data = write_jsonl(root / "pairs.jsonl", make_pairs(800, seed=0))
+    recipe = root / "rm.yaml"
+    recipe.write_text(
+        f"description: synthetic good-minus-bad reward\nmodel: {base}\n"
+        f"data:\n  path: {data}\n  prompt_column: question\n  eval_fraction: 0.2\n  separator: ' |'\n"
+        f"train:\n  epochs: 2\n  batch_size: 16\n  lr: 2.0e-3\n  device: cpu\n"
+        f"output_dir: {root / 'out'}\n"
+    )
+    rc = cli.main(["rm", str(recipe), "train.seed=0"])
+    assert rc == 0
+    return {"root": root, "out": root / "out", "metrics": json.loads((root / "out" / "metrics.json").read_text())}
+
+
+def test_rm_reaches_high_held_out_accuracy(trained):
+    m = trained["metrics"]
+    assert m["n_eval"] == 160 and m["n_train"] == 640
+    assert m["eval_accuracy"] > 0.9, m
+    assert m["eval_accuracy_before"] < 0.8  # it learned: the untrained head is near chance
+    assert m["history"][-1]["eval_loss"] < m["eval_loss_before"]
+    out = trained["out"]
+    assert (out / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
+    assert json.loads((out / "align_rm.json").read_text())["separator"] == " |"
+
+
+def test_saved_model_is_a_reward(trained):
+    out = trained["out"]
+    reward = rewards.build("reward_model", model=str(out), device="cpu", batch_size=3)
+    assert reward.separator == " |"  # read back from align_rm.json
+    rng = random.Random(123)
+    texts = [" " + random_text(rng) for _ in range(40)]
+    prompts = [PROMPTS[i % 3] for i in range(40)]
+    scores = reward(prompts, texts)
+    # independent forward pass of the saved model on the same texts
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert model.config.num_labels == 1
+    with torch.no_grad():
+        for p, t, s in zip(prompts[:5], texts[:5], scores[:5]):
+            assert float(model(**tok(p + " |" + t, return_tensors="pt")).logits[0, 0]) == pytest.approx(s, abs=1e-4)
+    # higher true reward, higher learned reward (rank agreement over pairs that differ)
+    truth = [true_reward(t) for t in texts]
+    agree = total = 0
+    for i in range(40):
+        for j in range(i + 1, 40):
+            if truth[i] != truth[j]:
+                total += 1
+                agree += (scores[i] > scores[j]) == (truth[i] > truth[j])
+    assert agree / total > 0.85
+    # empty completions and composites work too
+    combined = rewards.build_combined([{"name": "reward_model", "model": str(out)}, "sentiment"], device="cpu")
+    assert combined.names == ["reward_model", "sentiment"]
+    assert len(combined(["review:"] * 2, ["", " great great"])) == 2
+
+
+def test_rm_rejects_multi_logit_models(tmp_path, trained):
+    tok = AutoTokenizer.from_pretrained(trained["out"])
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                        intermediate_size=16, num_labels=3)
+    from transformers import BertForSequenceClassification
+
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has 3 output labels"):
+        rewards.build("reward_model", model=str(tmp_path))
+
+
+def test_rm_recipe_errors_exit_2(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "good": "b", "rejected": "c"}])
+    recipe = tmp_path / "rm.yaml"
+    recipe.write_text(f"model: {tmp_path}\ndata:\n  path: {data}\n")
+    assert cli.main(["rm", str(recipe)]) == 2
+    assert "no column(s) ['chosen']" in capsys.readouterr().err
+    assert cli.main(["rm", str(recipe), "train.epoch=3"]) == 2
+    assert "'train.epoch': unknown key" in capsys.readouterr().err
+    assert cli.main(["rm", "data.path=x.jsonl"]) == 2
+    assert "model" in capsys.readouterr().err
