@@ -26,12 +26,18 @@ def load_table(source: str, split: str = "train", subset: str | None = None):
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    datasets.logging.get_logger("datasets.packaged_modules.json.json").setLevel(50)  # we report it in one line
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in _LOCAL_FORMATS:
         if not path.is_file():
             raise DataError(f"data {source!r}: no such file")
-        return datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+        try:
+            return datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+        except Exception as err:  # a malformed file: name it, keep the parser's reason
+            reason = str(err.__cause__ or err).strip().splitlines()[-1] if str(err.__cause__ or err).strip() else ""
+            raise DataError(f"data {source!r}: cannot be read as {_LOCAL_FORMATS[suffix]} ({reason})") from None
     if path.is_dir():
         return datasets.load_dataset(str(path), subset, split=split)
     return datasets.load_dataset(source, subset, split=split)
@@ -52,6 +58,30 @@ def read_columns(source: str, table, columns: list[str], non_empty: list[str]) -
     if not out[columns[0]]:
         raise DataError(f"data {source!r}: no rows")
     return out
+
+
+def rows_to_pairs(table, prompt_column: str, completion_column: str, reward_column: str):
+    """(prompt, completion, reward) rows → every pair of completions of the same prompt, with
+    their rewards as ``chosen_reward``/``rejected_reward`` (offline CoPG: the order is immaterial)."""
+    import datasets
+
+    columns = read_columns("pairs", table, [prompt_column, completion_column, reward_column], [prompt_column])
+    by_prompt: dict[str, list[int]] = {}
+    for i, prompt in enumerate(columns[prompt_column]):
+        by_prompt.setdefault(prompt, []).append(i)
+    out: dict[str, list] = {prompt_column: [], "chosen": [], "rejected": [], "chosen_reward": [], "rejected_reward": []}
+    for prompt, rows in by_prompt.items():
+        for a in range(len(rows)):
+            for b in range(a + 1, len(rows)):
+                i, j = rows[a], rows[b]
+                out[prompt_column].append(prompt)
+                out["chosen"].append(columns[completion_column][i])
+                out["rejected"].append(columns[completion_column][j])
+                out["chosen_reward"].append(float(columns[reward_column][i]))
+                out["rejected_reward"].append(float(columns[reward_column][j]))
+    if not out["chosen"]:
+        raise DataError(f"data: no prompt has two or more rows to pair ({reward_column!r} rows for offline copg)")
+    return datasets.Dataset.from_dict(out)
 
 
 def step_rows(n_rows: int, step: int, rows_per_step: int, seed: int) -> list[int]:

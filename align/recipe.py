@@ -43,6 +43,7 @@ class DataConfig(Strict):
     completion_column: str = "completion"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
+    reward_column: str = Field("reward", description="offline copg on (prompt, completion, reward) rows")
     demonstration_column: str = Field("demonstration", description="RCfD: a demonstration per prompt")
     prompt_template: str | None = Field(
         None, description="build the prompt from row columns, e.g. '{document}\\n\\nTL;DR:' (else prompt_column)"

@@ -156,6 +156,10 @@ class OfflineData:
         self.paired = losses.REGISTRY[recipe.objective.name].paired
         table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
         texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
+        if self.paired and cfg.chosen_column not in table.column_names and cfg.reward_column in table.column_names:
+            # (prompt, completion, reward) rows: CoPG pairs every two completions of a prompt
+            table = data_lib.rows_to_pairs(table, cfg.prompt_column, cfg.completion_column, cfg.reward_column)
+            texts = ["chosen", "rejected"]
         reward_cols = [c for c in ("chosen_reward", "rejected_reward") if c in table.column_names]
         prompt_cols = (
             [cfg.prompt_column]

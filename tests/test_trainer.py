@@ -372,3 +372,43 @@ def test_a_raising_reward_stops_the_run_naming_it(tiny_model_dir, tiny_data_file
     )
     with pytest.raises(RewardError, match=r"reward 'broken_scorer' returned 7 scores for 8 completions"):
         train(recipe)
+
+
+def test_offline_copg_on_scored_rows_pairs_completions_of_a_prompt(tiny_model_dir, tmp_path):
+    """(prompt, completion, reward) rows: every two completions of a prompt form a pair, with rewards."""
+    import datasets
+
+    from align.data import rows_to_pairs
+
+    table = datasets.Dataset.from_dict(
+        {
+            "prompt": ["a", "a", "a", "b", "c", "c"],
+            "completion": [" x", " y", " z", " w", " u", " v"],
+            "reward": [1.0, 0.0, 0.5, 2.0, -1.0, 1.0],
+        }
+    )
+    pairs = rows_to_pairs(table, "prompt", "completion", "reward").to_dict()
+    assert pairs["prompt"] == ["a", "a", "a", "c"]  # b has one row: no pair
+    assert list(zip(pairs["chosen"], pairs["rejected"])) == [(" x", " y"), (" x", " z"), (" y", " z"), (" u", " v")]
+    assert pairs["chosen_reward"] == [1.0, 1.0, 0.0, -1.0] and pairs["rejected_reward"] == [0.0, 0.5, 0.5, 1.0]
+
+    rows = tmp_path / "scored.jsonl"
+    rows.write_text(
+        "".join(
+            f'{{"prompt": "the film", "completion": " {w} .", "reward": {r}}}\n'
+            for w, r in [("was good", 1), ("was bad", -1), ("was fine", 0)]
+        )
+    )
+    recipe = validate(
+        Recipe,
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "data": {"train": str(rows)},
+            "objective": {"name": "copg", "beta": 0.5, "mode": "offline"},
+            "train": {"steps": 2, "batch_size": 3},
+            "output": {"dir": str(tmp_path / "run"), "report": False},
+        },
+    )
+    summary = train(recipe)
+    assert summary["skipped_steps"] == 0
+    assert _metrics(tmp_path / "run")[0]["reward_mean"] == pytest.approx(0.0)  # rewards (1,-1,1,0,-1,0) mean 0
