@@ -27,7 +27,10 @@ shift
 export CONFIG=${CONFIG:-launch/deepspeed_zero2.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 export NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))  # accelerate counts processes over all machines
-MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# read all names rather than `| head -n 1`: under pipefail, head closing the pipe early can kill
+# scontrol with SIGPIPE and fail the job
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MAIN_PROCESS_IP=${NODES[0]}
 export MAIN_PROCESS_IP
 # a port derived from the job id, so two jobs sharing a first node do not collide
 export MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
