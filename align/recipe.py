@@ -139,6 +139,7 @@ class TrainConfig(Strict):
     batch_size: int = Field(8, gt=0, description="per micro-batch: prompts (online), pairs or rows (offline)")
     gradient_accumulation_steps: int = Field(1, gt=0)
     lr: float = Field(1e-5, gt=0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd: plain lr·gradient steps (tests, ablations)")
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"

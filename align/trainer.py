@@ -598,12 +598,13 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
         dataset = OnlineData(recipe, models.tokenizer)
     else:
         dataset = OfflineData(recipe, models.tokenizer, models.eos_token_id)
-    optimizer = torch.optim.AdamW(
-        [p for p in models.policy.parameters() if p.requires_grad],
-        lr=recipe.train.lr,
-        betas=recipe.train.adam_betas,
-        weight_decay=recipe.train.weight_decay,
-    )
+    trainable = [p for p in models.policy.parameters() if p.requires_grad]
+    if recipe.train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(
+            trainable, lr=recipe.train.lr, betas=recipe.train.adam_betas, weight_decay=recipe.train.weight_decay
+        )
     scheduler = get_scheduler(
         recipe.train.lr_scheduler,
         optimizer,

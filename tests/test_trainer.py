@@ -17,6 +17,18 @@ from align.config import RecipeError, validate
 from align.recipe import Recipe
 from align.trainer import TrainingError, train
 
+# SGD step sizes that move the tiny model by ~1e-3 in two steps (loss scales differ by objective)
+SGD_LR = {
+    "sft": 0.5,
+    "dpo": 2.0,
+    "dpo_avg": 20.0,
+    "ipo": 0.02,
+    "copg_offline": 0.05,
+    "rloo": 0.05,
+    "reinforce": 0.05,
+    "copg": 0.05,
+    "rcfd": 0.005,
+}
 LENGTH = [{"name": "length", "options": {"target": 12, "unit": "chars"}}]
 
 # objective section, data file key, extra recipe fields
@@ -60,20 +72,32 @@ def max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("key", list(OBJECTIVES))
 def test_gradient_accumulation_equivalence(key, tiny_model_dir, tiny_data_files, tmp_path):
-    """batch 8 × accumulation 1 == batch 1 × accumulation 8 == batch 2 × 4, for every objective."""
+    """batch 8 × accumulation 1 == batch 1 × accumulation 8 == batch 2 × 4, for every objective.
+
+    Plain SGD without clipping: the update is lr × gradient, so a loss normalised per
+    micro-batch instead of per step (a uniform scale error that Adam would hide) shows."""
     initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     results = {}
     for batch, accumulation in [(8, 1), (1, 8), (2, 4)]:
         run = tmp_path / f"b{batch}x{accumulation}"
         summary = train(
             make_recipe(
-                tiny_model_dir, tiny_data_files, run, key, batch_size=batch, gradient_accumulation_steps=accumulation
+                tiny_model_dir,
+                tiny_data_files,
+                run,
+                key,
+                batch_size=batch,
+                gradient_accumulation_steps=accumulation,
+                optimizer="sgd",
+                lr=SGD_LR[key],
+                max_grad_norm=None,
             )
         )
         assert summary["skipped_steps"] == 0
         results[(batch, accumulation)] = final_params(run)
     reference = results[(8, 1)]
-    assert max_diff(reference, {k: v for k, v in initial.items() if k in reference}) > 1e-4, "nothing trained"
+    moved = max_diff(reference, {k: v for k, v in initial.items() if k in reference})
+    assert moved > 1e-4, "nothing trained"
     for config, params in results.items():
         assert max_diff(reference, params) < 2e-5, f"{key}: {config} differs from 8x1"
     if OBJECTIVES[key][1] == "prompts":
@@ -122,7 +146,16 @@ def test_two_process_ddp_equals_one_process(key, tiny_model_dir, tiny_data_files
     runs = {}
     for procs, batch in [(1, 8), (2, 4)]:
         run = tmp_path / f"p{procs}"
-        recipe = make_recipe(tiny_model_dir, tiny_data_files, run, key, batch_size=batch)
+        recipe = make_recipe(
+            tiny_model_dir,
+            tiny_data_files,
+            run,
+            key,
+            batch_size=batch,
+            optimizer="sgd",
+            lr=SGD_LR[key],
+            max_grad_norm=None,
+        )
         path = tmp_path / f"p{procs}.yaml"
         path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
         # `accelerate launch --cpu` starts one process unless mpirun is installed; torchrun's
