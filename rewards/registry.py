@@ -14,6 +14,7 @@ from typing import Any
 from rewards.base import RewardFn
 from rewards.contains import Contains
 from rewards.entailment import Entailment
+from rewards.fluency import Fluency
 from rewards.length import Length
 from rewards.regex import Regex
 from rewards.reward_model import RewardModel
@@ -23,7 +24,7 @@ from rewards.sentiment import Sentiment
 Factory = Callable[..., RewardFn]
 
 REGISTRY: dict[str, Factory] = {
-    cls.name: cls for cls in (Entailment, RewardModel, Sentiment, Length, Regex, Contains, Rouge)
+    cls.name: cls for cls in (Entailment, RewardModel, Sentiment, Length, Regex, Contains, Rouge, Fluency)
 }
 
 

@@ -1,0 +1,549 @@
+"""``align overopt RECIPE.yaml``: measure reward over-optimization (Gao et al. 2022) on one machine.
+
+The protocol, in the order it runs:
+
+1. **Gold.** The recipe's ``gold`` reward (components as in a training recipe, e.g. VADER
+   sentiment plus 0.5 × the mean token log-likelihood under the SFT model, ``fluency``) stands in
+   for human judgement. It is never optimised directly.
+2. **Proxy.** ``proxy.pairs`` prompts each get two samples of the initial (SFT) policy; the gold
+   labels each pair (``hard``: the higher gold is chosen; ``bradley_terry``: chosen with
+   probability σ((g_a − g_b)/temperature)); ``align rm``'s trainer fits a scalar reward model on
+   them (Bradley–Terry). Few pairs make a proxy that is right on the SFT distribution and
+   exploitable off it.
+3. **RL against the proxy.** Every objective of ``objectives`` × every seed of ``seeds`` trains
+   from the same SFT policy on the same prompts (``base``: a training recipe without objective,
+   reward or output), saving a checkpoint every ``eval.every`` steps.
+4. **Evaluation.** At step 0 and at every checkpoint, one fresh sample per held-out prompt
+   (``align.report.evaluate_policy``: the keyed sampler, KL k1 and k3 to the reference) is scored
+   by the gold and the proxy; also distinct-1/2, the samples' mean token log-likelihood under the
+   SFT model and their length.
+5. **Best-of-n.** n samples of the SFT policy per held-out prompt, the proxy picks one, the gold
+   scores it; KL_bon = log n − (n−1)/n.
+6. **Report** (``align/eval/overopt_report.py``): curves of gold and proxy against d = √KL with
+   seed bands, Gao's fit R(d) = d(α − γ log d) of the gold gain, peak gold and KL at the peak,
+   the divergence point, a table per objective; ``report.json``, ``report.md``, PNG plots.
+
+Everything is written under ``out``: ``proxy/`` (pairs and reward model), ``runs/NAME/seedS/``
+(each training run: metrics.jsonl, recipe.yaml, and ``eval.json`` with its checkpoint scores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+import losses
+from align.config import RecipeError, Strict, dump_recipe, load_recipe, validate
+from align.eval.metrics import bon_kl, distinct_n, histogram_kl
+from align.recipe import ObjectiveConfig, Recipe, RewardComponent
+from align.rm import RMTrain
+
+PAIR_SEED_OFFSET = 20_011  # proxy-pair samples never reuse a training or evaluation key
+BON_SEED_OFFSET = 30_011
+STUDY_KEYS = ("objective", "reward", "output", "resume", "prepare")  # set by the study, not by ``base``
+
+
+# --------------------------------------------------------------------------------------------
+# recipe
+
+
+class ProxyConfig(Strict):
+    pairs: int = Field(500, gt=0, description="gold-labelled pairs of SFT samples the proxy is trained on")
+    labels: Literal["hard", "bradley_terry"] = Field(
+        "hard", description="hard: the sample with the higher gold is chosen; bradley_terry: sampled, σ(Δgold/T)"
+    )
+    temperature: float = Field(1.0, gt=0, description="T of bradley_terry labels")
+    model: str | None = Field(None, description="reward-model base (default: the policy's model.path); new scalar head")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of the pairs held out for the proxy's accuracy")
+    train: RMTrain = Field(default_factory=RMTrain, description="align rm's train section")
+    seed: int = Field(0, description="which prompts, which samples, which labels (bradley_terry)")
+
+
+class EvalConfig(Strict):
+    every: int = Field(20, gt=0, description="evaluate a checkpoint every N training steps (and step 0 and the last)")
+    prompts: str | None = Field(None, description="held-out prompt file (default: base data.eval_prompts)")
+    n_prompts: int = Field(128, gt=0, description="held-out prompts used (the first N)")
+
+
+class BonConfig(Strict):
+    n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], description="empty: no best-of-n baseline")
+    n_prompts: int = Field(128, gt=0, description="held-out prompts used (the first N)")
+
+    @field_validator("n")
+    @classmethod
+    def divides(cls, ns: list[int]) -> list[int]:
+        if any(n < 1 for n in ns):
+            raise ValueError("every n must be >= 1")
+        if ns and any(max(ns) % n for n in ns):
+            raise ValueError(f"every n must divide the largest ({max(ns)}): one pool of samples serves all n")
+        return sorted(set(ns))
+
+
+class ObjectiveSpec(ObjectiveConfig):
+    label: str | None = Field(None, description="name in the report (default: NAME_betaBETA)")
+
+    @property
+    def effective_beta(self) -> float | None:
+        if self.beta is not None:
+            return self.beta
+        beta = {**losses.options(self.name), **self.options}.get("beta")
+        return beta if isinstance(beta, (int, float)) else None
+
+    @property
+    def run_name(self) -> str:
+        if self.label:
+            return self.label
+        beta = self.effective_beta
+        return self.name if beta is None else f"{self.name}_beta{beta:g}"
+
+
+class OveroptRecipe(Strict):
+    description: str = ""
+    prepare: Literal["quickstart"] | None = Field(None, description="build the quickstart assets first if missing")
+    out: str = Field("runs/overopt", description="study directory: proxy, runs, report")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed of each run")
+    gold: list[RewardComponent] = Field(..., min_length=1, description="the gold reward (never optimised)")
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    base: dict[str, Any] = Field(
+        ..., description="training recipe shared by every run, without objective/reward/output"
+    )
+    objectives: list[ObjectiveSpec] = Field(..., min_length=1)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    bon: BonConfig = Field(default_factory=BonConfig)
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (small models: 1 is often fastest)")
+    keep_checkpoints: bool = Field(False, description="keep each run's checkpoints after they are evaluated")
+
+    @model_validator(mode="after")
+    def consistent(self) -> OveroptRecipe:
+        names = [o.run_name for o in self.objectives]
+        offline = [o.name for o in self.objectives if not o.online]
+        if offline:
+            raise ValueError(f"objectives: {offline} train on a fixed dataset; the study trains against the proxy")
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: names must be unique (set label), got {names}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: must be unique, got {self.seeds}")
+        taken = sorted(set(STUDY_KEYS) & set(self.base))
+        if taken:
+            raise ValueError(f"base: {taken} are set by the study; remove them")
+        model = self.base.get("model")
+        if isinstance(model, dict) and model.get("lora") is not None:
+            raise ValueError("base.model.lora: overopt evaluates full checkpoints; LoRA is not supported")
+        return self
+
+
+def load_study(path: str | Path | None, overrides: list[str] | None = None) -> OveroptRecipe:
+    """The study recipe, with every run's training recipe validated (RecipeError: one line)."""
+    if path is None:
+        raise RecipeError("recipe: a study recipe YAML is required (e.g. recipes/overopt/quickstart.yaml)")
+    study = load_recipe(OveroptRecipe, path, overrides)
+    for spec in study.objectives:
+        run_recipe(study, spec, study.seeds[0], source=f"recipe {str(path)!r}")
+    if not (study.eval.prompts or run_recipe(study, study.objectives[0], study.seeds[0]).data.eval_prompts):
+        raise RecipeError(f"recipe {str(path)!r}: field 'eval.prompts': held-out prompts are required")
+    return study
+
+
+def run_dir(study: OveroptRecipe, spec: ObjectiveSpec, seed: int) -> Path:
+    return Path(study.out) / "runs" / spec.run_name / f"seed{seed}"
+
+
+def proxy_dir(study: OveroptRecipe) -> Path:
+    return Path(study.out) / "proxy" / "model"
+
+
+def run_recipe(study: OveroptRecipe, spec: ObjectiveSpec, seed: int, source: str = "recipe") -> Recipe:
+    """The training recipe of one (objective, seed) run: ``base`` + objective + proxy reward."""
+    raw = copy.deepcopy(study.base)
+    raw["objective"] = spec.model_dump(mode="json", exclude={"label"}, exclude_none=True)
+    raw["reward"] = [{"name": "reward_model", "label": "proxy", "options": {"model": str(proxy_dir(study))}}]
+    raw["train"] = {**(raw.get("train") or {}), "seed": seed}
+    steps = validate(Recipe, {**raw, "output": {}}, source=f"{source}: run {spec.run_name}").train.steps
+    raw["output"] = {
+        "dir": str(run_dir(study, spec, seed)),
+        "save_every": study.eval.every,
+        "keep_last": steps // study.eval.every + 1,
+        "sample_every": 0,
+        "report": False,
+        "save_model": False,
+    }
+    return validate(Recipe, raw, source=f"{source}: run {spec.run_name}")
+
+
+def eval_steps(recipe: Recipe, every: int) -> list[int]:
+    """Step 0 (the initial policy), every ``every`` steps, and the last step."""
+    steps = list(range(0, recipe.train.steps, every))
+    return steps + [recipe.train.steps]
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclass
+class Scorers:
+    """Everything a sample is judged by: gold (components), proxy, log-likelihood under the SFT model."""
+
+    gold: Any  # rewards.CombinedReward
+    proxy: Callable[..., list[float]]
+    sft_loglik: Callable[..., list[float]]
+
+    def score(self, prompts: list[str], texts: list[str]) -> dict[str, list[float]]:
+        components = self.gold.score_components(prompts, texts)
+        out = {"gold": self.gold.combine(components, update=False), "proxy": list(self.proxy(prompts, texts))}
+        out["sft_logprob"] = list(self.sft_loglik(prompts, texts))
+        out.update({f"gold/{name}": list(values) for name, values in components.items()})
+        return out
+
+
+def build_gold(study: OveroptRecipe, device: torch.device):
+    import rewards
+
+    specs = [c.model_dump(exclude_none=True) for c in study.gold]
+    return rewards.build_combined(specs, device=str(device))
+
+
+def build_scorers(study: OveroptRecipe, recipe: Recipe, device: torch.device) -> Scorers:
+    import rewards
+
+    reference = recipe.reference or recipe.model.path
+    sft = rewards.build("fluency", model=reference, tokenizer=recipe.model.tokenizer, device=str(device))
+    proxy = rewards.build("reward_model", model=str(proxy_dir(study)), device=str(device))
+    return Scorers(gold=build_gold(study, device), proxy=proxy, sft_loglik=sft)
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values) if values else float("nan")
+
+
+@torch.no_grad()
+def evaluate_checkpoint(
+    recipe: Recipe,
+    models,
+    policy,
+    prompts: list[str],
+    scorers: Scorers,
+    device,
+    demo_proxy: list[float] | None = None,
+) -> dict:
+    """One sample per prompt from ``policy``: KL k1/k3 to the reference, gold, proxy, diversity, and
+    (given the demonstrations' proxy scores) the KL between the two proxy-score histograms."""
+    from align.report import evaluate_policy
+
+    policy.eval()
+    sampled = evaluate_policy(recipe, models, policy, prompts, None, device)
+    texts = sampled["texts"]
+    scores = scorers.score(prompts, texts)
+    out = {"kl": sampled["kl_k1"], "kl_k3": sampled["kl_k3"], "length": sampled["length"]}
+    out.update({name: _mean(values) for name, values in scores.items()})
+    out["distinct_1"] = distinct_n(texts, 1)
+    out["distinct_2"] = distinct_n(texts, 2)
+    if demo_proxy:
+        out["proxy_hist_kl"] = histogram_kl(demo_proxy, scores["proxy"])
+    out["samples"] = [{"prompt": p, "completion": t} for p, t in list(zip(prompts, texts))[:4]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def read_prompts(source: str, column: str, limit: int | None = None) -> list[str]:
+    from align import data as data_lib
+
+    table = data_lib.load_table(source)
+    prompts = data_lib.read_columns(source, table, [column], [column])[column]
+    return prompts[:limit] if limit else prompts
+
+
+def held_out_prompts(study: OveroptRecipe, recipe: Recipe, limit: int) -> list[str]:
+    return read_prompts(study.eval.prompts or recipe.data.eval_prompts, recipe.data.prompt_column, limit)
+
+
+def demonstration_scores(recipe: Recipe, scorers: Scorers, limit: int) -> list[float] | None:
+    """Proxy scores of the first ``limit`` demonstrations of the training data, if it has them."""
+    from align import data as data_lib
+
+    cfg = recipe.data
+    table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
+    if cfg.demonstration_column not in table.column_names or cfg.prompt_template:
+        return None
+    columns = [cfg.prompt_column, cfg.demonstration_column]
+    rows = data_lib.read_columns(cfg.train, table, columns, columns)
+    prompts, demos = rows[cfg.prompt_column][:limit], rows[cfg.demonstration_column][:limit]
+    return list(scorers.proxy(prompts, [data_lib.message_text(d) for d in demos]))
+
+
+@torch.no_grad()
+def sample(recipe: Recipe, models, policy, prompts: list[str], seed: int, k: int, device, chunk: int = 64) -> list[str]:
+    """k samples per prompt (prompt-major: prompt i's samples at i·k … i·k+k−1), keyed by seed."""
+    from align import data as data_lib
+    from align.rollout import decode_completions, generate, sample_keys
+
+    gen = recipe.generation
+    texts: list[str] = []
+    for lo in range(0, len(prompts), chunk):
+        part = prompts[lo : lo + chunk]
+        ids = data_lib.encode_prompts(models.tokenizer, part, recipe.data.max_prompt_tokens)
+        prompt_ids, prompt_mask = data_lib.pad(ids, models.pad_token_id, "left", device)
+        keys = sample_keys(seed, 0, torch.arange(lo, lo + len(part)), k)
+        rollout = generate(
+            policy,
+            prompt_ids,
+            prompt_mask,
+            keys,
+            k=k,
+            max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.min_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            eos_token_id=models.eos_token_id,
+            pad_token_id=models.pad_token_id,
+        )
+        texts += decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
+    return texts
+
+
+# --------------------------------------------------------------------------------------------
+# proxy
+
+
+def label_pairs(
+    prompts: list[str], texts: list[str], gold: list[float], labels: str, temperature: float, seed: int
+) -> list[dict[str, str]]:
+    """(prompt, chosen, rejected) rows from two samples per prompt and their gold scores.
+
+    Identical samples and (for ``hard``) gold ties are dropped: they carry no preference.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        a, b = texts[2 * i], texts[2 * i + 1]
+        ga, gb = gold[2 * i], gold[2 * i + 1]
+        if a == b or (labels == "hard" and ga == gb):
+            continue
+        if labels == "hard":
+            a_wins = ga > gb
+        else:
+            a_wins = rng.random() < 1.0 / (1.0 + math.exp(-(ga - gb) / temperature))
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def train_proxy(study: OveroptRecipe, recipe: Recipe, models, gold, device) -> dict[str, Any]:
+    """Gold-labelled pairs of SFT samples → ``align rm`` → the proxy reward model."""
+    from align.rm import RMRecipe, train_reward_model
+    from align.trainer import OnlineData
+
+    root = proxy_dir(study).parent
+    root.mkdir(parents=True, exist_ok=True)
+    prompts = OnlineData(recipe, models.tokenizer).prompts
+    random.Random(study.proxy.seed).shuffle(prompts)
+    prompts = prompts[: study.proxy.pairs]
+    texts = sample(recipe, models, models.policy, prompts, study.proxy.seed + PAIR_SEED_OFFSET, 2, device)
+    doubled = [p for p in prompts for _ in range(2)]
+    gold_scores = gold.combine(gold.score_components(doubled, texts), update=False)
+    cfg = study.proxy
+    rows = label_pairs(prompts, texts, gold_scores, cfg.labels, cfg.temperature, cfg.seed)
+    if len(rows) < 2:
+        raise RecipeError(f"proxy: only {len(rows)} usable pairs out of {len(prompts)}; raise proxy.pairs")
+    pairs_file = root / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    rm = validate(
+        RMRecipe,
+        {
+            "model": cfg.model or recipe.model.path,
+            "tokenizer": None if cfg.model else recipe.model.tokenizer,
+            "data": {"path": str(pairs_file), "eval_fraction": cfg.eval_fraction},
+            "train": cfg.train.model_dump(mode="json"),
+            "output_dir": str(proxy_dir(study)),
+        },
+        source="proxy",
+    )
+    metrics = train_reward_model(rm, log=lambda line: None)
+    return {
+        "pairs": len(rows),
+        "n_train": metrics["n_train"],
+        "n_eval": metrics["n_eval"],
+        "eval_accuracy": metrics.get("eval_accuracy"),
+        "labels": cfg.labels,
+        "path": str(proxy_dir(study)),
+        "seconds": metrics["seconds"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# best-of-n
+
+
+def best_of_n(ns: list[int], proxy: list[list[float]], gold: list[list[float]]) -> dict[str, list[float]]:
+    """Best-of-n from a pool of max(ns) samples per prompt: the pool is cut into max(ns)/n groups
+    of n, the proxy's favourite of each group is kept, and its gold and proxy are averaged."""
+    pool = max(ns)
+    out: dict[str, list[float]] = {"n": list(ns), "kl": [], "gold": [], "proxy": []}
+    for n in ns:
+        picked_gold, picked_proxy = [], []
+        for p_row, g_row in zip(proxy, gold):
+            for lo in range(0, pool, n):
+                best = max(range(lo, lo + n), key=lambda j: p_row[j])
+                picked_gold.append(g_row[best])
+                picked_proxy.append(p_row[best])
+        out["kl"].append(bon_kl(n))
+        out["gold"].append(_mean(picked_gold))
+        out["proxy"].append(_mean(picked_proxy))
+    return out
+
+
+def run_best_of_n(study: OveroptRecipe, recipe: Recipe, models, scorers: Scorers, seed: int, device) -> dict:
+    prompts = held_out_prompts(study, recipe, study.bon.n_prompts)
+    pool = max(study.bon.n)
+    texts = sample(recipe, models, models.policy, prompts, seed + BON_SEED_OFFSET, pool, device)
+    doubled = [p for p in prompts for _ in range(pool)]
+    proxy = list(scorers.proxy(doubled, texts))
+    gold = scorers.gold.combine(scorers.gold.score_components(doubled, texts), update=False)
+    rows = lambda values: [values[i * pool : (i + 1) * pool] for i in range(len(prompts))]  # noqa: E731
+    return best_of_n(study.bon.n, rows(proxy), rows(gold))
+
+
+# --------------------------------------------------------------------------------------------
+# the study
+
+
+@contextlib.contextmanager
+def quiet_trainer() -> Iterator[None]:
+    """The study draws one progress bar over all runs; each run's own bar is switched off."""
+    from tqdm.auto import tqdm
+
+    import align.trainer as trainer
+
+    original = trainer.progress_bar
+    trainer.progress_bar = lambda total, initial, enabled, desc: tqdm(total=total, disable=True)
+    try:
+        yield
+    finally:
+        trainer.progress_bar = original
+
+
+def load_policy(path: Path, recipe: Recipe, device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = recipe.model.dtype if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def train_and_evaluate(
+    study: OveroptRecipe,
+    spec: ObjectiveSpec,
+    seed: int,
+    models,
+    scorers: Scorers,
+    prompts: list[str],
+    initial: dict,
+    device,
+    bar,
+    demo_proxy: list[float] | None = None,
+) -> list[dict]:
+    """Train one run against the proxy, then score step 0 (shared) and each of its checkpoints."""
+    from align.checkpoint import list_checkpoints
+    from align.trainer import train
+
+    recipe = run_recipe(study, spec, seed)
+    out = Path(recipe.output.dir)
+    shutil.rmtree(out, ignore_errors=True)
+    bar.set_description(f"{spec.run_name} seed {seed}")
+    with quiet_trainer():
+        summary = train(recipe, on_step=lambda step, record: bar.update(1))
+    if summary.get("stopped_by"):  # the trainer saved and returned on SIGINT/SIGTERM: the study stops too
+        raise KeyboardInterrupt
+    records = [{"step": 0, **initial}]
+    for checkpoint in list_checkpoints(out):
+        step = int(checkpoint.name.split("-")[1])
+        policy = load_policy(checkpoint / "model", recipe, device)
+        scores = evaluate_checkpoint(recipe, models, policy, prompts, scorers, device, demo_proxy)
+        records.append({"step": step, **scores})
+        del policy
+        bar.update(1)
+    (out / "eval.json").write_text(json.dumps(records, indent=2))
+    if not study.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return records
+
+
+def run_study(study: OveroptRecipe, progress: bool = True) -> dict:
+    """Run the whole protocol; returns the report (also written to ``out``)."""
+    from tqdm.auto import tqdm
+
+    from align.eval.overopt_report import build_report, write_report
+    from align.trainer import load_models
+
+    start = time.perf_counter()
+    out = Path(study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_recipe(study, out / "recipe.yaml")
+    first = run_recipe(study, study.objectives[0], study.seeds[0])
+    if study.prepare == "quickstart":
+        from align.quickstart_pipeline import prepare_quickstart
+
+        prepare_quickstart(first)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = load_models(first, device, need_reference=True)
+    models.policy.to(device).eval()
+    gold = build_gold(study, device)
+    proxy_info = train_proxy(study, first, models, gold, device)
+    scorers = build_scorers(study, first, device)
+    prompts = held_out_prompts(study, first, study.eval.n_prompts)
+    demo_proxy = demonstration_scores(first, scorers, study.eval.n_prompts)
+
+    runs = [(spec, seed) for spec in study.objectives for seed in study.seeds]
+    per_run = len(eval_steps(first, study.eval.every)) - 1 + first.train.steps
+    bar = tqdm(total=len(runs) * per_run, desc="overopt", unit="step", dynamic_ncols=True, disable=not progress)
+    initial: dict[int, dict] = {}
+    bon: dict[int, dict] = {}
+    results: dict[str, dict[int, list[dict]]] = {}
+    for spec, seed in runs:
+        if seed not in initial:
+            recipe = run_recipe(study, spec, seed)
+            initial[seed] = evaluate_checkpoint(recipe, models, models.policy, prompts, scorers, device, demo_proxy)
+            if study.bon.n:
+                bon[seed] = run_best_of_n(study, recipe, models, scorers, seed, device)
+        records = train_and_evaluate(
+            study, spec, seed, models, scorers, prompts, initial[seed], device, bar, demo_proxy
+        )
+        results.setdefault(spec.run_name, {})[seed] = records
+    bar.close()
+    report = build_report(study, results, bon, proxy_info, seconds=time.perf_counter() - start)
+    write_report(report, out)
+    return report
+
+
+def main(args: Any) -> int:
+    study = load_study(args.recipe, list(args.overrides))
+    if study.threads:
+        torch.set_num_threads(study.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "Removed shared tensor" per checkpoint
+    from align.eval.overopt_report import print_summary
+
+    report = run_study(study)
+    print_summary(report)
+    print(f"align overopt: report in {Path(study.out) / 'report.md'} ({report['seconds']:.0f} s)", file=sys.stdout)
+    return 0

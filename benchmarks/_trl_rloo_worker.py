@@ -1,0 +1,95 @@
+"""TRL side of vs_trl_rloo.py; runs in the TRL venv and prints one JSON line of timings.
+
+    /work/trl-venv/bin/python benchmarks/_trl_rloo_worker.py MODEL_DIR PROMPTS.jsonl NEW_TOKENS STEPS LR OUT_DIR
+
+Settings match align's recipe (see vs_trl_rloo.py): k = 4 completions of 4 prompts per step,
+exactly NEW_TOKENS new tokens, β = 0.05, fp32, no gradient checkpointing, dropout off,
+constant learning rate, gradient clipping at 1.0, the same length reward.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULT_PREFIX, length_reward  # noqa: E402
+
+
+def reward(prompts, completions, **kwargs) -> list[float]:
+    return length_reward(completions)
+
+
+def main(argv: list[str]) -> int:
+    model_dir, prompts, new_tokens, steps, lr, out_dir = argv
+    from datasets import load_dataset
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    class StepTimer(TrainerCallback):
+        """on_step_begin → on_step_end: generation, scoring, log-probs, loss, backward, optimizer."""
+
+        def __init__(self):
+            self.began, self.step_s, self.ends = 0.0, [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.step_s.append(now - self.began)
+            self.ends.append(now)
+
+    config = RLOOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=16,  # completions: 4 prompts × 4 generations
+        num_generations=4,
+        max_completion_length=int(new_tokens),
+        generation_kwargs={"min_new_tokens": int(new_tokens)},
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=0.05,
+        learning_rate=float(lr),
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=int(steps),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,  # TRL's default is bf16=True, even on CPU; align trains in fp32
+        gradient_checkpointing=False,  # TRL's default is True: it would recompute activations
+        disable_dropout=True,  # align's default; TRL's RLOO default is False
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    dataset = load_dataset("json", data_files=prompts, split="train")
+    timer = StepTimer()
+    started = time.perf_counter()
+    trainer = RLOOTrainer(model=model_dir, reward_funcs=reward, args=config, train_dataset=dataset, callbacks=[timer])
+    setup = time.perf_counter() - started
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "loss" in h]
+    intervals = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
+    print(
+        RESULT_PREFIX
+        + json.dumps(
+            {
+                "step_s": timer.step_s,
+                "interval_s": intervals,
+                "setup_s": setup,
+                "loss": losses,
+                "completion_length": lengths,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,183 @@
+"""Shared pieces of the side-by-side benchmarks (run by hand, never in CI).
+
+Assets, built once under ``benchmarks/.cache/`` (``ensure_assets``; needs the align venv):
+
+* a byte-level BPE tokenizer with exactly 30,000 tokens. The quickstart review grammar alone
+  has a few hundred distinct words, far too few for 30k merges, so the tokenizer is trained on
+  the 4,000 generated reviews plus 60,000 pronounceable pseudo-words (2-4 random syllables):
+  the BPE merges then fill the whole vocabulary and the LM head really is 30,000 × hidden;
+* ``tiny``: GPT-2, 2 layers, 64 hidden, 2 heads (the issue's "2-layer GPT-2, 64 hidden, 30k
+  vocab"), 24 new tokens; ``medium``: GPT-2, 4 layers, 256 hidden, 4 heads, 128 new tokens.
+  Each also has a ``*_ref`` twin (same shape, another seed) for the DPO step-0 loss check,
+  where a reference equal to the policy would make every loss log 2;
+* ``prompts.jsonl`` (prompt) and ``pairs.jsonl`` (prompt, chosen, rejected) from
+  ``align.quickstart.build_corpus``.
+
+Both trainers run in their own interpreter (TRL lives in a side venv and is never a dependency
+of align): ``ALIGN_PYTHON`` (default /work/venv/bin/python) and ``TRL_PYTHON`` (default
+/work/trl-venv/bin/python). Drivers alternate the two sides, run after run, and compare medians.
+
+This module is imported by the TRL workers too, so it imports nothing from align at top level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+CACHE = BENCH / ".cache"
+ALIGN_PYTHON = os.environ.get("ALIGN_PYTHON", "/work/venv/bin/python")
+TRL_PYTHON = os.environ.get("TRL_PYTHON", "/work/trl-venv/bin/python")
+
+VOCAB_SIZE = 30_000
+MODELS = {
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "new_tokens": 24},
+    "medium": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256, "new_tokens": 128},
+}
+DPO_BETA = 0.1
+LENGTH_TARGET = 10  # words: the reward both sides use, align's `length` reward (linear, no tolerance)
+RESULT_PREFIX = "BENCH_RESULT "  # a worker's JSON line (TRL prints its own log dicts to stdout)
+WARMUP_STEPS = 3  # per run, the first steps are left out of the timing
+
+
+# --------------------------------------------------------------------------------------------
+# assets
+
+
+def _pseudo_words(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(n)]
+    return [" ".join(words[i : i + 12]) for i in range(0, n, 12)]
+
+
+def _build_tokenizer(out: Path) -> None:
+    from align.quickstart import generate_reviews, train_tokenizer
+
+    tokenizer = train_tokenizer(generate_reviews(4000) + _pseudo_words(60_000), out, vocab_size=VOCAB_SIZE)
+    if len(tokenizer) != VOCAB_SIZE:
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
+
+
+def _build_model(out: Path, size: str, seed: int) -> None:
+    from transformers import AutoTokenizer
+
+    from align.quickstart import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(CACHE / "tokenizer")
+    shape = {k: v for k, v in MODELS[size].items() if k != "new_tokens"}
+    build_tiny_model(tokenizer, out, seed=seed, **shape)
+
+
+def ensure_assets() -> dict[str, Path]:
+    """Build (once) and return the paths: prompts, pairs, tokenizer, tiny, tiny_ref, medium, medium_ref."""
+    from align.quickstart import _atomic_dir, build_corpus
+
+    corpus = build_corpus(CACHE / "corpus")
+    paths = {"prompts": corpus["prompts"], "pairs": corpus["pairs"]}
+    paths["tokenizer"] = _atomic_dir(CACHE / "tokenizer", _build_tokenizer)
+    for size in MODELS:
+        paths[size] = _atomic_dir(CACHE / size, lambda d, s=size: _build_model(d, s, seed=0))
+        paths[f"{size}_ref"] = _atomic_dir(CACHE / f"{size}_ref", lambda d, s=size: _build_model(d, s, seed=1))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# the reward both sides use
+
+
+def length_reward(completions: list[str]) -> list[float]:
+    """−|words − 10|: align's ``length`` reward with target 10 words, written out for TRL."""
+    return [0.0 - abs(len(text.split()) - LENGTH_TARGET) for text in completions]
+
+
+# --------------------------------------------------------------------------------------------
+# running the sides
+
+
+def run_process(argv: list[str]) -> tuple[str, float, float]:
+    """Run a command to the end; returns its stdout, its peak RSS in MiB and its wall seconds.
+
+    ``os.wait4`` reaps the child with its own resource usage, so the peak RSS is that process's
+    alone (not the maximum over every child this driver has started).
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode:
+        sys.stderr.write(stderr[-4000:])
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited with {proc.returncode}")
+    return stdout, usage.ru_maxrss / 1024, wall
+
+
+def run_json(argv: list[str]) -> tuple[dict, float]:
+    """Run a worker; returns the JSON object on its last stdout line and its peak RSS in MiB."""
+    stdout, rss, _ = run_process(argv)
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... printed no {RESULT_PREFIX!r} line")
+    return json.loads(lines[-1][len(RESULT_PREFIX) :]), rss
+
+
+def write_recipe(recipe: dict, workdir: Path) -> tuple[Path, Path]:
+    """Write ``recipe`` with a fresh run directory under ``workdir``; returns (yaml path, run dir)."""
+    import yaml
+
+    run = workdir / f"run-{time.monotonic_ns()}"
+    recipe = {**recipe, "output": {**recipe.get("output", {}), "dir": str(run)}}
+    path = workdir / f"recipe-{run.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path, run
+
+
+def run_align(recipe: dict, workdir: Path) -> dict:
+    """``align train`` on ``recipe`` (written to ``workdir``); per-step ``step_s`` from metrics.jsonl."""
+    path, run = write_recipe(recipe, workdir)
+    _, rss, wall = run_process([str(Path(ALIGN_PYTHON).parent / "align"), "train", str(path)])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        "step_s": [r["step_s"] for r in records],
+        "loss": [r.get("loss") for r in records],
+        "wall_s": wall,
+        "peak_rss_mib": rss,
+    }
+
+
+def steady(step_seconds: list[float]) -> float:
+    """Median seconds per step after the warm-up steps."""
+    kept = step_seconds[WARMUP_STEPS:] or step_seconds
+    return statistics.median(kept)
+
+
+def alternate(sides: dict[str, Callable[[int], float]], rounds: int, log=print) -> dict[str, list[float]]:
+    """Call each side once per round, the order flipped every round; returns each side's values."""
+    names = list(sides)
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            value = sides[name](r)
+            values[name].append(value)
+            log(f"  round {r + 1}/{rounds}  {name:<24} {value:.4f} s/step")
+    return values
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"

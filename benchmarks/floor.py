@@ -1,0 +1,63 @@
+"""align's RLOO step against the same compute as a bare PyTorch loop: the framework's overhead.
+
+    /work/venv/bin/python benchmarks/floor.py [--medium] [--rounds N] [--steps N]
+
+The align side is the recipe of vs_trl_rloo.py (`align train`, step_s from metrics.jsonl); the
+bare side is benchmarks/_bare_rloo_worker.py: one KV-cache sampling loop, one policy forward
+and backward, one reference forward, one clipped AdamW step, nothing else. Both run in the
+align venv, in fresh subprocesses, alternately.
+
+Last line: ratio=<align seconds per step / bare loop seconds per step>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ALIGN_PYTHON, MODELS, alternate, ensure_assets, load_average, run_align, run_json, steady  # noqa: E402
+from vs_trl_rloo import LR, align_recipe  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden, 128 new tokens")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    size = "medium" if args.medium else "tiny"
+    new_tokens = MODELS[size]["new_tokens"]
+    paths = ensure_assets()
+    print(f"RLOO step vs bare loop, {size} model, k=4 × 4 prompts, {new_tokens} new tokens; {load_average()}")
+    bare_argv = [
+        ALIGN_PYTHON,
+        str(Path(__file__).resolve().parent / "_bare_rloo_worker.py"),
+        str(paths[size]),
+        str(paths["prompts"]),
+        str(new_tokens),
+        str(args.steps),
+        str(LR),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = align_recipe(paths[size], paths["prompts"], new_tokens, args.steps)
+        runs = alternate(
+            {
+                "align": lambda r: steady(run_align(recipe, Path(tmp))["step_s"]),
+                "bare": lambda r: steady(run_json(bare_argv)[0]["step_s"]),
+            },
+            args.rounds,
+        )
+    align_s, bare_s = statistics.median(runs["align"]), statistics.median(runs["bare"])
+    print(f"align  {align_s:.4f} s/step (runs: {', '.join(f'{v:.4f}' for v in runs['align'])})")
+    print(f"bare   {bare_s:.4f} s/step (runs: {', '.join(f'{v:.4f}' for v in runs['bare'])})")
+    print(f"ratio={align_s / bare_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

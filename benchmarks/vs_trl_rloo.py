@@ -1,0 +1,96 @@
+"""align RLOO against TRL's RLOOTrainer on the same work, seconds per optimizer step.
+
+    /work/venv/bin/python benchmarks/vs_trl_rloo.py [--medium] [--rounds N] [--steps N]
+
+The same locally built policy (benchmarks/common.py), the same prompts, k = 4 completions of
+4 prompts per step, exactly 24 new tokens (128 with --medium; EOS masked until then on both
+sides), β = 0.05, lr 1e-5 constant, gradient clipping 1.0, fp32, dropout off, the same length
+reward. Each side runs in its own interpreter (align: `align train` in the align venv; TRL: its
+side venv), the two alternating run after run; a run's time is the median step after
+WARMUP_STEPS, the reported time the median over runs.
+
+align: `step_s` per step from RUN/metrics.jsonl (rollout → rewards → log-probs → loss →
+backward → optimizer step). TRL: a TrainerCallback's on_step_begin → on_step_end (the same
+work; the Trainer's logging after each step is outside both).
+
+Last line: ratio=<TRL seconds per step / align seconds per step>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    LENGTH_TARGET,
+    MODELS,
+    TRL_PYTHON,
+    alternate,
+    ensure_assets,
+    load_average,
+    run_align,
+    run_json,
+    steady,
+)
+
+LR = 1e-5
+
+
+def align_recipe(model: Path, prompts: Path, new_tokens: int, steps: int) -> dict:
+    return {
+        "model": {"path": str(model)},
+        "data": {"train": str(prompts)},
+        "objective": {"name": "rloo", "k": 4, "beta": 0.05},
+        "reward": [{"name": "length", "options": {"target": LENGTH_TARGET, "unit": "words"}}],
+        "generation": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "temperature": 1.0},
+        "train": {"steps": steps, "batch_size": 4, "lr": LR, "lr_scheduler": "constant", "max_grad_norm": 1.0},
+        "output": {"report": False, "save_model": False, "sample_every": 0},
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden, 128 new tokens")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    size = "medium" if args.medium else "tiny"
+    new_tokens = MODELS[size]["new_tokens"]
+    paths = ensure_assets()
+    print(f"RLOO, {size} model, k=4 × 4 prompts, {new_tokens} new tokens, {args.steps} steps; {load_average()}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        recipe = align_recipe(paths[size], paths["prompts"], new_tokens, args.steps)
+        trl_argv = [
+            TRL_PYTHON,
+            str(Path(__file__).resolve().parent / "_trl_rloo_worker.py"),
+            str(paths[size]),
+            str(paths["prompts"]),
+            str(new_tokens),
+            str(args.steps),
+            str(LR),
+            str(work / "trl"),
+        ]
+        runs = alternate(
+            {
+                "align": lambda r: steady(run_align(recipe, work)["step_s"]),
+                "trl": lambda r: steady(run_json(trl_argv)[0]["step_s"]),
+            },
+            args.rounds,
+        )
+
+    align_s, trl_s = statistics.median(runs["align"]), statistics.median(runs["trl"])
+    print(f"align  {align_s:.4f} s/step (runs: {', '.join(f'{v:.4f}' for v in runs['align'])})")
+    print(f"TRL    {trl_s:.4f} s/step (runs: {', '.join(f'{v:.4f}' for v in runs['trl'])})")
+    print(f"ratio={trl_s / align_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
