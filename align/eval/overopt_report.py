@@ -9,7 +9,7 @@
                         peak_gold, peak_step, kl_at_peak, final_gold, final_proxy, final_kl, final_kl_k3,
                         final {distinct_1, distinct_2, sft_logprob, length, ...},
                         gao_fit {alpha, gamma, rmse, d_peak, kl_peak, gold_peak}  (gold − initial gold),
-                        divergence {step, kl, gold_drop, proxy_gain, significant} | null,
+                        divergence {step, kl, gold_drop, proxy_gain, final_gold_se, final_proxy_se, significant} | null,
                         overoptimized}}
     best_of_n: {n, kl, sqrt_kl, gold, proxy (means over seeds), std, gao_fit}
     findings: {overoptimization_run, overoptimized, rcfd_run, rcfd_final_gold, rloo_final_gold,
@@ -71,15 +71,21 @@ def summarize_objective(per_seed: dict[int, list[dict]], objective: dict | None 
     if j is None:
         out["divergence"] = None
     else:
-        final_se = float(values["gold"][:, last].std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else 0.0
+
+        def final_se(key: str) -> float:
+            return float(values[key][:, last].std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else 0.0
+
         drop = out["gold"][j] - out["gold"][last]
+        proxy_gain = out["proxy"][last] - out["proxy"][j]
+        # over-optimization needs both halves to be real: the gold falls AND the proxy still rises
         out["divergence"] = {
             "step": steps[j],
             "kl": out["kl"][j],
             "gold_drop": drop,
-            "proxy_gain": out["proxy"][last] - out["proxy"][j],
-            "final_gold_se": final_se,
-            "significant": bool(len(seeds) > 1 and drop > 2 * final_se),
+            "proxy_gain": proxy_gain,
+            "final_gold_se": final_se("gold"),
+            "final_proxy_se": final_se("proxy"),
+            "significant": bool(len(seeds) > 1 and drop > 2 * final_se("gold") and proxy_gain > 2 * final_se("proxy")),
         }
     out["overoptimized"] = bool(out["divergence"] and out["divergence"]["significant"])
     return out
@@ -250,7 +256,8 @@ def markdown(report: dict) -> str:
         "Gold gain over the initial policy against d = √KL, fitted with R(d) = d(α − γ·log d) on every "
         "(seed, checkpoint) point. Divergence: the checkpoint after which the gold never gets back above "
         "its value while the proxy ends higher than there; *significant* when the gold's drop from it to "
-        "the last checkpoint exceeds twice the standard error over seeds.",
+        "the last checkpoint and the proxy's gain over the same span both exceed twice their standard "
+        "error over seeds.",
         "",
         "| objective | α | γ | fit rmse | fitted peak KL | fitted peak gain | divergence step (KL) | gold drop "
         "| proxy gain after | over-optimized |",
