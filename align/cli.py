@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipes": ("align.train_cli", "list the bundled recipes"),
     "bandit": ("align.bandit.cli", "compare objectives on toy bandits with closed-form optima"),
     "rm": ("align.rm", "train a reward model from preference pairs (Bradley-Terry)"),
+    "summarize": ("align.summarize", "offline summarisation with an entailment (NLI) reward: build, SFT, RL, report"),
     "overopt": ("align.eval.overopt", "measure reward over-optimization (gold vs proxy reward against KL)"),
 }
 

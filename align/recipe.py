@@ -164,8 +164,10 @@ class OutputConfig(Strict):
 
 class Recipe(Strict):
     description: str = ""
-    prepare: Literal["quickstart"] | None = Field(
-        None, description="build the embedded quickstart assets (corpus, tokenizer, SFT model) if missing"
+    prepare: Literal["quickstart", "summarize"] | None = Field(
+        None,
+        description="build the embedded assets if missing: quickstart (corpus, tokenizer, SFT model) or "
+        "summarize (documents, NLI model, SFT summariser)",
     )
     model: ModelConfig
     reference: str | None = Field(None, description="reference model path (default: a frozen copy of the policy)")
