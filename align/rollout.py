@@ -42,9 +42,14 @@ def sample_keys(seed: int, step: int, prompt_ids: Tensor, k: int) -> Tensor:
     return _fmix32((per_prompt[:, None] + _mul32(sample + 1, 0x27D4EB2D)) & _M32).reshape(-1)
 
 
-def uniforms(keys: Tensor, position: int) -> Tensor:
-    """A uniform in (0, 1) per key for this position, float64."""
-    h = _fmix32((keys ^ _mul32(torch.full_like(keys, position + 1), 0x165667B1)) & _M32)
+def uniforms(keys: Tensor, position: int | Tensor) -> Tensor:
+    """A uniform in (0, 1) per key for this position, float64: [K] for an int position, [K, n]
+    for a tensor of n positions (the same values, elementwise integer arithmetic)."""
+    if isinstance(position, Tensor):
+        keys, position = keys[:, None], position.to(keys)[None, :]
+    else:
+        position = torch.full_like(keys, position)
+    h = _fmix32((keys ^ _mul32(position + 1, 0x165667B1)) & _M32)
     h = _fmix32((h + keys) & _M32)
     return (h.double() + 0.5) / 2**32
 
@@ -119,14 +124,18 @@ def generate(
     next_position = attention.long().sum(-1)
     rows = attention.shape[0]
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    # all positions' uniforms at once (a score of small integer ops per step fewer), float32 like the cdf
+    u_all = uniforms(keys, torch.arange(max_new_tokens)).to(device=device, dtype=torch.float32)
     tokens, masks = [], []
     for t in range(max_new_tokens):
-        scores = logits.float() / temperature
+        scores = logits.float()  # a fresh copy, or this step's model output: ours to change in place
+        if temperature != 1.0:  # x / 1 is x: skipping it changes no bit
+            scores = scores / temperature
         if t < min_new_tokens and eos.numel():
             scores[:, eos] = float("-inf")
         scores = filter_logits(scores, top_k, top_p)
         cdf = scores.softmax(-1).cumsum(-1)
-        u = uniforms(keys, t).to(device=device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+        u = u_all[:, t : t + 1] * cdf[:, -1:]
         token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 import losses
 from align import data as data_lib
+from align.allocator import tune_allocator
 from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
 from align.logging import MetricsLog, postfix, progress_bar
@@ -564,6 +565,17 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def _fused_optimizer_ok(params: list[Tensor]) -> bool:
+    """torch's fused AdamW (one kernel over all parameters, ~2.5× faster than the per-tensor
+    default on CPU) where every parameter is a floating tensor on a device it supports."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
+    devices = set(_get_fused_kernels_supported_devices())
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
 def make_accelerator(recipe: Recipe):
     """Accelerate picks the backend from the launch config (CPU, DDP, DeepSpeed, FSDP).
 
@@ -582,10 +594,15 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
+    tune_allocator()  # reuse the step's large buffers instead of page-faulting them in every step
     if recipe.prepare == "quickstart":
         from align.quickstart_pipeline import prepare_quickstart
 
         prepare_quickstart(recipe)
+    elif recipe.prepare == "summarize":
+        from align.summarize import prepare_summarize
+
+        prepare_summarize(recipe)
     accelerator = accelerator or make_accelerator(recipe)
     set_seed(recipe.train.seed)
     run_dir = Path(recipe.output.dir)
@@ -603,7 +620,11 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
         optimizer = torch.optim.SGD(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     else:
         optimizer = torch.optim.AdamW(
-            trainable, lr=recipe.train.lr, betas=recipe.train.adam_betas, weight_decay=recipe.train.weight_decay
+            trainable,
+            lr=recipe.train.lr,
+            betas=recipe.train.adam_betas,
+            weight_decay=recipe.train.weight_decay,
+            fused=_fused_optimizer_ok(trainable),
         )
     scheduler = get_scheduler(
         recipe.train.lr_scheduler,

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -104,14 +105,55 @@ def length_reward(completions: list[str]) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # running the sides
 
+CPU_CLOCK = BENCH / "_cpu_clock.py"
+# what align.allocator sets in-process (mallopt), as glibc's environment variables: --same-allocator
+# gives the other side (TRL, the bare loop) the same allocator behaviour
+TUNED_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
-def run_process(argv: list[str]) -> tuple[str, float, float]:
+
+@dataclass
+class Timing:
+    """How both sides are run and clocked (the defaults: wall clock, torch's own thread count).
+
+    ``threads``: OMP_NUM_THREADS for every side. ``cpu_time``: each side's step timer reads
+    its process's CPU time instead of the wall clock (``_cpu_clock.py``), so a run is not
+    charged for time other jobs on the machine took from it. Use it with ``threads=1``: with
+    more threads the CPU time also counts the threads' spinning at every parallel region.
+    """
+
+    threads: int | None = None
+    cpu_time: bool = False
+
+    def env(self) -> dict[str, str]:
+        return {"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``[python, script, ...]`` run with the CPU clock when asked."""
+        return [argv[0], str(CPU_CLOCK), *argv[1:]] if self.cpu_time else argv
+
+    def describe(self) -> str:
+        threads = f"OMP_NUM_THREADS={self.threads}" if self.threads else "default threads"
+        return f"{threads}, {'CPU time' if self.cpu_time else 'wall clock'}"
+
+
+def add_timing_args(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="time steps in process CPU seconds (with --threads 1: load-proof)"
+    )
+
+
+def timing_from(args) -> Timing:
+    return Timing(threads=args.threads, cpu_time=args.cpu_time)
+
+
+def run_process(argv: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float]:
     """Run a command to the end; returns its stdout, its peak RSS in MiB and its wall seconds.
 
     ``os.wait4`` reaps the child with its own resource usage, so the peak RSS is that process's
-    alone (not the maximum over every child this driver has started).
+    alone (not the maximum over every child this driver has started). ``env`` is added to ours.
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
@@ -127,9 +169,9 @@ def run_process(argv: list[str]) -> tuple[str, float, float]:
     return stdout, usage.ru_maxrss / 1024, wall
 
 
-def run_json(argv: list[str]) -> tuple[dict, float]:
+def run_json(argv: list[str], env: dict[str, str] | None = None) -> tuple[dict, float]:
     """Run a worker; returns the JSON object on its last stdout line and its peak RSS in MiB."""
-    stdout, rss, _ = run_process(argv)
+    stdout, rss, _ = run_process(argv, env)
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if not lines:
         raise RuntimeError(f"{' '.join(argv[:3])} ... printed no {RESULT_PREFIX!r} line")
@@ -147,10 +189,15 @@ def write_recipe(recipe: dict, workdir: Path) -> tuple[Path, Path]:
     return path, run
 
 
-def run_align(recipe: dict, workdir: Path) -> dict:
+def run_align(recipe: dict, workdir: Path, timing: Timing | None = None) -> dict:
     """``align train`` on ``recipe`` (written to ``workdir``); per-step ``step_s`` from metrics.jsonl."""
+    timing = timing or Timing()
     path, run = write_recipe(recipe, workdir)
-    _, rss, wall = run_process([str(Path(ALIGN_PYTHON).parent / "align"), "train", str(path)])
+    if timing.cpu_time:
+        argv = [ALIGN_PYTHON, str(CPU_CLOCK), "-m", "align.cli", "train", str(path)]
+    else:
+        argv = [str(Path(ALIGN_PYTHON).parent / "align"), "train", str(path)]
+    _, rss, wall = run_process(argv, timing.env())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
         "step_s": [r["step_s"] for r in records],

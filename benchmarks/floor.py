@@ -1,11 +1,16 @@
 """align's RLOO step against the same compute as a bare PyTorch loop: the framework's overhead.
 
     /work/venv/bin/python benchmarks/floor.py [--medium] [--rounds N] [--steps N]
+        [--threads N] [--cpu-time] [--same-allocator]
 
 The align side is the recipe of vs_trl_rloo.py (`align train`, step_s from metrics.jsonl); the
 bare side is benchmarks/_bare_rloo_worker.py: one KV-cache sampling loop, one policy forward
 and backward, one reference forward, one clipped AdamW step, nothing else. Both run in the
 align venv, in fresh subprocesses, alternately.
+
+``--threads``/``--cpu-time``: see common.Timing. ``--same-allocator``: the bare loop runs with
+the glibc allocator settings align applies to itself (align.allocator), as environment
+variables -- the floor of the same compute on the same allocator.
 
 Last line: ratio=<align seconds per step / bare loop seconds per step>.
 """
@@ -20,7 +25,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ALIGN_PYTHON, MODELS, alternate, ensure_assets, load_average, run_align, run_json, steady  # noqa: E402
+from common import (  # noqa: E402
+    ALIGN_PYTHON,
+    MODELS,
+    TUNED_ALLOCATOR_ENV,
+    add_timing_args,
+    alternate,
+    ensure_assets,
+    load_average,
+    run_align,
+    run_json,
+    steady,
+    timing_from,
+)
 from vs_trl_rloo import LR, align_recipe  # noqa: E402
 
 
@@ -29,26 +46,35 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden, 128 new tokens")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--same-allocator", action="store_true", help="bare loop with align's glibc allocator settings")
+    add_timing_args(parser)
     args = parser.parse_args(argv)
     size = "medium" if args.medium else "tiny"
     new_tokens = MODELS[size]["new_tokens"]
+    timing = timing_from(args)
+    bare_env = {**timing.env(), **(TUNED_ALLOCATOR_ENV if args.same_allocator else {})}
     paths = ensure_assets()
-    print(f"RLOO step vs bare loop, {size} model, k=4 × 4 prompts, {new_tokens} new tokens; {load_average()}")
-    bare_argv = [
-        ALIGN_PYTHON,
-        str(Path(__file__).resolve().parent / "_bare_rloo_worker.py"),
-        str(paths[size]),
-        str(paths["prompts"]),
-        str(new_tokens),
-        str(args.steps),
-        str(LR),
-    ]
+    print(
+        f"RLOO step vs bare loop, {size} model, k=4 × 4 prompts, {new_tokens} new tokens; {timing.describe()}"
+        f"{'; bare loop with the tuned allocator' if args.same_allocator else ''}; {load_average()}"
+    )
+    bare_argv = timing.wrap(
+        [
+            ALIGN_PYTHON,
+            str(Path(__file__).resolve().parent / "_bare_rloo_worker.py"),
+            str(paths[size]),
+            str(paths["prompts"]),
+            str(new_tokens),
+            str(args.steps),
+            str(LR),
+        ]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         recipe = align_recipe(paths[size], paths["prompts"], new_tokens, args.steps)
         runs = alternate(
             {
-                "align": lambda r: steady(run_align(recipe, Path(tmp))["step_s"]),
-                "bare": lambda r: steady(run_json(bare_argv)[0]["step_s"]),
+                "align": lambda r: steady(run_align(recipe, Path(tmp), timing)["step_s"]),
+                "bare": lambda r: steady(run_json(bare_argv, bare_env)[0]["step_s"]),
             },
             args.rounds,
         )

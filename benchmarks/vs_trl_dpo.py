@@ -2,6 +2,7 @@
 step-0 loss of both on the same batch.
 
     /work/venv/bin/python benchmarks/vs_trl_dpo.py [--medium] [--rounds N] [--steps N] [--trl-precompute-ref]
+        [--threads N] [--cpu-time] [--same-allocator]
 
 Two variants, each timed alternately (align run, TRL run, TRL run, align run, ...):
 
@@ -20,6 +21,9 @@ initialised twin (with reference = policy every DPO loss is exactly log 2, which
 nothing). TRL's loss comes from its own collator and ``compute_loss``; align's from its own
 data encoding, log-prob and objective code. The token ids each side built are compared too.
 
+``--threads``/``--cpu-time``: see common.Timing. ``--same-allocator``: TRL runs with the glibc
+allocator settings align applies to itself (align.allocator), as environment variables.
+
 Last line: ratio=<TRL seconds per step / align seconds per step> (summed variant; the
 length-averaged ratio is printed just above).
 """
@@ -37,12 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DPO_BETA,
     TRL_PYTHON,
+    TUNED_ALLOCATOR_ENV,
+    add_timing_args,
     alternate,
     ensure_assets,
     load_average,
     run_align,
     run_json,
     steady,
+    timing_from,
 )
 
 LR = 1e-5
@@ -137,13 +144,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--trl-precompute-ref", action="store_true", help="TRL precompute_ref_log_probs=True")
+    parser.add_argument("--same-allocator", action="store_true", help="TRL with align's glibc allocator settings")
+    add_timing_args(parser)
     args = parser.parse_args(argv)
     size = "medium" if args.medium else "tiny"
+    timing = timing_from(args)
+    trl_env = {**timing.env(), **(TUNED_ALLOCATOR_ENV if args.same_allocator else {})}
     paths = ensure_assets()
     precompute = "1" if args.trl_precompute_ref else "0"
     print(
         f"DPO, {size} model, {PAIRS_PER_STEP} pairs per step, {args.steps} steps, "
-        f"TRL precompute_ref_log_probs={args.trl_precompute_ref}; {load_average()}"
+        f"TRL precompute_ref_log_probs={args.trl_precompute_ref}; {timing.describe()}"
+        f"{'; TRL with the tuned allocator' if args.same_allocator else ''}; {load_average()}"
     )
     ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,22 +165,24 @@ def main(argv: list[str]) -> int:
             print(label)
             print("  " + step0_check(paths, size, loss_type, average, work))
             recipe = align_recipe(paths[size], paths["pairs"], args.steps, average)
-            trl_argv = [
-                TRL_PYTHON,
-                WORKER,
-                "time",
-                str(paths[size]),
-                str(paths["pairs"]),
-                loss_type,
-                str(args.steps),
-                str(LR),
-                str(work / "trl"),
-                precompute,
-            ]
+            trl_argv = timing.wrap(
+                [
+                    TRL_PYTHON,
+                    WORKER,
+                    "time",
+                    str(paths[size]),
+                    str(paths["pairs"]),
+                    loss_type,
+                    str(args.steps),
+                    str(LR),
+                    str(work / "trl"),
+                    precompute,
+                ]
+            )
             runs = alternate(
                 {
-                    "align": lambda r, recipe=recipe: steady(run_align(recipe, work)["step_s"]),
-                    "trl": lambda r, argv=trl_argv: steady(run_json(argv)[0]["step_s"]),
+                    "align": lambda r, recipe=recipe: steady(run_align(recipe, work, timing)["step_s"]),
+                    "trl": lambda r, argv=trl_argv: steady(run_json(argv, trl_env)[0]["step_s"]),
                 },
                 args.rounds,
             )

@@ -1,6 +1,7 @@
 """align RLOO against TRL's RLOOTrainer on the same work, seconds per optimizer step.
 
     /work/venv/bin/python benchmarks/vs_trl_rloo.py [--medium] [--rounds N] [--steps N]
+        [--threads N] [--cpu-time] [--same-allocator]
 
 The same locally built policy (benchmarks/common.py), the same prompts, k = 4 completions of
 4 prompts per step, exactly 24 new tokens (128 with --medium; EOS masked until then on both
@@ -12,6 +13,10 @@ WARMUP_STEPS, the reported time the median over runs.
 align: `step_s` per step from RUN/metrics.jsonl (rollout → rewards → log-probs → loss →
 backward → optimizer step). TRL: a TrainerCallback's on_step_begin → on_step_end (the same
 work; the Trainer's logging after each step is outside both).
+
+``--threads``/``--cpu-time``: see common.Timing (``--threads 1 --cpu-time`` for a machine other
+jobs share). ``--same-allocator``: TRL runs with the glibc allocator settings align applies to
+itself (align.allocator), as environment variables.
 
 Last line: ratio=<TRL seconds per step / align seconds per step>.
 """
@@ -30,12 +35,15 @@ from common import (  # noqa: E402
     LENGTH_TARGET,
     MODELS,
     TRL_PYTHON,
+    TUNED_ALLOCATOR_ENV,
+    add_timing_args,
     alternate,
     ensure_assets,
     load_average,
     run_align,
     run_json,
     steady,
+    timing_from,
 )
 
 LR = 1e-5
@@ -58,29 +66,38 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden, 128 new tokens")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--same-allocator", action="store_true", help="TRL with align's glibc allocator settings")
+    add_timing_args(parser)
     args = parser.parse_args(argv)
     size = "medium" if args.medium else "tiny"
     new_tokens = MODELS[size]["new_tokens"]
+    timing = timing_from(args)
+    trl_env = {**timing.env(), **(TUNED_ALLOCATOR_ENV if args.same_allocator else {})}
     paths = ensure_assets()
-    print(f"RLOO, {size} model, k=4 × 4 prompts, {new_tokens} new tokens, {args.steps} steps; {load_average()}")
+    print(
+        f"RLOO, {size} model, k=4 × 4 prompts, {new_tokens} new tokens, {args.steps} steps; {timing.describe()}"
+        f"{'; TRL with the tuned allocator' if args.same_allocator else ''}; {load_average()}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         recipe = align_recipe(paths[size], paths["prompts"], new_tokens, args.steps)
-        trl_argv = [
-            TRL_PYTHON,
-            str(Path(__file__).resolve().parent / "_trl_rloo_worker.py"),
-            str(paths[size]),
-            str(paths["prompts"]),
-            str(new_tokens),
-            str(args.steps),
-            str(LR),
-            str(work / "trl"),
-        ]
+        trl_argv = timing.wrap(
+            [
+                TRL_PYTHON,
+                str(Path(__file__).resolve().parent / "_trl_rloo_worker.py"),
+                str(paths[size]),
+                str(paths["prompts"]),
+                str(new_tokens),
+                str(args.steps),
+                str(LR),
+                str(work / "trl"),
+            ]
+        )
         runs = alternate(
             {
-                "align": lambda r: steady(run_align(recipe, work)["step_s"]),
-                "trl": lambda r: steady(run_json(trl_argv)[0]["step_s"]),
+                "align": lambda r: steady(run_align(recipe, work, timing)["step_s"]),
+                "trl": lambda r: steady(run_json(trl_argv, trl_env)[0]["step_s"]),
             },
             args.rounds,
         )
