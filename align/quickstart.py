@@ -92,9 +92,7 @@ NEUTRAL_VERB = ["watched", "noticed", "remembered"]
 # Words that carry sentiment for VADER or flip it; a prompt never reaches one of these.
 NEGATIONS = ["not", "never"]
 _POLAR_WORDS = frozenset(
-    w
-    for group in (POSITIVE_ADJ, NEGATIVE_ADJ, POSITIVE_VERB, NEGATIVE_VERB, NEGATIONS, ["but"])
-    for w in group
+    w for group in (POSITIVE_ADJ, NEGATIVE_ADJ, POSITIVE_VERB, NEGATIVE_VERB, NEGATIONS, ["but"]) for w in group
 ) | frozenset(w for vp in POSITIVE_VP + NEGATIVE_VP for w in vp.split())
 
 # Sentence polarity targets: positive, negative, neutral. The neutral share plus the mixed
@@ -353,7 +351,6 @@ def build_tiny_model(
     """
     import torch
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
 
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -373,16 +370,23 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    out_dir = Path(out_dir)
+    save_quietly(model, tokenizer, Path(out_dir))
+    return model
+
+
+def save_quietly(model, tokenizer, out_dir: Path) -> None:
+    """``save_pretrained`` (safetensors) of a small model and its tokenizer, without the
+    "Writing model shards" progress bar a model of a few hundred kB does not need."""
+    from transformers.utils import logging as hf_logging
+
     bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a 100 kB model needs no "Writing model shards" bar
+    hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(out_dir, safe_serialization=True)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
-    return model
 
 
 def _build_base_model(out_dir: Path, sft_path: Path, seed: int) -> None:

@@ -10,9 +10,19 @@ import torch
 from align import data as data_lib
 from align.logging import read_metrics
 from align.logprobs import completion_logprobs
-from align.rollout import decode_completions, generate, sample_keys
+from align.rollout import decode_completions, generate_with, sample_keys
 
 EVAL_SEED_OFFSET = 10_007  # evaluation samples never reuse a training step's keys
+
+
+@torch.no_grad()
+def sample_prompts(recipe, models, policy, prompts: list[str], seed: int, k: int, device, first_index: int = 0):
+    """k keyed samples per prompt (prompt i of the list is sample index ``first_index + i``): the same
+    prompts, seed and index always draw the same completions."""
+    ids = data_lib.encode_prompts(models.tokenizer, prompts, recipe.data.max_prompt_tokens)
+    prompt_ids, prompt_mask = data_lib.pad(ids, models.pad_token_id, "left", device)
+    keys = sample_keys(seed, 0, torch.arange(first_index, first_index + len(prompts)), k)
+    return generate_with(policy, prompt_ids, prompt_mask, keys, k, recipe.generation, models)
 
 
 @torch.no_grad()
@@ -21,23 +31,7 @@ def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) 
     from align.trainer import reference_model  # local: trainer imports this module lazily too
 
     gen = recipe.generation
-    ids = data_lib.encode_prompts(models.tokenizer, prompts, recipe.data.max_prompt_tokens)
-    prompt_ids, prompt_mask = data_lib.pad(ids, models.pad_token_id, "left", device)
-    keys = sample_keys(recipe.train.seed + EVAL_SEED_OFFSET, 0, torch.arange(len(prompts)), 1)
-    rollout = generate(
-        policy,
-        prompt_ids,
-        prompt_mask,
-        keys,
-        k=1,
-        max_new_tokens=gen.max_new_tokens,
-        min_new_tokens=gen.min_new_tokens,
-        temperature=gen.temperature,
-        top_k=gen.top_k,
-        top_p=gen.top_p,
-        eos_token_id=models.eos_token_id,
-        pad_token_id=models.pad_token_id,
-    )
+    rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)
     texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
     args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, gen.temperature)
     logp = completion_logprobs(policy, *args)

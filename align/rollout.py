@@ -163,6 +163,24 @@ def generate(
     )
 
 
+def generate_with(model, prompt_ids: Tensor, prompt_mask: Tensor, keys: Tensor, k: int, gen, models) -> Rollout:
+    """``generate`` with a recipe's ``generation`` section and the loaded models' EOS and padding ids."""
+    return generate(
+        model,
+        prompt_ids,
+        prompt_mask,
+        keys,
+        k=k,
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=gen.min_new_tokens,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+        eos_token_id=models.eos_token_id,
+        pad_token_id=models.pad_token_id,
+    )
+
+
 def decode_completions(rollout: Rollout, tokenizer, stop_strings: list[str], pad_token_id: int) -> list[str]:
     """Decode completions, cutting each after the token that completes its first stop string.
 

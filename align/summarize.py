@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.quickstart import _atomic_dir, _read_jsonl, _write_jsonl
+from align.quickstart import _atomic_dir, _read_jsonl, _write_jsonl, save_quietly
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "summarize"
 RL_RECIPE = RECIPES / "entailment_rloo.yaml"
@@ -772,16 +772,7 @@ def train_nli(
     held_out = nli_accuracy(model, tokenizer, eval_rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from transformers.utils import logging as hf_logging
-
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a 1 MB model needs no "Writing model shards" bar
-    try:
-        model.save_pretrained(out_dir, safe_serialization=True)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(out_dir)
+    save_quietly(model, tokenizer, out_dir)
     metrics = {
         "eval_accuracy": held_out["accuracy"],
         "eval": held_out,

@@ -33,7 +33,7 @@ from align.logging import MetricsLog, postfix, progress_bar
 from align.logprobs import completion_logprobs
 from align.recipe import Recipe
 from align.rewards_adapter import RewardFunction, build_reward
-from align.rollout import Rollout, decode_completions, generate, sample_keys
+from align.rollout import Rollout, decode_completions, generate_with, sample_keys
 from losses import LossBatch
 
 
@@ -224,22 +224,7 @@ def rollout_batch(
         sel = slice(lo, lo + chunk)
         # re-pad the chunk so its prompts are as short as they can be
         ids, mask = _trim_left(prompt_ids[sel], prompt_mask[sel])
-        parts.append(
-            generate(
-                policy,
-                ids,
-                mask,
-                keys[lo * k : (lo + chunk) * k],
-                k=k,
-                max_new_tokens=gen.max_new_tokens,
-                min_new_tokens=gen.min_new_tokens,
-                temperature=gen.temperature,
-                top_k=gen.top_k,
-                top_p=gen.top_p,
-                eos_token_id=models.eos_token_id,
-                pad_token_id=models.pad_token_id,
-            )
-        )
+        parts.append(generate_with(policy, ids, mask, keys[lo * k : (lo + chunk) * k], k, gen, models))
     rollout = _concat_rollouts(parts, models.pad_token_id)
     texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
     generation_seconds = time.perf_counter() - start

@@ -136,7 +136,12 @@ class Timing:
         return f"{threads}, {'CPU time' if self.cpu_time else 'wall clock'}"
 
 
-def add_timing_args(parser) -> None:
+def add_comparison_args(parser, other: str) -> None:
+    """The arguments every side-by-side script takes; ``other`` names the side align is compared with."""
+    parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden (RLOO: 128 new tokens)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--same-allocator", action="store_true", help=f"{other} with align's glibc allocator settings")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides")
     parser.add_argument(
         "--cpu-time", action="store_true", help="time steps in process CPU seconds (with --threads 1: load-proof)"

@@ -29,7 +29,7 @@ from common import (  # noqa: E402
     ALIGN_PYTHON,
     MODELS,
     TUNED_ALLOCATOR_ENV,
-    add_timing_args,
+    add_comparison_args,
     alternate,
     ensure_assets,
     load_average,
@@ -43,11 +43,7 @@ from vs_trl_rloo import LR, align_recipe  # noqa: E402
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden, 128 new tokens")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--same-allocator", action="store_true", help="bare loop with align's glibc allocator settings")
-    add_timing_args(parser)
+    add_comparison_args(parser, "bare loop")
     args = parser.parse_args(argv)
     size = "medium" if args.medium else "tiny"
     new_tokens = MODELS[size]["new_tokens"]

@@ -42,7 +42,7 @@ from common import (  # noqa: E402
     DPO_BETA,
     TRL_PYTHON,
     TUNED_ALLOCATOR_ENV,
-    add_timing_args,
+    add_comparison_args,
     alternate,
     ensure_assets,
     load_average,
@@ -140,12 +140,8 @@ def step0_check(paths: dict, size: str, loss_type: str, average: bool, work: Pat
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
-    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--trl-precompute-ref", action="store_true", help="TRL precompute_ref_log_probs=True")
-    parser.add_argument("--same-allocator", action="store_true", help="TRL with align's glibc allocator settings")
-    add_timing_args(parser)
+    add_comparison_args(parser, "TRL")
     args = parser.parse_args(argv)
     size = "medium" if args.medium else "tiny"
     timing = timing_from(args)

@@ -36,7 +36,7 @@ from common import (  # noqa: E402
     MODELS,
     TRL_PYTHON,
     TUNED_ALLOCATOR_ENV,
-    add_timing_args,
+    add_comparison_args,
     alternate,
     ensure_assets,
     load_average,
@@ -63,11 +63,7 @@ def align_recipe(model: Path, prompts: Path, new_tokens: int, steps: int) -> dic
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden, 128 new tokens")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--same-allocator", action="store_true", help="TRL with align's glibc allocator settings")
-    add_timing_args(parser)
+    add_comparison_args(parser, "TRL")
     args = parser.parse_args(argv)
     size = "medium" if args.medium else "tiny"
     new_tokens = MODELS[size]["new_tokens"]

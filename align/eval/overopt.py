@@ -291,31 +291,14 @@ def demonstration_scores(recipe: Recipe, scorers: Scorers, limit: int) -> list[f
 @torch.no_grad()
 def sample(recipe: Recipe, models, policy, prompts: list[str], seed: int, k: int, device, chunk: int = 64) -> list[str]:
     """k samples per prompt (prompt-major: prompt i's samples at i·k … i·k+k−1), keyed by seed."""
-    from align import data as data_lib
-    from align.rollout import decode_completions, generate, sample_keys
+    from align.report import sample_prompts
+    from align.rollout import decode_completions
 
-    gen = recipe.generation
     texts: list[str] = []
     for lo in range(0, len(prompts), chunk):
-        part = prompts[lo : lo + chunk]
-        ids = data_lib.encode_prompts(models.tokenizer, part, recipe.data.max_prompt_tokens)
-        prompt_ids, prompt_mask = data_lib.pad(ids, models.pad_token_id, "left", device)
-        keys = sample_keys(seed, 0, torch.arange(lo, lo + len(part)), k)
-        rollout = generate(
-            policy,
-            prompt_ids,
-            prompt_mask,
-            keys,
-            k=k,
-            max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=gen.min_new_tokens,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            eos_token_id=models.eos_token_id,
-            pad_token_id=models.pad_token_id,
-        )
-        texts += decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
+        rollout = sample_prompts(recipe, models, policy, prompts[lo : lo + chunk], seed, k, device, first_index=lo)
+        stops = recipe.generation.stop_strings
+        texts += decode_completions(rollout, models.tokenizer, stops, models.pad_token_id)
     return texts
 
 

@@ -155,6 +155,21 @@ def build_report(
 # output
 
 
+def finding_lines(found: dict) -> list[str]:
+    """The study's verdicts in words, for the Markdown report and the terminal alike."""
+    lines = []
+    if "overoptimization_run" in found:
+        verdict = "reproduced" if found["overoptimized"] else "not reproduced"
+        lines.append(f"Over-optimization with {found['overoptimization_run']}: {verdict}.")
+    if "rcfd_run" in found:
+        lines.append(
+            f"{found['rcfd_run']} final gold {_fmt(found['rcfd_final_gold'])} vs "
+            f"{found['overoptimization_run']} {_fmt(found['rloo_final_gold'])}: "
+            + ("at or above." if found["rcfd_at_or_above"] else "below.")
+        )
+    return lines
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
@@ -292,18 +307,9 @@ def markdown(report: dict) -> str:
         if bon.get("gao_fit"):
             fit = bon["gao_fit"]
             lines += ["", f"Fit R(d) = d(α − γ·d): α = {_fmt(fit['alpha'])}, γ = {_fmt(fit['gamma'])}."]
-    found = report.get("findings") or {}
-    if found:
-        lines += ["", "## Findings", ""]
-        if "overoptimization_run" in found:
-            verdict = "reproduced" if found["overoptimized"] else "not reproduced"
-            lines.append(f"- Over-optimization with {found['overoptimization_run']}: {verdict}.")
-        if "rcfd_run" in found:
-            lines.append(
-                f"- {found['rcfd_run']} final gold {_fmt(found['rcfd_final_gold'])} vs "
-                f"{found['overoptimization_run']} {_fmt(found['rloo_final_gold'])}: "
-                + ("at or above." if found["rcfd_at_or_above"] else "below.")
-            )
+    findings_text = finding_lines(report.get("findings") or {})
+    if findings_text:
+        lines += ["", "## Findings", ""] + [f"- {line}" for line in findings_text]
     lines += ["", "## Curves (means over seeds)", ""]
     for name, o in report["objectives"].items():
         lines += [f"**{name}**", "", "| step | KL | gold | proxy |", "|---|---|---|---|"]
@@ -396,12 +402,5 @@ def print_summary(report: dict) -> None:
     if not console.is_terminal:
         console = Console(width=150)  # a log file gets the whole table, not an 80-column squeeze
     console.print(table)
-    found = report.get("findings") or {}
-    if "overoptimization_run" in found:
-        verdict = "reproduced" if found["overoptimized"] else "not reproduced"
-        console.print(f"over-optimization with {found['overoptimization_run']}: {verdict}")
-    if "rcfd_run" in found:
-        console.print(
-            f"{found['rcfd_run']} final gold {_fmt(found['rcfd_final_gold'])} vs "
-            f"{found['overoptimization_run']} {_fmt(found['rloo_final_gold'])}"
-        )
+    for line in finding_lines(report.get("findings") or {}):
+        console.print(line)
