@@ -5,7 +5,10 @@ KV cache repeated for its k samples; (2) sampling is keyed by (seed, step, promp
 position) through a counter-based hash and inverse-CDF sampling, so a prompt's completions do
 not depend on which other prompts share its batch or process -- 2 processes produce exactly
 the samples 1 process does, and a resumed run the samples of an uninterrupted one; (3) no
-per-step logits-processor machinery on the hot path.
+per-step logits-processor machinery on the hot path; (4) where the model's LM head can be split
+off (``fused_head_weight``) the model returns only hidden states and the head runs on the last
+position with its weight packed once per rollout (``DecodeHead``); (5) a token is drawn by a
+two-level inverse CDF (``inverse_cdf_sample``), not a cumulative sum over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from align.logprobs import DecodeHead, fused_head_weight, softmax_
 
 _M32 = 0xFFFFFFFF
 
@@ -54,6 +59,45 @@ def uniforms(keys: Tensor, position: int | Tensor) -> Tensor:
     return (h.double() + 0.5) / 2**32
 
 
+_BLOCK = 256
+
+
+def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
+    """Per row, the token where the cumulative mass first exceeds u · total: [R] from [R, V]
+    non-negative (not necessarily normalised) weights and [R] uniforms in (0, 1).
+
+    Two levels -- block sums of 256 tokens, the block by a search over their cumulative sums, then
+    the token by a cumulative sum inside that one block -- so each draw runs one pass over [R, V]
+    (the block sums) instead of a full cumulative sum. Zero-weight tokens are never drawn.
+    """
+    rows, vocab = probs.shape
+    n_blocks = -(-vocab // _BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, n_blocks * _BLOCK - vocab)) if vocab % _BLOCK else probs
+    blocks = padded.view(rows, n_blocks, _BLOCK)
+    block_cdf = blocks.sum(-1).cumsum(-1)  # [R, B]
+    target = u.to(block_cdf.dtype)[:, None] * block_cdf[:, -1:]
+    block = torch.searchsorted(block_cdf, target, right=True).clamp(max=n_blocks - 1)  # [R, 1]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks.gather(1, block[:, :, None].expand(rows, 1, _BLOCK)).squeeze(1).cumsum(-1)  # [R, 256]
+    # the clamp keeps a draw that rounding pushed past the block's end inside it; a token of zero
+    # weight cannot be reached because right=True skips flat stretches of the cdf
+    offset = torch.searchsorted(inner, target - before, right=True).clamp(max=_BLOCK - 1)
+    token = (block * _BLOCK + offset).squeeze(1)
+    return _last_nonzero_at_or_before(probs, token)
+
+
+def _last_nonzero_at_or_before(probs: Tensor, token: Tensor) -> Tensor:
+    """A draw clamped onto a zero-weight token (rounding at a block's or the vocabulary's end)
+    moves back to the nearest token with weight; rows already on one are untouched."""
+    token = token.clamp(max=probs.shape[1] - 1)
+    zero = probs.gather(1, token[:, None]).squeeze(1) <= 0
+    if bool(zero.any()):
+        for row in zero.nonzero().flatten().tolist():
+            nonzero = (probs[row, : int(token[row]) + 1] > 0).nonzero()
+            token[row] = nonzero[-1, 0] if len(nonzero) else probs[row].argmax()
+    return token
+
+
 def filter_logits(scores: Tensor, top_k: int, top_p: float) -> Tensor:
     if top_k and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
@@ -87,6 +131,9 @@ class Rollout:
     prompt_mask: Tensor  # [N·k, P]
     completion_ids: Tensor  # [N·k, T] right-padded with pad_id
     completion_mask: Tensor  # [N·k, T] 1 on generated tokens up to and including EOS / stop string
+    # [T, N·k, V] fp32 softmax(logits / temperature) of every step, before EOS masking or top-k/top-p
+    # (the model's distribution, the one log-probs are taken under); only with keep_probs=True
+    probs: Tensor | None = None
 
 
 @torch.no_grad()
@@ -104,8 +151,14 @@ def generate(
     top_p: float = 1.0,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
+    keep_probs: bool = False,
 ) -> Rollout:
-    """Sample k completions for each of N left-padded prompts; ``keys`` from ``sample_keys``."""
+    """Sample k completions for each of N left-padded prompts; ``keys`` from ``sample_keys``.
+
+    ``keep_probs``: keep each step's softmax in ``Rollout.probs`` (one [T, N·k, V] fp32 buffer) for
+    the training forward of the same weights, which then skips its LM head. The samples are the
+    same bits either way.
+    """
     device = prompt_ids.device
     eos = torch.tensor(
         [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
@@ -113,30 +166,54 @@ def generate(
         dtype=torch.long,
     )
     cache_arg, last_only = _forward_kwargs(model)
-    extra = {"logits_to_keep": 1} if last_only else {}
+    head_weight = fused_head_weight(model)
+    rows = prompt_ids.shape[0] * k
+    if head_weight is not None:  # hidden states only; the head on the last position, below
+        head = DecodeHead(head_weight, rows)
+        extra = {"logits_to_keep": torch.empty(0, dtype=torch.long, device=device), "output_hidden_states": True}
+
+        def last_logits(out) -> Tensor:
+            return head(out.hidden_states[-1][:, -1])
+    else:
+        extra = {"logits_to_keep": 1} if last_only else {}
+
+        def last_logits(out) -> Tensor:
+            return out.logits[:, -1]
+
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, use_cache=True, **extra)
     cache = _cache_of(out)
     if k > 1:
         cache.batch_repeat_interleave(k)
-    logits = out.logits[:, -1].repeat_interleave(k, 0)
+    logits = last_logits(out).repeat_interleave(k, 0)
     attention = prompt_mask.repeat_interleave(k, 0)
     next_position = attention.long().sum(-1)
-    rows = attention.shape[0]
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     # all positions' uniforms at once (a score of small integer ops per step fewer), float32 like the cdf
     u_all = uniforms(keys, torch.arange(max_new_tokens)).to(device=device, dtype=torch.float32)
+    kept = logits.new_empty((max_new_tokens, rows, logits.shape[-1]), dtype=torch.float32) if keep_probs else None
+    filtering = bool(top_k) or top_p < 1.0
     tokens, masks = [], []
     for t in range(max_new_tokens):
-        scores = logits.float()  # a fresh copy, or this step's model output: ours to change in place
+        scores = logits.float()
         if temperature != 1.0:  # x / 1 is x: skipping it changes no bit
             scores = scores / temperature
-        if t < min_new_tokens and eos.numel():
-            scores[:, eos] = float("-inf")
-        scores = filter_logits(scores, top_k, top_p)
-        cdf = scores.softmax(-1).cumsum(-1)
-        u = u_all[:, t : t + 1] * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        masked = t < min_new_tokens and eos.numel() > 0
+        if kept is not None:
+            probs = softmax_(scores, out=kept[t])
+        elif not filtering:
+            probs = softmax_(scores)  # in place: this step's logits are not needed again
+        if filtering:
+            if masked:
+                scores[:, eos] = float("-inf")
+            token = inverse_cdf_sample(filter_logits(scores, top_k, top_p).softmax(-1), u_all[:, t])
+        elif masked:  # EOS gets no mass; the kept softmax gets its values back
+            eos_probs = probs[:, eos].clone()
+            probs[:, eos] = 0.0
+            token = inverse_cdf_sample(probs, u_all[:, t])
+            probs[:, eos] = eos_probs
+        else:
+            token = inverse_cdf_sample(probs, u_all[:, t])
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         masks.append(~finished)
@@ -151,19 +228,23 @@ def generate(
             position_ids=next_position[:, None],
             use_cache=True,
             **{cache_arg: cache},
+            **extra,
         )
         cache = _cache_of(out)
-        logits = out.logits[:, -1]
+        logits = last_logits(out)
         next_position = next_position + 1
     return Rollout(
         prompt_ids=prompt_ids.repeat_interleave(k, 0),
         prompt_mask=prompt_mask.repeat_interleave(k, 0),
         completion_ids=torch.stack(tokens, 1),
         completion_mask=torch.stack(masks, 1).long(),
+        probs=None if kept is None else kept[: len(tokens)],
     )
 
 
-def generate_with(model, prompt_ids: Tensor, prompt_mask: Tensor, keys: Tensor, k: int, gen, models) -> Rollout:
+def generate_with(
+    model, prompt_ids: Tensor, prompt_mask: Tensor, keys: Tensor, k: int, gen, models, keep_probs: bool = False
+) -> Rollout:
     """``generate`` with a recipe's ``generation`` section and the loaded models' EOS and padding ids."""
     return generate(
         model,
@@ -178,6 +259,7 @@ def generate_with(model, prompt_ids: Tensor, prompt_mask: Tensor, keys: Tensor, 
         top_p=gen.top_p,
         eos_token_id=models.eos_token_id,
         pad_token_id=models.pad_token_id,
+        keep_probs=keep_probs,
     )
 
 

@@ -30,7 +30,7 @@ from align.allocator import tune_allocator
 from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
 from align.logging import MetricsLog, postfix, progress_bar
-from align.logprobs import completion_logprobs
+from align.logprobs import completion_logprobs, fused_head_weight
 from align.recipe import Recipe
 from align.rewards_adapter import RewardFunction, build_reward
 from align.rollout import Rollout, decode_completions, generate_with, sample_keys
@@ -123,6 +123,7 @@ class StepBatch:
     pairs: Tensor | None = None
     demo_rewards: Tensor | None = None
     ref_logprobs: Tensor | None = None  # precomputed (offline cache)
+    sampler_probs: Tensor | None = None  # [T, B, V] the rollout's softmax, for the policy's log-probs
     texts: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -218,13 +219,14 @@ def rollout_batch(
     keys = sample_keys(recipe.train.seed, step, torch.tensor(rows), k)
     chunk = gen.batch_size or len(rows)
     policy = accelerator.unwrap_model(models.policy)
+    keep_probs = reuse_sampler_probs(recipe, models, n_chunks=-(-len(rows) // chunk))
     parts: list[Rollout] = []
     start = time.perf_counter()
     for lo in range(0, len(rows), chunk):
         sel = slice(lo, lo + chunk)
         # re-pad the chunk so its prompts are as short as they can be
         ids, mask = _trim_left(prompt_ids[sel], prompt_mask[sel])
-        parts.append(generate_with(policy, ids, mask, keys[lo * k : (lo + chunk) * k], k, gen, models))
+        parts.append(generate_with(policy, ids, mask, keys[lo * k : (lo + chunk) * k], k, gen, models, keep_probs))
     rollout = _concat_rollouts(parts, models.pad_token_id)
     texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
     generation_seconds = time.perf_counter() - start
@@ -242,6 +244,7 @@ def rollout_batch(
         texts=texts,
         prompts=prompts,
         metrics={f"reward/{n}": float(torch.tensor(v, dtype=torch.float64).mean()) for n, v in components.items()},
+        sampler_probs=rollout.probs,
     )
     batch.metrics["generation_s"] = generation_seconds
     if recipe.objective.name == "rcfd":
@@ -249,6 +252,21 @@ def rollout_batch(
         batch.demo_rewards = reward.score_demonstrations(prompts, demos, columns).to(accelerator.device)
         batch.rewards = reward.last_components_tensor().to(accelerator.device)
     return batch
+
+
+def reuse_sampler_probs(recipe: Recipe, models: Models, n_chunks: int) -> bool:
+    """Whether the rollout keeps its softmax for the policy's log-probs (its training forward then
+    skips the LM head's matmul and softmax): the same weights see the same tokens in the same
+    mode -- no dropout (``disable_dropout``, the policy in eval mode), one optimizer step per
+    rollout (the online objectives) -- and the step is one generation call and one micro-batch
+    (no gradient accumulation), so the [T, B, V] buffer is what the training forward would hold."""
+    return (
+        recipe.objective.online
+        and n_chunks == 1
+        and recipe.train.gradient_accumulation_steps == 1
+        and not models.policy.training
+        and fused_head_weight(models.policy) is not None
+    )
 
 
 def _trim_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -395,7 +413,10 @@ def optimizer_step(
             c_ids, c_mask = batch.completion_ids[rows], batch.completion_mask[rows]
             width = max(int(c_mask.sum(-1).max()), 1)
             c_ids, c_mask = c_ids[:, :width], c_mask[:, :width]
-            logprobs = completion_logprobs(models.policy, p_ids, p_mask, c_ids, c_mask, temperature)
+            kept = batch.sampler_probs if len(batch.micro_batches) == 1 else None
+            logprobs = completion_logprobs(
+                models.policy, p_ids, p_mask, c_ids, c_mask, temperature, None if kept is None else kept[:width]
+            )
             if batch.ref_logprobs is not None:
                 ref = batch.ref_logprobs[rows][:, :width]
             elif objective.name != "sft":
@@ -417,6 +438,7 @@ def optimizer_step(
         policy_lp.append(_pad_to(logprobs.detach(), batch.completion_mask.shape[1]))
         if ref is not None:
             ref_lp.append(_pad_to(ref.detach(), batch.completion_mask.shape[1]))
+    batch.sampler_probs = None  # the backward has consumed it in place
     if recipe.train.max_grad_norm is not None:
         norm = accelerator.clip_grad_norm_(models.policy.parameters(), recipe.train.max_grad_norm)
     else:

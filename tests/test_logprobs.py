@@ -104,6 +104,23 @@ def test_chunked_head_grad_and_no_grad_paths_agree_bitwise(monkeypatch):
     assert torch.allclose(leaf.grad.double(), ((onehot - probs) / 0.9) @ weight.double(), atol=1e-5)
 
 
+def test_tokens_whose_probability_underflows_keep_an_exact_log_prob():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(4, 8, generator=g), torch.randn(50, 8, generator=g)
+    hidden[:, 0], weight[7] = 3.0, torch.tensor([-40.0] + [0.0] * 7)  # token 7: logit ≈ −120, far below the rest
+    tokens = torch.tensor([7, 7, 3, 7])
+    expected = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert expected[0] < -80  # exp of it underflows float32's normal range: log(softmax) would be wrong
+    leaf = hidden.clone().requires_grad_()
+    with_grad = head_logprobs(leaf, weight, tokens)
+    with torch.no_grad():
+        no_grad = head_logprobs(hidden, weight, tokens)
+    assert torch.allclose(with_grad.double(), expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(with_grad.detach(), no_grad)
+    with_grad.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+
+
 def test_bf16_head_matches_the_fp32_computation_of_its_bf16_logits():
     hidden = torch.randn(6, 8, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(50, 8, dtype=torch.bfloat16, requires_grad=True)

@@ -1,0 +1,150 @@
+"""Rollout: the two-level inverse-CDF sampler against a flat float64 search and the distribution it
+draws from; ``generate`` against the model's own next-token distribution, with the LM head split
+off or not, whatever the batch around a prompt, with EOS masked then stopping."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import align.rollout as rollout_lib
+from align.rollout import generate, inverse_cdf_sample, sample_keys
+
+
+def _flat_search(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Independent: the whole-vocabulary cumulative sum in float64."""
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, u.double()[:, None] * cdf[:, -1:], right=True).squeeze(1)
+
+
+def test_two_level_sampler_picks_the_flat_search_token():
+    g = torch.Generator().manual_seed(0)
+    rows, vocab = 4096, 1000 + 37  # not a multiple of the block: the last block is padded
+    probs = torch.softmax(torch.randn(rows, vocab, generator=g) * 3, -1)
+    probs[:, 5] = 0.0  # a masked token (EOS before min_new_tokens)
+    u = torch.rand(rows, generator=g)
+    mine, exact = inverse_cdf_sample(probs, u), _flat_search(probs, u)
+    # float32 block sums vs a float64 cumsum can only disagree on a boundary within rounding
+    assert (mine != exact).sum() <= 2
+    assert not (mine == 5).any()
+
+
+def test_two_level_sampler_draws_the_distribution_and_never_a_zero():
+    g = torch.Generator().manual_seed(1)
+    vocab, draws = 600, 200_000
+    weights = torch.rand(vocab, generator=g) ** 4 * 7  # skewed, unnormalised
+    weights[::7] = 0.0
+    weights[-30:] = 0.0  # the tail, in the padded last block
+    tokens = inverse_cdf_sample(weights.expand(draws, -1), torch.rand(draws, generator=g))
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts[weights == 0].sum() == 0
+    expected = weights.double() / weights.sum() * draws
+    keep = expected > 0
+    chi2 = (((counts - expected)[keep] ** 2) / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5  # ~5 standard deviations of a chi-square
+
+
+def test_draws_at_the_ends_of_the_unit_interval_land_on_tokens_with_weight():
+    probs = torch.zeros(3, 700)
+    probs[:, 10:20] = 1.0
+    probs[2, 650] = 1e-30  # a tiny last token
+    u = torch.tensor([1e-9, 1 - 1e-7, 1 - 1e-7])
+    tokens = inverse_cdf_sample(probs, u).tolist()
+    assert tokens[0] == 10 and tokens[1] == 19 and tokens[2] in (19, 650)
+
+
+def _model(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return model
+
+
+def test_first_tokens_follow_the_models_softmax(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    prompt = torch.tensor([[5, 17, 42, 9]])
+    n = 20_000
+    keys = sample_keys(0, 0, torch.tensor([0]), n)
+    out = generate(model, prompt, torch.ones_like(prompt), keys, k=n, max_new_tokens=1)
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=prompt).logits[0, -1].double(), -1)
+    counts = torch.bincount(out.completion_ids[:, 0], minlength=probs.shape[0]).double()
+    expected = probs * n
+    keep = expected > 5
+    chi2 = (((counts - expected)[keep] ** 2) / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5
+    assert counts[~keep].sum() < 3 * expected[~keep].sum() + 20
+
+
+def _prompts():
+    ids = torch.tensor([[0, 0, 0, 7, 8], [3, 4, 5, 6, 7], [0, 0, 11, 12, 13]])
+    return ids, (ids != 0).long() | torch.tensor([[0, 0, 0, 1, 1], [1] * 5, [0, 0, 1, 1, 1]])
+
+
+def test_split_head_decoding_samples_what_the_models_own_logits_sample(tiny_model_dir, monkeypatch):
+    model = _model(tiny_model_dir)
+    ids, mask = _prompts()
+    keys = sample_keys(3, 1, torch.arange(3), 4)
+    split = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
+    monkeypatch.setattr(rollout_lib, "fused_head_weight", lambda model: None)
+    plain = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
+    assert torch.equal(split.completion_ids, plain.completion_ids)
+
+
+def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    ids, mask = _prompts()
+    keys = sample_keys(3, 1, torch.arange(3), 2)
+    together = generate(model, ids, mask, keys, k=2, max_new_tokens=10).completion_ids
+    alone = generate(model, ids[2:, 2:], mask[2:, 2:], keys[4:], k=2, max_new_tokens=10).completion_ids
+    assert torch.equal(together[4:], alone)
+
+
+def test_eos_is_masked_until_min_new_tokens_then_stops_and_pads(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    ids, mask = _prompts()
+    with torch.no_grad():  # make EOS likely everywhere: its head row along the mean last hidden state
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        mean = hidden[mask.bool()].mean(0)
+        model.lm_head.weight[1] = 4.0 * mean / mean.norm() ** 2
+    keys = sample_keys(0, 0, torch.arange(3), 4)
+    out = generate(model, ids, mask, keys, k=4, max_new_tokens=8, min_new_tokens=3, eos_token_id=1, pad_token_id=0)
+    tokens, keep = out.completion_ids, out.completion_mask.bool()
+    assert not (tokens[:, :3] == 1).any()
+    assert (tokens == 1).any()
+    for row, row_keep in zip(tokens, keep):
+        hits = (row == 1).nonzero()
+        if len(hits):
+            end = int(hits[0]) + 1
+            assert row_keep[:end].all() and not row_keep[end:].any()
+            assert (row[end:] == 0).all()
+
+
+def _full_forward_probs(model, rollout, temperature):
+    """Independent: one forward over prompt + completion, softmax of the positions that drew each token."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits.double()
+    P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    return torch.softmax(logits[:, P - 1 : P + T - 1] / temperature, -1).transpose(0, 1)  # [T, R, V]
+
+
+def test_kept_probs_are_the_models_unfiltered_distribution_and_change_no_sample(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    ids, mask = _prompts()
+    keys = sample_keys(5, 2, torch.arange(3), 2)
+    for top_k in (0, 20):
+        options = dict(k=2, max_new_tokens=6, min_new_tokens=3, eos_token_id=1, temperature=0.7, top_k=top_k)
+        plain = generate(model, ids, mask, keys, **options)
+        kept = generate(model, ids, mask, keys, keep_probs=True, **options)
+        assert plain.probs is None
+        assert torch.equal(plain.completion_ids, kept.completion_ids)
+        T, R = kept.completion_ids.shape[1], kept.completion_ids.shape[0]
+        assert kept.probs.shape == (T, R, model.config.vocab_size)
+        expected = _full_forward_probs(model, kept, 0.7)
+        real = kept.completion_mask.t().bool()  # positions after EOS hold padding, not samples
+        assert torch.allclose(kept.probs[real].double(), expected[real], atol=1e-5)
+        assert (kept.probs[:, :, 1] > 0).all()  # EOS keeps its mass: masking was for sampling only
+        assert ((kept.probs[real] > 0).sum(-1) > 20).all()  # not the top-k filtered distribution
