@@ -71,14 +71,17 @@ def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
     (the block sums) instead of a full cumulative sum. Zero-weight tokens are never drawn.
     """
     rows, vocab = probs.shape
-    n_blocks = -(-vocab // _BLOCK)
-    padded = torch.nn.functional.pad(probs, (0, n_blocks * _BLOCK - vocab)) if vocab % _BLOCK else probs
-    blocks = padded.view(rows, n_blocks, _BLOCK)
-    block_cdf = blocks.sum(-1).cumsum(-1)  # [R, B]
+    n_full = vocab // _BLOCK
+    sums = [probs[:, : n_full * _BLOCK].reshape(rows, n_full, _BLOCK).sum(-1)]  # a view: no padded copy
+    if vocab % _BLOCK:
+        sums.append(probs[:, n_full * _BLOCK :].sum(-1, keepdim=True))
+    block_cdf = torch.cat(sums, 1).cumsum(-1) if len(sums) > 1 else sums[0].cumsum(-1)  # [R, B]
+    n_blocks = block_cdf.shape[1]
     target = u.to(block_cdf.dtype)[:, None] * block_cdf[:, -1:]
     block = torch.searchsorted(block_cdf, target, right=True).clamp(max=n_blocks - 1)  # [R, 1]
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
-    inner = blocks.gather(1, block[:, :, None].expand(rows, 1, _BLOCK)).squeeze(1).cumsum(-1)  # [R, 256]
+    index = block * _BLOCK + torch.arange(_BLOCK, device=probs.device)  # [R, 256]
+    inner = probs.gather(1, index.clamp(max=vocab - 1)).masked_fill_(index >= vocab, 0.0).cumsum(-1)
     # the clamp keeps a draw that rounding pushed past the block's end inside it; a token of zero
     # weight cannot be reached because right=True skips flat stretches of the cdf
     offset = torch.searchsorted(inner, target - before, right=True).clamp(max=_BLOCK - 1)
