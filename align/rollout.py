@@ -198,7 +198,7 @@ def generate(
     filtering = bool(top_k) or top_p < 1.0
     tokens, masks = [], []
     for t in range(max_new_tokens):
-        scores = logits.float()
+        scores = logits.float()  # this step's own logits (fresh, or the model's output): ours to overwrite
         if temperature != 1.0:  # x / 1 is x: skipping it changes no bit
             scores = scores / temperature
         masked = t < min_new_tokens and eos.numel() > 0

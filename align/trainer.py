@@ -219,7 +219,7 @@ def rollout_batch(
     keys = sample_keys(recipe.train.seed, step, torch.tensor(rows), k)
     chunk = gen.batch_size or len(rows)
     policy = accelerator.unwrap_model(models.policy)
-    keep_probs = reuse_sampler_probs(recipe, models, n_chunks=-(-len(rows) // chunk))
+    keep_probs = reuse_sampler_probs(recipe, models, n_chunks=-(-len(rows) // chunk), rows=len(rows) * k)
     parts: list[Rollout] = []
     start = time.perf_counter()
     for lo in range(0, len(rows), chunk):
@@ -254,18 +254,25 @@ def rollout_batch(
     return batch
 
 
-def reuse_sampler_probs(recipe: Recipe, models: Models, n_chunks: int) -> bool:
+KEEP_PROBS_MAX_BYTES = 1 << 30  # the kept softmax is sized for max_new_tokens: at most 1 GiB of it
+
+
+def reuse_sampler_probs(recipe: Recipe, models: Models, n_chunks: int, rows: int) -> bool:
     """Whether the rollout keeps its softmax for the policy's log-probs (its training forward then
     skips the LM head's matmul and softmax): the same weights see the same tokens in the same
     mode -- no dropout (``disable_dropout``, the policy in eval mode), one optimizer step per
-    rollout (the online objectives) -- and the step is one generation call and one micro-batch
-    (no gradient accumulation), so the [T, B, V] buffer is what the training forward would hold."""
+    rollout (the online objectives) -- and the step is one generation call of ``rows`` sequences
+    and one micro-batch (no gradient accumulation), so the buffer replaces the one the training
+    forward would hold. It is allocated for ``max_new_tokens`` before the lengths are known, so
+    beyond ``KEEP_PROBS_MAX_BYTES`` the training forward computes the softmax itself instead."""
+    weight = fused_head_weight(models.policy)
     return (
         recipe.objective.online
         and n_chunks == 1
         and recipe.train.gradient_accumulation_steps == 1
         and not models.policy.training
-        and fused_head_weight(models.policy) is not None
+        and weight is not None
+        and recipe.generation.max_new_tokens * rows * weight.shape[0] * 4 <= KEEP_PROBS_MAX_BYTES
     )
 
 

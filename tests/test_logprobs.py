@@ -204,3 +204,29 @@ def test_ddp_wrapped_model_uses_the_fused_head(tiny_model_dir, tmp_path):
             assert torch.allclose(a.grad, b.grad, atol=1e-6), name
     finally:
         dist.destroy_process_group()
+
+
+def test_cpu_linear_and_decode_head_equal_torchs_linear_and_can_be_switched_off(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g)
+    expected = F.linear(x, w)
+    if torch.backends.mkldnn.is_available():
+        assert lp_lib._onednn_linear_available()  # the path this machine takes
+    assert torch.allclose(lp_lib.linear(x, w), expected, atol=1e-5)
+    assert torch.allclose(lp_lib.linear(x, w.t().contiguous().t()), expected, atol=1e-5)  # a strided weight
+    assert torch.allclose(lp_lib.linear(x.t().contiguous().t(), w), expected, atol=1e-5)  # a strided input
+    assert torch.allclose(lp_lib.DecodeHead(w, 37)(x), expected, atol=1e-5)
+    assert torch.allclose(lp_lib.DecodeHead(w, 4)(x[:3]), expected[:3], atol=1e-5)  # packed for 4 rows, used with 3
+    leaf = x.clone().requires_grad_()
+    out = lp_lib.linear(leaf, w)  # with autograd: torch's own op, so the gradient exists
+    out.sum().backward()
+    assert torch.allclose(leaf.grad, w.sum(0).expand_as(x), atol=1e-5)
+    monkeypatch.setenv("ALIGN_ONEDNN", "0")
+    lp_lib._onednn_linear_available.cache_clear()
+    try:
+        assert not lp_lib._onednn_linear_available()
+        assert lp_lib.DecodeHead(w, 37).packed is None
+        assert torch.allclose(lp_lib.linear(x, w), expected, atol=1e-5)
+    finally:
+        monkeypatch.delenv("ALIGN_ONEDNN")
+        lp_lib._onednn_linear_available.cache_clear()

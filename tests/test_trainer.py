@@ -119,6 +119,31 @@ def test_gradient_accumulation_equivalence(key, tiny_model_dir, tiny_data_files,
         assert all(0 < x < GENERATION["max_new_tokens"] for x in lengths), "completions should end early and unevenly"
 
 
+def test_sampler_probs_are_kept_only_within_their_memory_cap(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
+    """The kept softmax is [max_new_tokens, rows, V] fp32; above the cap the training forward
+    computes the log-probs itself -- and trains to the same weights."""
+    import align.trainer as trainer_mod
+
+    decisions = []
+    decide = trainer_mod.reuse_sampler_probs
+
+    def spy(*args, **kwargs) -> bool:
+        decisions.append(decide(*args, **kwargs))
+        return decisions[-1]
+
+    monkeypatch.setattr(trainer_mod, "reuse_sampler_probs", spy)
+    sgd = dict(optimizer="sgd", lr=SGD_LR["rloo"], max_grad_norm=None)
+    train(make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "kept", "rloo", **sgd))
+    assert decisions and all(decisions)
+    vocab = final_params(tmp_path / "kept")["transformer.wte.weight"].shape[0]
+    needed = GENERATION["max_new_tokens"] * 8 * OBJECTIVES["rloo"][0]["k"] * vocab * 4
+    monkeypatch.setattr(trainer_mod, "KEEP_PROBS_MAX_BYTES", needed - 1)
+    decisions.clear()
+    train(make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "recomputed", "rloo", **sgd))
+    assert decisions and not any(decisions)
+    assert max_diff(final_params(tmp_path / "kept"), final_params(tmp_path / "recomputed")) < 2e-5
+
+
 def _metrics(run: Path) -> list[dict]:
     import json
 
