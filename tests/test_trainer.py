@@ -70,6 +70,21 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def _record_reuse_decisions(monkeypatch) -> list[bool]:
+    """Every ``reuse_sampler_probs`` decision of the runs that follow, in order."""
+    import align.trainer as trainer_mod
+
+    decisions: list[bool] = []
+    decide = trainer_mod.reuse_sampler_probs
+
+    def spy(*args, **kwargs) -> bool:
+        decisions.append(decide(*args, **kwargs))
+        return decisions[-1]
+
+    monkeypatch.setattr(trainer_mod, "reuse_sampler_probs", spy)
+    return decisions
+
+
 @pytest.mark.parametrize("key", list(OBJECTIVES))
 def test_gradient_accumulation_equivalence(key, tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
     """batch 8 × accumulation 1 == batch 1 × accumulation 8 == batch 2 × 4, for every objective.
@@ -78,16 +93,7 @@ def test_gradient_accumulation_equivalence(key, tiny_model_dir, tiny_data_files,
     micro-batch instead of per step (a uniform scale error that Adam would hide) shows. For the
     online objectives 8 × 1 also takes the policy's log-probs from the rollout's softmax (one
     micro-batch) and the others from a full forward: the same gradient either way."""
-    import align.trainer as trainer_mod
-
-    reused = []
-    decide = trainer_mod.reuse_sampler_probs
-
-    def spy(*args, **kwargs) -> bool:
-        reused.append(decide(*args, **kwargs))
-        return reused[-1]
-
-    monkeypatch.setattr(trainer_mod, "reuse_sampler_probs", spy)
+    reused = _record_reuse_decisions(monkeypatch)
     initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     results = {}
     for batch, accumulation in [(8, 1), (1, 8), (2, 4)]:
@@ -124,14 +130,7 @@ def test_sampler_probs_are_kept_only_within_their_memory_cap(tiny_model_dir, tin
     computes the log-probs itself -- and trains to the same weights."""
     import align.trainer as trainer_mod
 
-    decisions = []
-    decide = trainer_mod.reuse_sampler_probs
-
-    def spy(*args, **kwargs) -> bool:
-        decisions.append(decide(*args, **kwargs))
-        return decisions[-1]
-
-    monkeypatch.setattr(trainer_mod, "reuse_sampler_probs", spy)
+    decisions = _record_reuse_decisions(monkeypatch)
     sgd = dict(optimizer="sgd", lr=SGD_LR["rloo"], max_grad_norm=None)
     train(make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "kept", "rloo", **sgd))
     assert decisions and all(decisions)
