@@ -7,8 +7,8 @@ second run starts RL at once and an interrupted first run leaves nothing half-wr
 
 from __future__ import annotations
 
-import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from align.config import load_recipe
@@ -18,27 +18,30 @@ SFT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart_sf
 
 def prepare_quickstart(recipe) -> Path:
     from align.quickstart import ensure_quickstart_assets
-    from align.recipe import Recipe
-    from align.trainer import train
 
     sft_model = Path(recipe.model.path)
     root = sft_model.parent
     assets = ensure_quickstart_assets(root, seed=0)
+    overrides = [f"model.path={assets['base_model']}", f"data.train={assets['sft']}", f"output.dir={root / 'sft_run'}"]
+    return sft_once(SFT_RECIPE, overrides, sft_model, lambda message: print(f"align: first run -- {message}"))
+
+
+def sft_once(sft_recipe: Path, overrides: list[str], sft_model: Path, log: Callable[[str], None]) -> Path:
+    """The policy at ``sft_model``, supervised-fine-tuned once by ``sft_recipe`` (with ``overrides``)
+    through the trainer and published atomically. A finished one (it has a ``config.json``) is
+    reused; a leftover directory without one is replaced."""
+    from align.quickstart import _atomic_dir
+    from align.recipe import Recipe
+    from align.trainer import train
+
+    sft_model = Path(sft_model)
     if (sft_model / "config.json").is_file():
         return sft_model
-    sft = load_recipe(
-        Recipe,
-        SFT_RECIPE,
-        [
-            f"model.path={assets['base_model']}",
-            f"data.train={assets['sft']}",
-            f"output.dir={root / 'sft_run'}",
-        ],
-    )
-    print(f"align: first run -- supervised fine-tuning the quickstart policy into {sft_model}")
-    summary = train(sft)
-    tmp = root / f".tmp-{sft_model.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(summary["final_model"], tmp)
-    os.replace(tmp, sft_model)
-    return sft_model
+    recipe = load_recipe(Recipe, sft_recipe, overrides)
+    log(f"supervised fine-tuning ({Path(sft_recipe).name}) into {sft_model}")
+
+    def build(out: Path) -> None:
+        shutil.copytree(train(recipe)["final_model"], out, dirs_exist_ok=True)
+
+    shutil.rmtree(sft_model, ignore_errors=True)
+    return _atomic_dir(sft_model, build)

@@ -64,41 +64,34 @@ _BLOCK = 256
 
 def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
     """Per row, the token where the cumulative mass first exceeds u · total: [R] from [R, V]
-    non-negative (not necessarily normalised) weights and [R] uniforms in (0, 1).
+    non-negative (not necessarily normalised) weights with a positive total and [R] uniforms in (0, 1).
 
     Two levels -- block sums of 256 tokens, the block by a search over their cumulative sums, then
     the token by a cumulative sum inside that one block -- so each draw runs one pass over [R, V]
-    (the block sums) instead of a full cumulative sum. Zero-weight tokens are never drawn.
+    (the block sums) instead of a full cumulative sum. Zero-weight tokens are never drawn, and
+    nothing here waits on the device.
     """
     rows, vocab = probs.shape
     n_full = vocab // _BLOCK
     sums = [probs[:, : n_full * _BLOCK].reshape(rows, n_full, _BLOCK).sum(-1)]  # a view: no padded copy
     if vocab % _BLOCK:
         sums.append(probs[:, n_full * _BLOCK :].sum(-1, keepdim=True))
-    block_cdf = torch.cat(sums, 1).cumsum(-1) if len(sums) > 1 else sums[0].cumsum(-1)  # [R, B]
-    n_blocks = block_cdf.shape[1]
-    target = u.to(block_cdf.dtype)[:, None] * block_cdf[:, -1:]
-    block = torch.searchsorted(block_cdf, target, right=True).clamp(max=n_blocks - 1)  # [R, 1]
+    block_cdf = (torch.cat(sums, 1) if len(sums) > 1 else sums[0]).cumsum(-1)  # [R, B]
+    # strictly below the total (u < 1, but u · total may round up to it): right=True then lands on a
+    # block with mass, and inside it on a token with weight -- it skips flat stretches of the cdf
+    target = _below(u.to(block_cdf.dtype)[:, None] * block_cdf[:, -1:], block_cdf[:, -1:])
+    block = torch.searchsorted(block_cdf, target, right=True)  # [R, 1]
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
     index = block * _BLOCK + torch.arange(_BLOCK, device=probs.device)  # [R, 256]
     inner = probs.gather(1, index.clamp(max=vocab - 1)).masked_fill_(index >= vocab, 0.0).cumsum(-1)
-    # the clamp keeps a draw that rounding pushed past the block's end inside it; a token of zero
-    # weight cannot be reached because right=True skips flat stretches of the cdf
-    offset = torch.searchsorted(inner, target - before, right=True).clamp(max=_BLOCK - 1)
-    token = (block * _BLOCK + offset).squeeze(1)
-    return _last_nonzero_at_or_before(probs, token)
+    # the block's own sum may round below its share of the block cdf: stay inside the block
+    offset = torch.searchsorted(inner, _below(target - before, inner[:, -1:]), right=True)
+    return (block * _BLOCK + offset).squeeze(1)
 
 
-def _last_nonzero_at_or_before(probs: Tensor, token: Tensor) -> Tensor:
-    """A draw clamped onto a zero-weight token (rounding at a block's or the vocabulary's end)
-    moves back to the nearest token with weight; rows already on one are untouched."""
-    token = token.clamp(max=probs.shape[1] - 1)
-    zero = probs.gather(1, token[:, None]).squeeze(1) <= 0
-    if bool(zero.any()):
-        for row in zero.nonzero().flatten().tolist():
-            nonzero = (probs[row, : int(token[row]) + 1] > 0).nonzero()
-            token[row] = nonzero[-1, 0] if len(nonzero) else probs[row].argmax()
-    return token
+def _below(x: Tensor, limit: Tensor) -> Tensor:
+    """x, or the largest float below ``limit`` where x would reach it."""
+    return torch.minimum(x, torch.nextafter(limit, torch.zeros_like(limit)))
 
 
 def filter_logits(scores: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -51,7 +51,6 @@ import contextlib
 import json
 import random
 import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -896,31 +895,16 @@ def ensure_nli_model(target: Path, data_dir: Path, setup: Setup) -> Path:
 
 def ensure_sft_model(sft_model: Path, base_model: Path, data_dir: Path, setup: Setup) -> Path:
     """The SFT policy, trained by ``recipes/summarize/sft.yaml`` through the trainer (``align sft``)."""
-    from align.config import load_recipe
-    from align.recipe import Recipe
-    from align.trainer import train
+    from align.quickstart_pipeline import sft_once
 
     sft_model = Path(sft_model)
-    if (sft_model / "config.json").is_file():
-        return sft_model
-    recipe = load_recipe(
-        Recipe,
-        SFT_RECIPE,
-        [
-            f"model.path={base_model}",
-            f"data.train={Path(data_dir) / 'sft.jsonl'}",
-            f"output.dir={sft_model.parent / 'sft_run'}",
-            *setup.sft_overrides,
-        ],
-    )
-    _log(f"supervised fine-tuning the policy into {sft_model}")
-
-    def build(out: Path) -> None:
-        summary = train(recipe)
-        shutil.copytree(summary["final_model"], out, dirs_exist_ok=True)
-
-    shutil.rmtree(sft_model, ignore_errors=True)  # a directory without config.json is a leftover
-    return _atomic_dir(sft_model, build)
+    overrides = [
+        f"model.path={base_model}",
+        f"data.train={Path(data_dir) / 'sft.jsonl'}",
+        f"output.dir={sft_model.parent / 'sft_run'}",
+        *setup.sft_overrides,
+    ]
+    return sft_once(SFT_RECIPE, overrides, sft_model, _log)
 
 
 def prepare_summarize(recipe, setup: Setup | None = None) -> dict[str, Path]:

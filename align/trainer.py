@@ -420,7 +420,7 @@ def optimizer_step(
             c_ids, c_mask = batch.completion_ids[rows], batch.completion_mask[rows]
             width = max(int(c_mask.sum(-1).max()), 1)
             c_ids, c_mask = c_ids[:, :width], c_mask[:, :width]
-            kept = batch.sampler_probs if len(batch.micro_batches) == 1 else None
+            kept = batch.sampler_probs  # only ever kept for a step of one micro-batch (reuse_sampler_probs)
             logprobs = completion_logprobs(
                 models.policy, p_ids, p_mask, c_ids, c_mask, temperature, None if kept is None else kept[:width]
             )

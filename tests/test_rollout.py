@@ -48,17 +48,16 @@ def test_two_level_sampler_draws_the_distribution_and_never_a_zero(vocab):
 
 
 def test_draws_at_the_ends_of_the_unit_interval_land_on_tokens_with_weight():
-    probs = torch.zeros(3, 700)
+    probs = torch.zeros(4, 700)
     probs[:, 10:20] = 1.0
     probs[2, 650] = 1e-30  # a tiny last token
-    u = torch.tensor([1e-9, 1 - 1e-7, 1 - 1e-7])
+    u = torch.tensor([1e-9, 1 - 1e-7, 1 - 1e-7, 1.0])  # 1.0: a target that rounding put at the total
     tokens = inverse_cdf_sample(probs, u).tolist()
-    assert tokens[0] == 10 and tokens[1] == 19 and tokens[2] in (19, 650)
+    assert tokens[0] == 10 and tokens[1] == 19 and tokens[2] in (19, 650) and tokens[3] == 19
 
 
 def _model(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return model
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
 
 def test_first_tokens_follow_the_models_softmax(tiny_model_dir):
