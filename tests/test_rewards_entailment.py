@@ -220,6 +220,33 @@ def test_max_and_mean_aggregate_equal_independent_window_scores(nli_dirs, window
     assert mean(["x"], [hypothesis], document=[premise]) == pytest.approx([expected], abs=1e-5)
 
 
+@pytest.mark.parametrize("windowing", ["sentences", "tokens"])
+def test_aggregate_on_clearly_different_window_scores(nli_dirs, windowing):
+    """With a stubbed scorer, one window clearly entails (log p = -0.1) and the rest do not
+    (-3, -2, -4, ...): ``max`` is that window's score, ``mean`` the log of the mean probability.
+
+    The tiny NLI model scores all windows alike, so only distinct scores tell max from a
+    log-mean-exp (here -0.1 against about -2.1)."""
+    premise, hypothesis = long_premise(3), "it was a big day."
+    for aggregate in ("max", "mean"):
+        reward = rewards.build(
+            "entailment", model=str(nli_dirs["upper_first"]), windowing=windowing, aggregate=aggregate, output="logprob"
+        )
+        spans = reward.window_spans(premise, hypothesis)
+        assert len(spans) >= 3
+        values = [-3.0, -0.1] + [-2.0 - (i % 3) for i in range(len(spans) - 2)]
+        by_window = {premise[c0:c1]: v for (c0, c1), v in zip(spans, values)}
+        assert len(by_window) == len(spans), "window texts must be distinct for the stub"
+        reward.pair_logprobs = lambda premises, hypotheses, table=by_window: [table[p] for p in premises]
+        got = reward(["x"], [hypothesis], document=[premise])[0]
+        if aggregate == "max":
+            assert got == pytest.approx(-0.1, abs=1e-12)
+        else:
+            expected = math.log(sum(math.exp(v) for v in values) / len(values))
+            assert got == pytest.approx(expected, abs=1e-12)
+            assert got < -1.0  # far from the max: a max-for-mean swap cannot pass
+
+
 def test_batch_mixes_short_long_and_duplicate_samples(nli_dirs):
     path = nli_dirs["upper_first"]
     reward = rewards.build("entailment", model=str(path), batch_size=3)

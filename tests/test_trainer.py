@@ -46,14 +46,16 @@ OBJECTIVES = {
 GENERATION = {"max_new_tokens": 8, "stop_strings": ["e"]}  # "e" cuts completions at unequal lengths
 
 
-def make_recipe(model_dir, data_files, run_dir, key: str, **train_fields) -> Recipe:
+def make_recipe(
+    model_dir, data_files, run_dir, key: str, model: dict | None = None, generation: dict | None = None, **train_fields
+) -> Recipe:
     objective, data_key, extra = OBJECTIVES[key]
     data = {"train": str(data_files[data_key])}
     raw = {
-        "model": {"path": str(model_dir)},
+        "model": {"path": str(model_dir), **(model or {})},
         "data": data,
         "objective": objective,
-        "generation": GENERATION,
+        "generation": {**GENERATION, **(generation or {})},
         "train": {"steps": 2, "batch_size": 8, "lr": 5e-3, "lr_scheduler": "linear", "seed": 3, **train_fields},
         "output": {"dir": str(run_dir), "report": False, "sample_every": 0},
         **extra,
@@ -143,6 +145,88 @@ def test_sampler_probs_are_kept_only_within_their_memory_cap(tiny_model_dir, tin
     assert max_diff(final_params(tmp_path / "kept"), final_params(tmp_path / "recomputed")) < 2e-5
 
 
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept_softmax", "recomputed"])
+def test_loss_logprobs_are_at_the_sampling_temperature(
+    keep_probs, tiny_model_dir, tiny_data_files, tmp_path, monkeypatch
+):
+    """At generation.temperature 0.7 the policy and reference log-probs the loss sees, and the
+    SGD update they produce, equal an independent log_softmax(logits / T) on the sampled tokens.
+
+    Both paths: the rollout's kept softmax (whose backward divides by T itself) and a fresh
+    training forward. Step 1's policy is the initial model, so the independent forward needs no
+    trainer code."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    import align.trainer as trainer_mod
+
+    temperature, lr = 0.7, 0.05
+    decisions = _record_reuse_decisions(monkeypatch)
+    if not keep_probs:
+        monkeypatch.setattr(trainer_mod, "KEEP_PROBS_MAX_BYTES", 0)
+    forwards, micro_batches = [], []
+    real_logprobs, real_loss_batch = trainer_mod.completion_logprobs, trainer_mod._loss_batch
+
+    def spy_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *args, **kwargs):
+        out = real_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *args, **kwargs)
+        if torch.is_grad_enabled():  # the policy's forward; the reference runs under no_grad
+            forwards.append((prompt_ids, prompt_mask, completion_ids, completion_mask))
+        return out
+
+    def spy_loss_batch(batch, logprobs, rows=None, **kwargs):
+        out = real_loss_batch(batch, logprobs, rows=rows, **kwargs)
+        if rows is not None:
+            micro_batches.append(out)
+        return out
+
+    monkeypatch.setattr(trainer_mod, "completion_logprobs", spy_logprobs)
+    monkeypatch.setattr(trainer_mod, "_loss_batch", spy_loss_batch)
+    recipe = make_recipe(
+        tiny_model_dir,
+        tiny_data_files,
+        tmp_path / "run",
+        "rloo",
+        generation={"temperature": temperature},
+        steps=1,
+        optimizer="sgd",
+        lr=lr,
+        lr_scheduler="constant",
+        max_grad_norm=None,
+    )
+    train(recipe)
+    assert decisions == [keep_probs]
+    assert len(forwards) == len(micro_batches) == 1
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    (prompt_ids, prompt_mask, completion_ids, completion_mask), micro = forwards[0], micro_batches[0]
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([prompt_mask, completion_mask], 1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    width = completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, -(width + 1) : -1]
+    expected = torch.log_softmax(logits.double() / temperature, -1).gather(-1, completion_ids[..., None])[..., 0]
+    expected = (expected * completion_mask).float()
+    assert completion_mask.sum() > 0
+    assert (micro.logprobs.detach() - expected.detach()).abs().max() < 1e-4
+    assert (micro.ref_logprobs - expected.detach()).abs().max() < 1e-4  # reference = policy at step 1
+    # a wrong temperature moves these log-probs by far more than the tolerance
+    at_one = torch.log_softmax(logits.double(), -1).gather(-1, completion_ids[..., None])[..., 0] * completion_mask
+    assert (at_one.float() - expected).abs().max() > 0.05
+
+    objective = recipe.objective.build()
+    loss, _ = objective(replace(micro, logprobs=expected), num_units=objective.count_units(micro))
+    loss.backward()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    final = final_params(tmp_path / "run")
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    biggest = max(float(g.abs().max()) for g in grads.values())
+    assert biggest > 1e-3, "no gradient"
+    for name, grad in grads.items():
+        update = (initial[name] - final[name]) / lr
+        assert (update - grad).abs().max() < 1e-3 * biggest, f"{name}: SGD update != lr × independent gradient"
+
+
 def _metrics(run: Path) -> list[dict]:
     import json
 
@@ -151,12 +235,17 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("key", ["dpo", "rloo", "reinforce"])
 def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
-    """SIGTERM at step 2 saves a checkpoint; resuming to step 4 equals the uninterrupted run bit for bit."""
+    """SIGTERM at step 2 saves a checkpoint; resuming to step 4 equals the uninterrupted run bit for bit.
+
+    Dropout stays on (the tiny GPT-2 has p = 0.1), so the training forward draws random numbers
+    and a resume that did not restore the RNG states would diverge; REINFORCE's running baseline
+    is objective state that must round-trip too."""
+    dropout = {"disable_dropout": False}
     straight = tmp_path / "straight"
-    train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, steps=4, batch_size=4))
+    train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, model=dropout, steps=4, batch_size=4))
 
     interrupted = tmp_path / "interrupted"
-    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, key, steps=4, batch_size=4)
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, key, model=dropout, steps=4, batch_size=4)
 
     def stop_at_two(step: int, record: dict) -> None:
         if step == 2:
