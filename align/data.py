@@ -60,9 +60,14 @@ def read_columns(source: str, table, columns: list[str], non_empty: list[str]) -
     return out
 
 
-def rows_to_pairs(table, prompt_column: str, completion_column: str, reward_column: str):
+def rows_to_pairs(table, prompt_column: str, completion_column: str, reward_column: str, ordered: bool = False):
     """(prompt, completion, reward) rows → every pair of completions of the same prompt, with
-    their rewards as ``chosen_reward``/``rejected_reward`` (offline CoPG: the order is immaterial)."""
+    their rewards as ``chosen_reward``/``rejected_reward``.
+
+    ``ordered`` (objectives that read only the pair's order, DPO/IPO): the higher-reward row of
+    each pair is ``chosen`` and tied pairs are dropped. Unordered (offline CoPG, which reads the
+    reward gap): the order is immaterial and every pair is kept. Returns ``(pairs, n_ties_dropped)``.
+    """
     import datasets
 
     columns = read_columns("pairs", table, [prompt_column, completion_column, reward_column], [prompt_column])
@@ -70,18 +75,26 @@ def rows_to_pairs(table, prompt_column: str, completion_column: str, reward_colu
     for i, prompt in enumerate(columns[prompt_column]):
         by_prompt.setdefault(prompt, []).append(i)
     out: dict[str, list] = {prompt_column: [], "chosen": [], "rejected": [], "chosen_reward": [], "rejected_reward": []}
+    ties = 0
     for prompt, rows in by_prompt.items():
         for a in range(len(rows)):
             for b in range(a + 1, len(rows)):
                 i, j = rows[a], rows[b]
+                r_i, r_j = float(columns[reward_column][i]), float(columns[reward_column][j])
+                if ordered and r_i == r_j:
+                    ties += 1
+                    continue
+                if ordered and r_j > r_i:
+                    i, j, r_i, r_j = j, i, r_j, r_i
                 out[prompt_column].append(prompt)
                 out["chosen"].append(columns[completion_column][i])
                 out["rejected"].append(columns[completion_column][j])
-                out["chosen_reward"].append(float(columns[reward_column][i]))
-                out["rejected_reward"].append(float(columns[reward_column][j]))
+                out["chosen_reward"].append(r_i)
+                out["rejected_reward"].append(r_j)
     if not out["chosen"]:
-        raise DataError(f"data: no prompt has two or more rows to pair ({reward_column!r} rows for offline copg)")
-    return datasets.Dataset.from_dict(out)
+        what = "two or more rows with different rewards" if ordered else "two or more rows"
+        raise DataError(f"data: no prompt has {what} to pair (column {reward_column!r})")
+    return datasets.Dataset.from_dict(out), ties
 
 
 def step_rows(n_rows: int, step: int, rows_per_step: int, seed: int) -> list[int]:

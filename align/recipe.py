@@ -85,6 +85,7 @@ class ObjectiveConfig(Strict):
             raise ValueError(f"unknown option(s) {unknown} for {self.name!r}; expected {sorted(allowed)}")
         if self.beta is not None and "beta" not in allowed:
             raise ValueError(f"{self.name!r} takes no beta")
+        self.build()  # the objective's own checks (values, combinations) run before any model loads
         return self
 
     def build(self) -> losses.Objective:
@@ -197,4 +198,22 @@ class Recipe(Strict):
             raise ValueError(f"objective.mode: {name!r} needs samples from the policy (online)")
         if self.objective.online and name in ("rloo", "rcfd", "copg") and self.objective.k < 2:
             raise ValueError(f"objective.k: {self.objective.name!r} needs k >= 2 samples per prompt")
+        if self.objective.online:
+            self._no_sampling_filters()
         return self
+
+    def _no_sampling_filters(self) -> None:
+        """The online loss and its KL use log-probs of softmax(logits / T) over the whole
+        vocabulary; samples drawn from a filtered distribution would make both biased (the class
+        of bug of trl#4159), so filters are refused rather than silently mis-scored."""
+        gen = self.generation
+        for field, active, off in (
+            ("top_k", gen.top_k != 0, "0"),
+            ("top_p", gen.top_p != 1.0, "1.0"),
+            ("min_new_tokens", gen.min_new_tokens != 0, "0"),
+        ):
+            if active:
+                raise ValueError(
+                    f"generation.{field}: online objectives sample from the full softmax(logits / temperature) "
+                    f"their log-probs score; expected {off} (stop_strings and max_new_tokens are fine)"
+                )

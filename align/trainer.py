@@ -159,8 +159,14 @@ class OfflineData:
         table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
         texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
         if self.paired and cfg.chosen_column not in table.column_names and cfg.reward_column in table.column_names:
-            # (prompt, completion, reward) rows: CoPG pairs every two completions of a prompt
-            table = data_lib.rows_to_pairs(table, cfg.prompt_column, cfg.completion_column, cfg.reward_column)
+            # (prompt, completion, reward) rows: every two completions of a prompt form a pair; an
+            # objective that does not read rewards (DPO, IPO) learns only from each pair's order
+            ordered = "rewards" not in losses.REGISTRY[recipe.objective.name].needs
+            table, ties = data_lib.rows_to_pairs(
+                table, cfg.prompt_column, cfg.completion_column, cfg.reward_column, ordered=ordered
+            )
+            if ties:
+                print(f"data {cfg.train!r}: {ties} pair(s) with equal rewards dropped (no preference to learn)")
             texts = ["chosen", "rejected"]
         reward_cols = [c for c in ("chosen_reward", "rejected_reward") if c in table.column_names]
         prompt_cols = (

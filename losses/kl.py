@@ -8,10 +8,14 @@ KL(π‖π_ref) from samples of π:
 
 Online objectives fold β·KL into the *detached* sequence reward R(x,y) = r(x,y) − β·Σ_t k(δ_t).
 With k1 the score-function gradient of E_π[R] is exactly the gradient of the KL-regularised
-objective (the missing E[∇ log π] term is zero). k3 is an unbiased estimate of the KL *value*
-but, used as a detached reward, its score-function gradient is not ∇KL: it converges to a
-different (more conservative) policy. It is offered because it is what many runs log and use;
-k1 is the default and the one whose fixed points the tests check.
+objective (the missing E[∇ log π] term is zero), so the fixed point is π* ∝ π_ref·exp(r/β).
+
+k3 is refused there (``reward_kl_estimator``). It estimates the KL *value* without bias, but as
+a detached reward its score-function gradient is not ∇KL: for an action a the policy rarely
+samples, π(a)·k3(δ_a) → π_ref(a), so its term of E_π[(r − β·k3)·∇log π] tends to
+−β·π_ref(a)·∇log π(a) — the penalty pushes down exactly the actions the reference protects. On the CoPG paper's 3-arm bandit
+(r = 2.5, 2, 1; β = 0.5; uniform reference) RLOO with k1 reaches π* (KL 0.385) while k3 drives
+the policy to (1, 0, 0), KL = log 3. k3 is still logged (``kl_k3``) as a value estimate.
 """
 
 from __future__ import annotations
@@ -31,6 +35,18 @@ def token_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k
     if estimator == "k3":
         return torch.expm1(-delta) + delta
     raise ValueError(f"kl_estimator: expected 'k1' or 'k3', got {estimator!r}")
+
+
+def reward_kl_estimator(estimator: str) -> KLEstimator:
+    """The estimator of a KL folded into the detached reward: only k1 has the right gradient."""
+    if estimator == "k3":
+        raise ValueError(
+            "kl_estimator: 'k3' in the detached reward biases the policy gradient (it can drive the "
+            "policy away from the reference); expected 'k1'"
+        )
+    if estimator != "k1":
+        raise ValueError(f"kl_estimator: expected 'k1', got {estimator!r}")
+    return estimator
 
 
 def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: KLEstimator = "k1") -> Tensor:

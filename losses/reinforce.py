@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from losses.base import LossBatch, Objective, sequence_logprobs
-from losses.kl import KLEstimator, regularised_reward
+from losses.kl import KLEstimator, regularised_reward, reward_kl_estimator
 
 
 class Reinforce(Objective):
@@ -25,7 +25,7 @@ class Reinforce(Objective):
 
     def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1", baseline_momentum: float = 0.9):
         self.beta = beta
-        self.kl_estimator = kl_estimator
+        self.kl_estimator = reward_kl_estimator(kl_estimator)
         self.baseline_momentum = baseline_momentum
         self.baseline: Tensor | None = None  # [n_streams]
         self.baseline_seen: Tensor | None = None

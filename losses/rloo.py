@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from losses.base import LossBatch, Objective, group_leave_one_out_mean, sequence_logprobs
-from losses.kl import KLEstimator, regularised_reward
+from losses.kl import KLEstimator, regularised_reward, reward_kl_estimator
 
 
 def rloo_advantages(R: Tensor, group: Tensor) -> Tensor:
@@ -30,7 +30,7 @@ class RLOO(Objective):
 
     def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1"):
         self.beta = beta
-        self.kl_estimator = kl_estimator
+        self.kl_estimator = reward_kl_estimator(kl_estimator)
 
     def sequence_rewards(self, batch: LossBatch) -> Tensor:
         """The reward the estimator sees before KL; RCfD overrides this."""

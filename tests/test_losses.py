@@ -178,3 +178,41 @@ def test_copg_two_samples_on_policy_is_twice_rloo() -> None:
     copg = grad_of(losses.build("copg", beta=beta), batch)
     rloo = grad_of(losses.build("rloo", beta=beta, kl_estimator="k1"), batch)
     torch.testing.assert_close(copg, 2 * rloo, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["rloo", "reinforce", "rcfd"])
+def test_k3_in_the_detached_reward_is_refused_with_one_line(name: str, tmp_path, capsys) -> None:
+    from pathlib import Path
+
+    from align import cli
+
+    with pytest.raises(ValueError, match=r"^kl_estimator: 'k3'"):
+        losses.build(name, kl_estimator="k3")
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    overrides = [f"objective.name={name}", "objective.options.kl_estimator=k3", f"output.dir={tmp_path / 'run'}"]
+    assert cli.main(["train", str(recipe), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "kl_estimator" in err and "'k1'" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_k3_as_detached_reward_has_no_fixed_point_at_pi_star() -> None:
+    """Why k3 is refused: the exact expected score-function gradient Σ_a π(a)·R_a·∇log π(a) on
+    the CoPG paper's 3-arm bandit (r = 2.5, 2, 1; β = 0.5; uniform reference). With R = r − β·k1
+    it vanishes at π* ∝ π_ref·exp(r/β); with R = r − β·k3 it does not, and it lowers the worst
+    arm further (the policy heads for (1, 0, 0))."""
+    r, beta = torch.tensor([2.5, 2.0, 1.0], dtype=torch.float64), 0.5
+    ref = torch.full((3,), -math.log(3), dtype=torch.float64)
+    star = torch.log_softmax(ref + r / beta, -1)
+
+    def ascent(logits: torch.Tensor, estimator: str) -> torch.Tensor:
+        logits = logits.clone().requires_grad_(True)
+        logp = torch.log_softmax(logits, -1)
+        R = r - beta * losses.token_kl(logp.detach(), ref, estimator)
+        (logp.exp().detach() * R * logp).sum().backward()
+        return logits.grad
+
+    assert ascent(star, "k1").abs().max() < 1e-12
+    k3 = ascent(star, "k3")
+    assert k3.abs().max() > 0.05
+    assert k3[2] < 0 and k3[0] > 0  # mass moves from the worst arm to the best

@@ -377,6 +377,10 @@ def _write_recipe(tmp_path: Path, model_dir, data: Path) -> str:
         ("objective.options.gamma=1", "unknown option(s) ['gamma'] for 'rloo'"),
         ("generation.min_new_tokens=99", "min_new_tokens (99) > max_new_tokens (32)"),
         ("objective.k=1", "objective.k"),
+        ("objective.options.kl_estimator=k3", "kl_estimator: 'k3' in the detached reward"),
+        ("generation.top_k=5", "generation.top_k: online objectives sample from the full softmax"),
+        ("generation.top_p=0.9", "generation.top_p: online objectives"),
+        ("generation.min_new_tokens=2", "generation.min_new_tokens: online objectives"),
     ],
 )
 def test_recipe_errors_are_one_line_before_any_model_loads(override, message, tmp_path):
@@ -389,6 +393,13 @@ def test_recipe_errors_are_one_line_before_any_model_loads(override, message, tm
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_sampling_filters_stay_available_to_offline_objectives():
+    """Filters only change what an online loss scores; DPO's eval samples may use them."""
+    raw = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "objective": {"name": "dpo"}}
+    recipe = validate(Recipe, {**raw, "generation": {"top_k": 5, "top_p": 0.9, "min_new_tokens": 2}})
+    assert recipe.generation.top_k == 5
 
 
 def test_online_objective_without_reward_is_rejected():
@@ -548,7 +559,9 @@ def test_offline_copg_on_scored_rows_pairs_completions_of_a_prompt(tiny_model_di
             "reward": [1.0, 0.0, 0.5, 2.0, -1.0, 1.0],
         }
     )
-    pairs = rows_to_pairs(table, "prompt", "completion", "reward").to_dict()
+    pairs, ties = rows_to_pairs(table, "prompt", "completion", "reward")
+    pairs = pairs.to_dict()
+    assert ties == 0
     assert pairs["prompt"] == ["a", "a", "a", "c"]  # b has one row: no pair
     assert list(zip(pairs["chosen"], pairs["rejected"])) == [(" x", " y"), (" x", " z"), (" y", " z"), (" u", " v")]
     assert pairs["chosen_reward"] == [1.0, 1.0, 0.0, -1.0] and pairs["rejected_reward"] == [0.0, 0.5, 0.5, 1.0]
@@ -573,3 +586,49 @@ def test_offline_copg_on_scored_rows_pairs_completions_of_a_prompt(tiny_model_di
     summary = train(recipe)
     assert summary["skipped_steps"] == 0
     assert _metrics(tmp_path / "run")[0]["reward_mean"] == pytest.approx(0.0)  # rewards (1,-1,1,0,-1,0) mean 0
+
+
+def test_dpo_on_scored_rows_orders_each_pair_by_reward_and_drops_ties(tiny_model_dir, tmp_path):
+    """DPO/IPO read only a pair's order: from (prompt, completion, reward) rows the higher-reward
+    row is chosen whatever the file order, and ties are dropped. Trained on rows listed worse
+    first, DPO ends at the same weights as on the explicit (chosen, rejected) file."""
+    import datasets
+
+    from align.data import rows_to_pairs
+
+    table = datasets.Dataset.from_dict(
+        {"prompt": ["a", "a", "a"], "completion": [" bad", " good", " same"], "reward": [0.0, 1.0, 0.0]}
+    )
+    pairs, ties = rows_to_pairs(table, "prompt", "completion", "reward", ordered=True)
+    pairs = pairs.to_dict()
+    assert ties == 1  # (" bad", " same") have equal rewards
+    assert list(zip(pairs["chosen"], pairs["rejected"])) == [(" good", " bad"), (" good", " same")]
+    assert pairs["chosen_reward"] == [1.0, 1.0] and pairs["rejected_reward"] == [0.0, 0.0]
+
+    rows, explicit = tmp_path / "rows.jsonl", tmp_path / "pairs.jsonl"
+    data = [("the film", " was bad .", " was good ."), ("the cast", " is dull .", " is great .")]
+    rows.write_text(
+        "".join(
+            f'{{"prompt": "{p}", "completion": "{c}", "reward": {r}}}\n'
+            for p, worse, better in data
+            for c, r in [(worse, 0), (better, 1)]  # the worse row first
+        )
+    )
+    explicit.write_text(
+        "".join(f'{{"prompt": "{p}", "chosen": "{better}", "rejected": "{worse}"}}\n' for p, worse, better in data)
+    )
+    finals = {}
+    for name, path in [("rows", rows), ("explicit", explicit)]:
+        recipe = validate(
+            Recipe,
+            {
+                "model": {"path": str(tiny_model_dir)},
+                "data": {"train": str(path)},
+                "objective": {"name": "dpo", "beta": 0.1},
+                "train": {"steps": 2, "batch_size": 2, "optimizer": "sgd", "lr": 2.0, "max_grad_norm": None},
+                "output": {"dir": str(tmp_path / name), "report": False},
+            },
+        )
+        train(recipe)
+        finals[name] = final_params(tmp_path / name)
+    assert max_diff(finals["rows"], finals["explicit"]) < 1e-6
