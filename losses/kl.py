@@ -13,9 +13,10 @@ objective (the missing E[∇ log π] term is zero), so the fixed point is π* �
 k3 is refused there (``reward_kl_estimator``). It estimates the KL *value* without bias, but as
 a detached reward its score-function gradient is not ∇KL: for an action a the policy rarely
 samples, π(a)·k3(δ_a) → π_ref(a), so its term of E_π[(r − β·k3)·∇log π] tends to
-−β·π_ref(a)·∇log π(a) — the penalty pushes down exactly the actions the reference protects. On the CoPG paper's 3-arm bandit
-(r = 2.5, 2, 1; β = 0.5; uniform reference) RLOO with k1 reaches π* (KL 0.385) while k3 drives
-the policy to (1, 0, 0), KL = log 3. k3 is still logged (``kl_k3``) as a value estimate.
+−β·π_ref(a)·∇log π(a) — the penalty pushes down exactly the actions the reference protects.
+On the CoPG paper's 3-arm bandit (r = 2.5, 2, 1; β = 0.5; uniform reference)
+RLOO with k1 reaches π* (KL 0.385) while k3 drives the policy to (1, 0, 0), KL = log 3.
+k3 is still logged (``kl_k3``) as a value estimate.
 """
 
 from __future__ import annotations
