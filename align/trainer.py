@@ -101,8 +101,13 @@ def reference_model(models: Models, accelerator):
         yield models.reference
         return
     policy = accelerator.unwrap_model(models.policy)
-    with policy.disable_adapter():
-        yield policy
+    training = policy.training
+    policy.eval()  # the reference is one fixed function: no dropout even when the policy trains with it
+    try:
+        with policy.disable_adapter():
+            yield policy
+    finally:
+        policy.train(training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,15 +348,15 @@ def offline_batch(
 
 def pair_rewards(recipe: Recipe, dataset: OfflineData, reward: RewardFunction | None, rows: list[int]) -> Tensor:
     """Offline CoPG rewards: the pair file's chosen_reward/rejected_reward columns, else the
-    recipe's reward on the texts, else 1 for chosen and 0 for rejected (CoPG with a fixed reward
-    gap is IPO-like)."""
+    recipe's reward on the texts, else ½ for chosen and 0 for rejected: with a reward gap of ½,
+    CoPG's minimiser is IPO's at the same β, and its loss is β/2 times IPO's."""
     if dataset.pair_rewards is not None:
         return torch.tensor([dataset.pair_rewards[t][i] for t in range(2) for i in rows], dtype=torch.float32)
     if reward is not None:
         prompts = [dataset.prompts[i] for _ in range(2) for i in rows]
         texts = [dataset.completion_texts[t][i] for t in range(2) for i in rows]
         return reward.score(prompts, texts, {})[0]
-    return torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))])
+    return torch.cat([torch.full((len(rows),), 0.5), torch.zeros(len(rows))])
 
 
 @torch.no_grad()

@@ -10,8 +10,11 @@ Pairs (y, y′) of the same prompt drawn from ANY sampling distribution μ -- on
 The β·log-ratio inside h stays differentiable: detaching it turns the loss into a plain
 off-policy policy gradient that converges to the wrong temperature. L is zero exactly when
 h is constant, i.e. π ∝ π_ref·exp(r/β), whatever μ (with full support): off-policy without
-importance weights. With r(y_w) − r(y_l) ≡ ½ it is IPO; with k = 2 on-policy samples its
-gradient is k·(RLOO's with k1 KL). Unit: pair.
+importance weights. With r(y_w) − r(y_l) ≡ ½ it is IPO at the same β (loss scaled by β/2):
+(½ − βΔ)²/(2β) = (β/2)(Δ − 1/(2β))². On-policy, with all k(k−1)/2 pairs of each group of k
+and the 1/P normaliser, its gradient is exactly 2× RLOO's (k1 KL) at every k: Σ_{i<j}(h_i − h_j)
+(∇ℓ_i − ∇ℓ_j) = k·Σ_i (h_i − h̄)∇ℓ_i and RLOO's advantage is k/(k−1)·(h_i − h̄), with P = N(k−1)/2
+pairs against N sequences. Unit: pair.
 """
 
 from __future__ import annotations

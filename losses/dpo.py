@@ -40,6 +40,6 @@ class DPO(Objective):
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         margin = pair_log_ratio_margin(batch, self.batch_pairs(batch), self.average_logprobs)
         return -F.logsigmoid(self.beta * margin), {
-            "margin": self.beta * margin.detach(),
+            "margin": margin.detach(),  # Δ, the log-ratio margin, as IPO logs it (TRL's reward margin is β·Δ)
             "accuracy": (margin.detach() > 0).float(),
         }

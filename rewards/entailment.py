@@ -17,8 +17,9 @@ the budget alone is cut into token windows of the budget with ``overlap_tokens``
 between neighbours (default a quarter of the budget). ``windowing: tokens`` uses token windows
 throughout. Together the windows cover every premise token. The window scores are aggregated
 (``aggregate``) in log space: ``max`` (default, Roit et al.: the document entails the summary if
-some part of it does) or ``mean`` (log of the mean probability). A hypothesis longer than half
-the model's limit is cut to its first half-limit tokens so each window keeps room for premise.
+some part of it does) or ``mean`` (log of the mean probability). A hypothesis is kept whole when
+it fits beside the premise; otherwise, if longer than half the model's limit, it is cut to its
+first half-limit tokens so each window keeps room for premise.
 
 **Output.** ``output: prob`` (default) is p(entail) in [0, 1]; ``logprob`` is its log;
 ``binary`` is 1.0 if p(entail) ≥ ``threshold`` (default 0.5) else 0.0.
@@ -185,17 +186,20 @@ class Entailment(Reward):
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return [tuple(o) for o in enc["offset_mapping"]]
 
-    def fit_hypothesis(self, hypothesis: str) -> tuple[str, int]:
-        """The hypothesis, cut to half the model's room if longer, and its length in tokens."""
+    def fit_hypothesis(self, hypothesis: str, premise_tokens: int | None = None) -> tuple[str, int]:
+        """The hypothesis and its length in tokens: whole when it fits beside the premise
+        (``premise_tokens``), else cut to half the model's room so each window keeps the rest."""
         offsets = self._offsets(hypothesis)
-        room = (self.max_length - self.specials) // 2
-        if len(offsets) > room:
-            return hypothesis[: offsets[room - 1][1]], room
+        room = self.max_length - self.specials
+        if premise_tokens is not None and premise_tokens + len(offsets) <= room:
+            return hypothesis, len(offsets)
+        if len(offsets) > room // 2:
+            return hypothesis[: offsets[room // 2 - 1][1]], room // 2
         return hypothesis, len(offsets)
 
     def window_spans(self, premise: str, hypothesis: str) -> list[tuple[int, int]]:
         """Character spans of ``premise`` scored against ``hypothesis`` (one span if it fits)."""
-        _, hyp_len = self.fit_hypothesis(hypothesis)
+        _, hyp_len = self.fit_hypothesis(hypothesis, len(self._offsets(premise)))
         return self._window_spans(premise, self.max_length - self.specials - hyp_len)
 
     def _window_spans(self, premise: str, budget: int) -> list[tuple[int, int]]:
@@ -240,12 +244,15 @@ class Entailment(Reward):
         pairs: dict[tuple[str, str], int] = {}  # unique (window text, hypothesis) -> row
         per_sample: list[list[int] | None] = []
         windows_cache: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        premise_tokens: dict[str, int] = {}
         for premise, completion in zip(premises, completions):
             if not completion.strip():
                 per_sample.append(None)
                 continue
             premise = "" if premise is None else str(premise)
-            hypothesis, hyp_len = self.fit_hypothesis(completion)
+            if premise not in premise_tokens:
+                premise_tokens[premise] = len(self._offsets(premise))
+            hypothesis, hyp_len = self.fit_hypothesis(completion, premise_tokens[premise])
             budget = self.max_length - self.specials - hyp_len
             key = (premise, budget)
             if key not in windows_cache:

@@ -216,3 +216,13 @@ def test_k3_as_detached_reward_has_no_fixed_point_at_pi_star() -> None:
     k3 = ascent(star, "k3")
     assert k3.abs().max() > 0.05
     assert k3[2] < 0 and k3[0] > 0  # mass moves from the worst arm to the best
+
+
+def test_dpo_and_ipo_log_one_margin() -> None:
+    """``margin`` is Δ, the pair's log-ratio margin, for both (not β·Δ for one of them)."""
+    batch = LossBatch(
+        logprobs=torch.tensor(LOGP), ref_logprobs=torch.tensor(REF), mask=torch.tensor(MASK), pairs=torch.tensor(PAIRS)
+    )
+    for name in ("dpo", "ipo"):
+        _, metrics = losses.build(name, beta=0.1)(batch)
+        assert metrics["margin"] == pytest.approx(sum(margins(False)) / 2, abs=1e-6), name

@@ -267,3 +267,17 @@ def test_long_hypothesis_is_cut_to_half_the_model(nli_dirs):
     assert n == (MAX_LEN - 3) // 2 and cut == " ".join(["cat"] * n)
     (score,) = reward(["x"], [hypothesis], document=[long_premise()])
     assert 0.0 <= score <= 1.0
+
+
+def test_hypothesis_is_kept_whole_when_the_pair_fits(nli_dirs):
+    """A hypothesis longer than half the model is cut only when the pair does not fit."""
+    path = nli_dirs["upper_first"]
+    reward = rewards.build("entailment", model=str(path), output="logprob")
+    premise, hypothesis = "the cat sat.", " ".join(WORDS[:20])  # 4 + 20 tokens <= 32 - 3
+    assert reward.fit_hypothesis(hypothesis, premise_tokens=4) == (hypothesis, 20)
+    assert reward.window_spans(premise, hypothesis) == [(0, len(premise))]
+    scored, real = [], reward.pair_logprobs
+    reward.pair_logprobs = lambda ps, hs: scored.extend(zip(ps, hs)) or real(ps, hs)
+    (got,) = reward(["x"], [hypothesis], document=[premise])
+    assert scored == [(premise, hypothesis)]  # the whole hypothesis reaches the model
+    assert got == pytest.approx(independent_logprob(path, premise, hypothesis), abs=1e-5)

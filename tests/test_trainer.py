@@ -407,6 +407,52 @@ def test_online_objective_without_reward_is_rejected():
         validate(Recipe, {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "objective": {"name": "rloo"}})
 
 
+def test_lora_reference_runs_in_eval_mode_when_the_policy_trains_with_dropout(tiny_model_dir):
+    """Adapters off is the reference only without dropout: inside ``reference_model`` the policy
+    is in eval mode (two forwards agree, and equal the base model's), and training resumes after."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align.trainer import Models, reference_model
+
+    class NoAccelerator:
+        @staticmethod
+        def unwrap_model(model):
+            return model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    policy = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["c_attn"], task_type="CAUSAL_LM"),
+    ).train()
+    models = Models(policy, None, None, None, 0)
+    torch.manual_seed(0)
+    with torch.no_grad(), reference_model(models, NoAccelerator()) as ref:
+        first, second = ref(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.equal(first, second)
+    assert (first - expected).abs().max() < 1e-5
+    assert policy.training
+    with torch.no_grad():
+        assert (policy(input_ids=ids).logits - expected).abs().max() > 1e-3  # dropout (p = 0.1) is on
+
+
+def test_offline_copg_without_rewards_is_ipo_at_the_same_beta(tiny_model_dir, tiny_data_files, tmp_path):
+    """A pair file with no rewards: CoPG's reward gap is ½, so (½ − βΔ)²/(2β) = (β/2)·IPO's loss
+    and SGD with lr·2/β gives IPO's weights at the same β (a gap of 1 would be IPO at β/2)."""
+    beta, lr = 0.5, SGD_LR["ipo"]
+    finals = {}
+    for key, step in [("ipo", lr), ("copg_offline", lr * 2 / beta)]:
+        run = tmp_path / key
+        train(make_recipe(tiny_model_dir, tiny_data_files, run, key, optimizer="sgd", lr=step, max_grad_norm=None))
+        finals[key] = final_params(run)
+    initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert max_diff(finals["ipo"], {k: v for k, v in initial.items() if k in finals["ipo"]}) > 1e-4
+    assert max_diff(finals["ipo"], finals["copg_offline"]) < 1e-6
+
+
 def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, tiny_data_files, tmp_path):
     """LoRA: no second model in memory; KL is 0 at step 1 (LoRA B starts at zero) -- to float
     rounding: the policy's log-probs come from the sampler's incremental forward, the reference's
