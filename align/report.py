@@ -46,7 +46,7 @@ def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) 
         "texts": texts,
     }
     if reward is not None:
-        scores, components = reward.score(prompts, texts, {})
+        scores, components = reward.score(prompts, texts, {}, update=False)
         out["reward"] = float(scores.float().mean())
         out["components"] = {k: float(torch.tensor(v).mean()) for k, v in components.items()}
     return out

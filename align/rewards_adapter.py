@@ -6,6 +6,8 @@ convention); this module only turns the recipe's component list into one object 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,11 +23,18 @@ class RewardFunction:
         self._last: Tensor | None = None
 
     def score(
-        self, prompts: list[str], completions: list[str], columns: dict[str, list]
+        self,
+        prompts: list[str],
+        completions: list[str],
+        columns: dict[str, list],
+        gather: Callable[[list[float]], list[float]] | None = None,
+        update: bool = True,
     ) -> tuple[Tensor, dict[str, list[float]]]:
-        """Weighted total per sample [N] and each component's raw scores."""
+        """Weighted total per sample [N] and each component's raw scores. ``gather``: every
+        process's scores concatenated, so whitening moments stay equal on all ranks; ``update=False``
+        (evaluation) leaves the moments as training left them."""
         components = self.combined.score_components(prompts, completions, **columns)
-        total = self.combined.combine(components)
+        total = self.combined.combine(components, update=update, gather=gather)
         self._last = torch.tensor([components[name] for name in components], dtype=torch.float32).T
         return torch.tensor(total, dtype=torch.float32), components
 

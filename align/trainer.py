@@ -243,7 +243,7 @@ def rollout_batch(
     generation_seconds = time.perf_counter() - start
     prompts = [dataset.prompts[i] for i in rows for _ in range(k)]
     columns = {name: [values[i] for i in rows for _ in range(k)] for name, values in dataset.columns.items()}
-    rewards, components = reward.score(prompts, texts, columns)
+    rewards, components = reward.score(prompts, texts, columns, gather=_all_ranks(accelerator))
     batch = StepBatch(
         prompt_ids=rollout.prompt_ids,
         prompt_mask=rollout.prompt_mask,
@@ -263,6 +263,15 @@ def rollout_batch(
         batch.demo_rewards = reward.score_demonstrations(prompts, demos, columns).to(accelerator.device)
         batch.rewards = reward.last_components_tensor().to(accelerator.device)
     return batch
+
+
+def _all_ranks(accelerator) -> Callable[[list[float]], list[float]] | None:
+    """Every process's list, concatenated in rank order (None on one process)."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+
+    return lambda values: [v for part in gather_object([list(values)]) for v in part]
 
 
 KEEP_PROBS_MAX_BYTES = 1 << 30  # the kept softmax is sized for max_new_tokens: at most 1 GiB of it
@@ -336,7 +345,7 @@ def offline_batch(
         n = len(rows)
         batch.pairs = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(accelerator.device)
         if recipe.objective.name == "copg":
-            batch.rewards = pair_rewards(recipe, dataset, reward, rows).to(accelerator.device)
+            batch.rewards = pair_rewards(recipe, dataset, reward, rows, _all_ranks(accelerator)).to(accelerator.device)
     if dataset.ref_cache is not None:
         T = completion_ids.shape[1]
         cached = [dataset.ref_cache[i][t] for t in range(n_texts) for i in rows]
@@ -346,7 +355,9 @@ def offline_batch(
     return batch
 
 
-def pair_rewards(recipe: Recipe, dataset: OfflineData, reward: RewardFunction | None, rows: list[int]) -> Tensor:
+def pair_rewards(
+    recipe: Recipe, dataset: OfflineData, reward: RewardFunction | None, rows: list[int], gather=None
+) -> Tensor:
     """Offline CoPG rewards: the pair file's chosen_reward/rejected_reward columns, else the
     recipe's reward on the texts, else ½ for chosen and 0 for rejected: with a reward gap of ½,
     CoPG's minimiser is IPO's at the same β, and its loss is β/2 times IPO's."""
@@ -355,7 +366,7 @@ def pair_rewards(recipe: Recipe, dataset: OfflineData, reward: RewardFunction | 
     if reward is not None:
         prompts = [dataset.prompts[i] for _ in range(2) for i in rows]
         texts = [dataset.completion_texts[t][i] for t in range(2) for i in rows]
-        return reward.score(prompts, texts, {})[0]
+        return reward.score(prompts, texts, {}, gather=gather)[0]
     return torch.cat([torch.full((len(rows),), 0.5), torch.zeros(len(rows))])
 
 

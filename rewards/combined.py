@@ -22,7 +22,7 @@ demonstrations' (``rewards.DemoRewardCache``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,10 @@ class RunningMoments:
         self.count = total
 
     def normalize(self, values: Sequence[float], eps: float = 1e-8) -> list[float]:
+        """(v − mean) / sqrt(var + eps) with the moments seen so far; before any, ``values`` as is
+        (whitening a batch by its own moments would couple every sample to the others)."""
+        if self.count == 0:
+            return list(values)
         std = math.sqrt(self.var + eps)
         return [(v - self.mean) / std for v in values]
 
@@ -142,16 +146,26 @@ class CombinedReward:
         self.last_components = self.raw_scores(prompts, completions, **columns)
         return self.last_components
 
-    def combine(self, components: dict[str, list[float]], update: bool = True) -> list[float]:
-        """The weighted total of raw component scores (whitened and clipped as configured)."""
+    def combine(
+        self,
+        components: dict[str, list[float]],
+        update: bool = True,
+        gather: Callable[[list[float]], list[float]] | None = None,
+    ) -> list[float]:
+        """The weighted total of raw component scores (whitened and clipped as configured).
+
+        Whitening uses the moments from *before* this batch; with ``update`` they then absorb the
+        batch -- all processes' scores when ``gather`` (every rank's list, concatenated) is given,
+        so each rank keeps the same moments and 2 processes whiten as 1 does."""
         n = len(components[self.components[0].name])
         total = [0.0] * n
         for c in self.components:
             values = list(components[c.name])
             if c.normalize:
-                if update:
-                    self.moments[c.name].update(values)
+                raw = values
                 values = self.moments[c.name].normalize(values, self.eps)
+                if update:
+                    self.moments[c.name].update(gather(raw) if gather is not None else raw)
             values = _clip(values, c.clip)
             total = [t + c.weight * v for t, v in zip(total, values)]
         self.last_total = _clip(total, self.clip)

@@ -170,7 +170,9 @@ def test_weighted_sum_unique_names_and_last_components():
 
 
 def test_running_whitening_clipping_and_state_dict():
-    batch1, batch2 = [1.0, 2.0, 3.0, 10.0], [4.0, -2.0, 0.5, 7.0]
+    """Each batch is whitened with the moments of the batches *before* it (the first passes
+    through raw), then absorbed: no sample's reward depends on the others of its own batch."""
+    batch1, batch2, batch3 = [1.0, 2.0, 3.0, 10.0], [4.0, -2.0, 0.5, 7.0], [0.0, 1.0, -1.0, 2.0]
     spec = [
         {"name": "a", "normalize": True, "weight": 2.0},
         {"name": "b", "clip": [-1.0, 1.0], "weight": 0.5},
@@ -179,30 +181,45 @@ def test_running_whitening_clipping_and_state_dict():
     rewards.register(lambda: const([-3.0, 0.2, 5.0, 1.0]), name="b")
     reward = rewards.build_combined(spec, clip=[-100.0, 3.0])
     out1 = reward(["p"] * 4, ["c"] * 4)
-    z1 = (np.array(batch1) - np.mean(batch1)) / np.sqrt(np.var(batch1) + 1e-8)
     b = np.clip([-3.0, 0.2, 5.0, 1.0], -1, 1)
-    assert out1 == pytest.approx(np.clip(2 * z1 + 0.5 * b, -100, 3).tolist())
+    assert out1 == pytest.approx(np.clip(2 * np.array(batch1) + 0.5 * b, -100, 3).tolist())
     assert max(out1) == 3.0  # the total is clipped
 
-    # the second batch is whitened with the statistics of both batches
+    # the second batch is whitened with the first batch's statistics only
     comps = {"a": batch2, "b": [0.0] * 4}
     state = json.loads(json.dumps(reward.state_dict()))  # checkpoints hold plain JSON
     out2 = reward.combine(comps)
-    seen = np.array(batch1 + batch2)
-    z2 = (np.array(batch2) - seen.mean()) / np.sqrt(seen.var() + 1e-8)
+    z2 = (np.array(batch2) - np.mean(batch1)) / np.sqrt(np.var(batch1) + 1e-8)
     assert out2 == pytest.approx(np.clip(2 * z2, -100, 3).tolist())
+    # ... and the third with both
+    out3 = reward.combine({"a": batch3, "b": [0.0] * 4})
+    seen = np.array(batch1 + batch2)
+    z3 = (np.array(batch3) - seen.mean()) / np.sqrt(seen.var() + 1e-8)
+    assert out3 == pytest.approx(np.clip(2 * z3, -100, 3).tolist())
 
     # a restored reward normalises exactly like the one that kept running
     fresh = rewards.build_combined(spec, clip=[-100.0, 3.0])
     fresh.load_state_dict(state)
     assert fresh.combine(comps) == pytest.approx(out2)
-    assert fresh.state_dict() == reward.state_dict()
     # update=False leaves the statistics alone
     before = reward.state_dict()
     reward.combine(comps, update=False)
     assert reward.state_dict() == before
     with pytest.raises(ValueError, match="normalises"):
         rewards.build_combined(["a"]).load_state_dict(state)
+
+
+def test_whitening_moments_absorb_every_process_scores():
+    """With ``gather`` (every rank's scores), each rank's moments are those of the global batch."""
+    spec = [{"name": "a", "normalize": True}]
+    rewards.register(lambda: const([0.0]), name="a")
+    rank0, rank1, single = (rewards.build_combined(spec) for _ in range(3))
+    local = {0: [1.0, 2.0], 1: [3.0, 10.0]}
+    everyone = lambda values: local[0] + local[1]  # noqa: E731 -- what gather_object returns
+    rank0.combine({"a": local[0]}, gather=everyone)
+    rank1.combine({"a": local[1]}, gather=everyone)
+    single.combine({"a": local[0] + local[1]})
+    assert rank0.state_dict() == rank1.state_dict() == single.state_dict()
 
 
 def test_running_moments_merge_equals_full_statistics():

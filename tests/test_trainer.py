@@ -25,11 +25,13 @@ SGD_LR = {
     "ipo": 0.02,
     "copg_offline": 0.05,
     "rloo": 0.05,
+    "rloo_whitened": 0.05,
     "reinforce": 0.05,
     "copg": 0.05,
     "rcfd": 0.005,
 }
 LENGTH = [{"name": "length", "options": {"target": 12, "unit": "chars"}}]
+WHITENED = [{"name": "length", "options": {"target": 12, "unit": "chars"}, "normalize": True}]
 
 # objective section, data file key, extra recipe fields
 OBJECTIVES = {
@@ -39,6 +41,7 @@ OBJECTIVES = {
     "ipo": ({"name": "ipo", "beta": 0.5}, "pairs", {}),
     "copg_offline": ({"name": "copg", "beta": 0.5, "mode": "offline"}, "pairs", {}),
     "rloo": ({"name": "rloo", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
+    "rloo_whitened": ({"name": "rloo", "beta": 0.05, "k": 2}, "prompts", {"reward": WHITENED}),
     "reinforce": ({"name": "reinforce", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
     "copg": ({"name": "copg", "beta": 0.5, "k": 2}, "prompts", {"reward": LENGTH}),
     "rcfd": ({"name": "rcfd", "beta": 0.05, "k": 2}, "demos", {"reward": LENGTH}),
@@ -233,7 +236,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("key", ["dpo", "rloo", "reinforce"])
+@pytest.mark.parametrize("key", ["dpo", "rloo", "reinforce", "rloo_whitened"])
 def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
     """SIGTERM at step 2 saves a checkpoint; resuming to step 4 equals the uninterrupted run bit for bit.
 
@@ -265,7 +268,7 @@ def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
     assert clean[0] == clean[1]
 
 
-@pytest.mark.parametrize("key", ["dpo", "rloo"])
+@pytest.mark.parametrize("key", ["dpo", "rloo", "rloo_whitened"])
 def test_two_process_ddp_equals_one_process(key, tiny_model_dir, tiny_data_files, tmp_path):
     """accelerate launch --cpu --num_processes 2 (batch 4 each) == 1 process (batch 8)."""
     import yaml
