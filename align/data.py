@@ -7,6 +7,7 @@ so a resumed run, or a run split over more processes, sees the same rows at the 
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
@@ -120,29 +121,92 @@ def message_text(value) -> str:
 
 def format_prompts(tokenizer, columns: dict[str, list], cfg, source: str) -> list[str]:
     """Prompt strings from a column or a ``prompt_template``; messages go through the chat template."""
+    names = list(columns)
+    return [_render(tokenizer, dict(zip(names, row)), cfg, source, i) for i, row in enumerate(zip(*columns.values()))]
+
+
+def _render(tokenizer, row: dict, cfg, source: str, index: int) -> str:
     if cfg.prompt_template is not None:
-        names = list(columns)
         try:
-            prompts = [cfg.prompt_template.format(**dict(zip(names, row))) for row in zip(*columns.values())]
+            prompt = cfg.prompt_template.format(**row)
         except KeyError as err:
             raise DataError(f"data {source!r}: prompt_template uses missing column {err.args[0]!r}") from None
     else:
-        prompts = columns[cfg.prompt_column]
-    out = []
-    for row, prompt in enumerate(prompts):
-        if isinstance(prompt, str) and cfg.chat_template:
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(prompt, list):
-            if getattr(tokenizer, "chat_template", None) is None:
-                raise DataError(f"data {source!r} row {row}: chat messages, but the tokenizer has no chat template")
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        out.append(prompt)
-    return out
+        prompt = row[cfg.prompt_column]
+    if isinstance(prompt, str) and cfg.chat_template:
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(f"data {source!r} row {index}: chat messages, but the tokenizer has no chat template")
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def _source_column(row: dict, cfg) -> str | None:
+    """The column cut when a prompt is too long: ``truncate_column``, else the longest text the
+    prompt_template reads, else the prompt column (None when that holds chat messages)."""
+    if cfg.truncate_column is not None:
+        return cfg.truncate_column
+    if cfg.prompt_template is not None:
+        used = [name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name in row]
+        texts = [name for name in used if isinstance(row[name], str)]
+        return max(texts, key=lambda name: len(row[name])) if texts else None
+    return cfg.prompt_column if isinstance(row.get(cfg.prompt_column), str) else None
+
+
+def prompt_rows(tokenizer, columns: dict[str, list], cfg, source: str) -> tuple[list[str], list[list[int]]]:
+    """Rendered prompts and their token ids, each at most ``cfg.max_prompt_tokens`` long.
+
+    A prompt over budget is cut *inside* its source column, so the template's fixed text, the chat
+    header and the special tokens stay whole. A source wrapped by a template keeps its beginning
+    (a document's lede); a bare prompt, continued as it is, keeps its end. Prints once how many
+    rows were cut. Chat-message prompts, which have no single source text, keep their last tokens.
+    """
+    names, budget = list(columns), cfg.max_prompt_tokens
+    prompts, ids, cut = [], [], 0
+    wrapped = cfg.prompt_template is not None or cfg.chat_template
+    for index, values in enumerate(zip(*columns.values())):
+        row = dict(zip(names, values))
+        text = _render(tokenizer, row, cfg, source, index)
+        tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(tokens) > budget:
+            cut += 1
+            column = _source_column(row, cfg)
+            if column is None:
+                tokens = tokens[-budget:]
+                text = tokenizer.decode(tokens, skip_special_tokens=False)
+            else:
+                text, tokens = _cut_source(tokenizer, row, column, cfg, source, index, keep_start=wrapped)
+        prompts.append(text)
+        ids.append(tokens)
+    if cut:
+        print(f"data {source!r}: {cut} prompt(s) longer than data.max_prompt_tokens={budget} cut inside their source")
+    return prompts, ids
+
+
+def _cut_source(tokenizer, row: dict, column: str, cfg, source: str, index: int, keep_start: bool):
+    if column not in row or not isinstance(row[column], str):
+        raise DataError(f"data {source!r}: truncate_column {column!r} is not a text column of the prompt")
+    value, budget = row[column], cfg.max_prompt_tokens
+    pieces = tokenizer(value, add_special_tokens=False)["input_ids"]
+    keep = len(pieces)
+    while keep > 0:
+        kept = pieces[:keep] if keep_start else pieces[len(pieces) - keep :]
+        text = _render(tokenizer, {**row, column: tokenizer.decode(kept)}, cfg, source, index)
+        tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(tokens) <= budget:
+            return text, tokens
+        keep -= max(1, len(tokens) - budget)  # re-tokenising at the cut can shift a token or two
+    raise DataError(
+        f"data {source!r} row {index}: the prompt without column {column!r} is already over "
+        f"data.max_prompt_tokens={budget} tokens"
+    )
 
 
 def encode_prompts(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Token ids of already-rendered prompts, keeping each one's last ``max_tokens``."""
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    return [row[-max_tokens:] for row in ids]  # keep the end of a long prompt: it is what is continued
+    return [row[-max_tokens:] for row in ids]
 
 
 def encode_completions(tokenizer, texts: list[str], max_tokens: int, eos_token_id: int | None) -> list[list[int]]:

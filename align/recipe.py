@@ -51,7 +51,15 @@ class DataConfig(Strict):
     chat_template: bool = Field(
         False, description="wrap each prompt as a user message and apply the tokenizer's chat template"
     )
-    max_prompt_tokens: int = Field(256, gt=0, description="prompts are truncated on the left to this many tokens")
+    max_prompt_tokens: int = Field(
+        256,
+        gt=0,
+        description="a longer prompt is cut inside its source column (the template's fixed text and special "
+        "tokens stay); a templated source keeps its beginning, a bare prompt its end",
+    )
+    truncate_column: str | None = Field(
+        None, description="the column cut to fit max_prompt_tokens (default: the template's longest text column)"
+    )
     max_completion_tokens: int = Field(256, gt=0, description="offline completions are truncated to this")
     eval_prompts: str | None = Field(None, description="held-out prompts for the before/after report")
 

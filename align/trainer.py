@@ -143,9 +143,8 @@ class OnlineData:
         first = [] if cfg.prompt_template else [cfg.prompt_column]
         wanted = first + [c for c in table.column_names if c not in first]
         self.columns = data_lib.read_columns(cfg.train, table, wanted, non_empty=first)
-        self.prompts = data_lib.format_prompts(tokenizer, self.columns, cfg, cfg.train)
+        self.prompts, self.prompt_ids = data_lib.prompt_rows(tokenizer, self.columns, cfg, cfg.train)
         self.columns.pop(cfg.prompt_column, None)
-        self.prompt_ids = data_lib.encode_prompts(tokenizer, self.prompts, cfg.max_prompt_tokens)
         if recipe.objective.name == "rcfd" and cfg.demonstration_column not in self.columns:
             raise data_lib.DataError(
                 f"data {cfg.train!r}: missing column {cfg.demonstration_column!r} (rcfd demonstrations)"
@@ -185,8 +184,9 @@ class OfflineData:
             [*prompt_cols, *texts, *reward_cols],
             non_empty=[*prompt_cols[:1], *texts] if not cfg.prompt_template else texts,
         )
-        self.prompts = data_lib.format_prompts(tokenizer, {c: columns[c] for c in prompt_cols}, cfg, cfg.train)
-        self.prompt_ids = data_lib.encode_prompts(tokenizer, self.prompts, cfg.max_prompt_tokens)
+        self.prompts, self.prompt_ids = data_lib.prompt_rows(
+            tokenizer, {c: columns[c] for c in prompt_cols}, cfg, cfg.train
+        )
         self.completion_texts = [[data_lib.message_text(v) for v in columns[c]] for c in texts]
         self.completion_ids = [
             data_lib.encode_completions(tokenizer, col, cfg.max_completion_tokens, eos_token_id)

@@ -525,6 +525,49 @@ def test_prompt_template_builds_prompts_from_columns(tiny_model_dir, tmp_path):
         format_prompts(None, {"document": ["a"]}, Cfg, "x")
 
 
+def test_long_prompts_are_cut_inside_their_source_column(tiny_model_dir, capsys):
+    """The xsum_entailment_rloo.yaml shape (instruction + {document}, chat template): a long
+    document is cut, not the prompt's head -- BOS, the chat header and the instruction stay, the
+    document keeps its beginning, and the rows cut are counted in one line."""
+    from transformers import AutoTokenizer
+
+    from align.data import prompt_rows
+    from align.recipe import DataConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "<|user|>\n{{ messages[0]['content'] }}\n<|assistant|>\n"
+    cfg = DataConfig(
+        train="x.jsonl",
+        prompt_template="Summarize the article in one sentence.\n\n{document}",
+        chat_template=True,
+        max_prompt_tokens=120,  # the tiny tokenizer spends 49 tokens on the fixed text
+    )
+    long_doc = " ".join(f"the film number {i} was good ." for i in range(60))
+    documents = [long_doc, "the cast was great ."]
+    prompts, ids = prompt_rows(tokenizer, {"document": documents, "summary": ["a", "b"]}, cfg, "x.jsonl")
+    head = "<|user|>\nSummarize the article in one sentence.\n\n"
+    assert prompts[1] == head + documents[1] + "\n<|assistant|>"  # a short row is untouched
+    assert 110 <= len(ids[0]) <= 120  # cut to fit, not far below the budget
+    assert ids[0][0] == tokenizer.bos_token_id and ids[0] == tokenizer(prompts[0])["input_ids"]
+    assert prompts[0].startswith(head + "the film number 0 was good .")
+    assert prompts[0].endswith("\n<|assistant|>")
+    assert len(prompts[0]) < len(head) + len(long_doc)
+    assert "1 prompt(s) longer than data.max_prompt_tokens=120 cut inside their source" in capsys.readouterr().out
+
+    # a bare prompt (continued as is) keeps its end, and its BOS
+    bare = DataConfig(train="x.jsonl", max_prompt_tokens=40)
+    prompts, ids = prompt_rows(tokenizer, {"prompt": [long_doc]}, bare, "x.jsonl")
+    assert len(ids[0]) <= 40 and ids[0][0] == tokenizer.bos_token_id
+    assert long_doc.endswith(prompts[0].strip()) and prompts[0].strip().endswith("number 59 was good .")
+
+    template = "Summarize the article in one sentence.\n\n{document}"
+    tight = DataConfig(train="x.jsonl", prompt_template=template, max_prompt_tokens=3)
+    from align.data import DataError
+
+    with pytest.raises(DataError, match="without column 'document' is already over data.max_prompt_tokens=3"):
+        prompt_rows(tokenizer, {"document": [long_doc]}, tight, "x.jsonl")
+
+
 def test_recipes_command_lists_bundled_recipes():
     out = run_cli("recipes")
     assert out.returncode == 0
