@@ -208,7 +208,33 @@ class Recipe(Strict):
             raise ValueError(f"objective.k: {self.objective.name!r} needs k >= 2 samples per prompt")
         if self.objective.online:
             self._no_sampling_filters()
+        if self._calibrated():
+            if "weights" in self.objective.options:
+                raise ValueError(
+                    f"objective.options.weights: {name!r} takes each component's weight from the reward "
+                    "section (reward[i].weight); remove it"
+                )
+            for i, component in enumerate(self.reward):
+                if component.normalize:
+                    raise ValueError(
+                        f"reward[{i}].normalize: {name!r} already whitens each component with its "
+                        "demonstrations' moments; expected false"
+                    )
         return self
+
+    def _calibrated(self) -> bool:
+        """Objectives that compare each reward component with a demonstration's (RCfD)."""
+        cls = losses.REGISTRY[self.objective.name]
+        return "demo_rewards" in cls.needs and "weights" in losses.options(self.objective.name)
+
+    def build_objective(self) -> losses.Objective:
+        """The objective, with the reward section's per-component weights where it compares components."""
+        if not self._calibrated() or not self.reward:
+            return self.objective.build()
+        opts = {**self.objective.options, "weights": [c.weight for c in self.reward]}
+        if self.objective.beta is not None:
+            opts["beta"] = self.objective.beta
+        return losses.build(self.objective.name, **opts)
 
     def _no_sampling_filters(self) -> None:
         """The online loss and its KL use log-probs of softmax(logits / T) over the whole

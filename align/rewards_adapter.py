@@ -21,6 +21,7 @@ class RewardFunction:
         self.combined.allow_non_finite = True  # a NaN/inf score skips the step (counted) rather than ending the run
         self.demo_cache = rewards_lib.DemoRewardCache(self.combined)
         self._last: Tensor | None = None
+        self.calibration: tuple[Tensor, Tensor] | None = None  # RCfD: demonstrations' (mean, std) [C]
 
     def score(
         self,
@@ -43,7 +44,29 @@ class RewardFunction:
         return self._last
 
     def score_demonstrations(self, prompts: list[str], demonstrations: list[str], columns: dict[str, list]) -> Tensor:
+        """[N, C] raw component scores of the demonstrations (cached)."""
         return torch.as_tensor(self.demo_cache(prompts, demonstrations, **columns), dtype=torch.float32)
+
+    def fit_calibration(self, prompts: list[str], demonstrations: list[str], columns: dict[str, list]) -> None:
+        """Per-component moments of the demonstrations' (clipped) scores: the one affine map that
+        ``calibrate`` applies to policy and demonstration scores alike (RCfD's per-component
+        whitening). Fixed for the run, so the distance is in each component's demonstration std
+        whatever the components' raw scales; a component whose demonstrations all score alike
+        keeps unit scale."""
+        raw = self._clip_components(self.score_demonstrations(prompts, demonstrations, columns).double())
+        self.calibration = (raw.mean(0), torch.where(raw.std(0, correction=0) > 0, raw.std(0, correction=0), 1.0))
+
+    def calibrate(self, components: Tensor) -> Tensor:
+        """[N, C] raw scores → clipped per component, whitened with the demonstrations' moments."""
+        mean, std = self.calibration
+        return ((self._clip_components(components.double()) - mean) / std).float()
+
+    def _clip_components(self, values: Tensor) -> Tensor:
+        out = values.clone()
+        for c, component in enumerate(self.combined.components):
+            if component.clip is not None:
+                out[:, c] = out[:, c].clamp(*component.clip)
+        return out
 
     def state_dict(self) -> dict:
         return self.combined.state_dict()

@@ -260,8 +260,9 @@ def rollout_batch(
     batch.metrics["generation_s"] = generation_seconds
     if recipe.objective.name == "rcfd":
         demos = columns[recipe.data.demonstration_column]
-        batch.demo_rewards = reward.score_demonstrations(prompts, demos, columns).to(accelerator.device)
-        batch.rewards = reward.last_components_tensor().to(accelerator.device)
+        batch.demo_rewards = reward.calibrate(reward.score_demonstrations(prompts, demos, columns))
+        batch.demo_rewards = batch.demo_rewards.to(accelerator.device)
+        batch.rewards = reward.calibrate(reward.last_components_tensor()).to(accelerator.device)
     return batch
 
 
@@ -272,6 +273,18 @@ def _all_ranks(accelerator) -> Callable[[list[float]], list[float]] | None:
     from accelerate.utils import gather_object
 
     return lambda values: [v for part in gather_object([list(values)]) for v in part]
+
+
+CALIBRATION_ROWS = 1024  # demonstrations scored up front for RCfD's per-component moments
+
+
+def fit_demo_calibration(reward: RewardFunction, dataset: OnlineData, column: str) -> None:
+    """Score up to CALIBRATION_ROWS demonstrations, evenly spaced over the data set, once: the
+    same rows on every process and on resume, so the calibration never changes a trajectory."""
+    n = len(dataset)
+    rows = sorted({i * n // min(n, CALIBRATION_ROWS) for i in range(min(n, CALIBRATION_ROWS))})
+    columns = {name: [values[i] for i in rows] for name, values in dataset.columns.items()}
+    reward.fit_calibration([dataset.prompts[i] for i in rows], columns[column], columns)
 
 
 KEEP_PROBS_MAX_BYTES = 1 << 30  # the kept softmax is sized for max_new_tokens: at most 1 GiB of it
@@ -644,11 +657,13 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
     run_dir = Path(recipe.output.dir)
     resume_from = resolve_resume(recipe.resume, run_dir)
     online = recipe.objective.online
-    objective = recipe.objective.build()
+    objective = recipe.build_objective()
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
     models = load_models(recipe, accelerator.device, need_reference=objective.name != "sft")
     if online:
         dataset = OnlineData(recipe, models.tokenizer)
+        if recipe.objective.name == "rcfd":
+            fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
     else:
         dataset = OfflineData(recipe, models.tokenizer, models.eos_token_id)
     trainable = [p for p in models.policy.parameters() if p.requires_grad]

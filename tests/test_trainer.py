@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -566,6 +567,63 @@ def test_long_prompts_are_cut_inside_their_source_column(tiny_model_dir, capsys)
 
     with pytest.raises(DataError, match="without column 'document' is already over data.max_prompt_tokens=3"):
         prompt_rows(tokenizer, {"document": [long_doc]}, tight, "x.jsonl")
+
+
+def test_rcfd_whitens_each_component_by_its_demonstrations(tiny_model_dir, tiny_data_files, tmp_path):
+    """RCfD with two components of scales 1 and 100: each is whitened with its demonstrations'
+    moments (the same map for policy and demonstration scores), so multiplying one component by
+    100 changes nothing; its weight comes from the reward section."""
+    import rewards
+
+    def length_score(prompts, completions, **_):
+        return [len(c) / 10 for c in completions]
+
+    def vowel_score(scale):
+        return lambda prompts, completions, **_: [scale * sum(ch in "aeiou" for ch in c) for c in completions]
+
+    rewards.register(lambda: length_score, name="test_length_score")
+    rewards.register(lambda: vowel_score(1.0), name="test_vowels_x1")
+    rewards.register(lambda: vowel_score(100.0), name="test_vowels_x100")
+    finals = {}
+    for scale in ("x1", "x100"):
+        recipe = make_recipe(
+            tiny_model_dir, tiny_data_files, tmp_path / scale, "rcfd", optimizer="sgd", lr=0.05, max_grad_norm=None
+        )
+        components = [{"name": "test_length_score", "weight": 1.0}, {"name": f"test_vowels_{scale}", "weight": 3.0}]
+        recipe = validate(Recipe, {**recipe.model_dump(mode="json"), "reward": components})
+        assert recipe.build_objective().weights.tolist() == [1.0, 3.0]
+        train(recipe)
+        finals[scale] = final_params(tmp_path / scale)
+    initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert max_diff(finals["x1"], {k: v for k, v in initial.items() if k in finals["x1"]}) > 1e-4
+    assert max_diff(finals["x1"], finals["x100"]) < 1e-6
+
+    raw = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "bad", "rcfd").model_dump(mode="json")
+    with pytest.raises(RecipeError, match=r"objective.options.weights: 'rcfd' takes each component's weight"):
+        validate(Recipe, {**raw, "objective": {**raw["objective"], "options": {"weights": [1.0]}}})
+    with pytest.raises(RecipeError, match=r"reward\[0\].normalize: 'rcfd' already whitens"):
+        validate(Recipe, {**raw, "reward": [{**raw["reward"][0], "normalize": True}]})
+
+
+def test_rcfd_calibration_is_the_demonstrations_moments():
+    """``calibrate`` = (clip(score) − mean_demo) / std_demo per component (population std)."""
+    import rewards
+    from align.recipe import RewardComponent
+    from align.rewards_adapter import RewardFunction
+
+    def length(prompts, completions, **_):
+        return [float(len(c)) for c in completions]
+
+    rewards.register(lambda: length, name="test_len_raw")
+    components = [RewardComponent(name="test_len_raw"), RewardComponent(name="test_len_raw", clip=[0.0, 3.0])]
+    reward = RewardFunction(components, torch.device("cpu"))
+    demos = ["a", "abcd", "abcdefg"]  # lengths 1, 4, 7; clipped 1, 3, 3
+    reward.fit_calibration(["p"] * 3, demos, {})
+    got = reward.calibrate(torch.tensor([[2.0, 2.0], [10.0, 10.0]]))
+    first = (torch.tensor([2.0, 10.0]) - 4.0) / math.sqrt(6.0)
+    clipped = torch.tensor([1.0, 3.0, 3.0])
+    second = (torch.tensor([2.0, 3.0]) - clipped.mean()) / clipped.std(correction=0)
+    assert torch.allclose(got, torch.stack([first, second], 1), atol=1e-6)
 
 
 def test_recipes_command_lists_bundled_recipes():
