@@ -4,7 +4,10 @@ Given a demonstration y_d of prompt x, the calibrated reward replaces r:
 
     r̃(x, y) = −Σ_c w_c (r_c(x, y) − r_c(x, y_d))²      (one term per reward component c)
 
-and is optimised with the RLOO estimator (losses/rloo.py), optionally with β·KL. The policy is
+and is optimised with the RLOO estimator (losses/rloo.py), optionally with β·KL. The loss takes
+the component scores it is given; the trainer passes each component clipped and whitened with its
+demonstrations' moments (one affine map for policy and demonstration scores), so components of
+unequal scales weigh as ``weights`` say, and the weights are the recipe's ``reward[i].weight``. The policy is
 pushed to *score like the demonstrations*, not to maximise the reward model, so exploiting the
 reward model earns nothing. KL-regularised fixed point on a bandit:
 π(a) ∝ π_ref(a)·exp(−(r(a) − r_d)²/β). The paper uses no KL (β = 0) with PPO; β > 0 is

@@ -249,6 +249,7 @@ def test_summed_dpo_drifts_longer_than_averaged_dpo_at_equal_kl() -> None:
         (["objectives=[dpo, nope]"], "objectives"),
         (["beta=0"], "beta"),
         (["beta=-1"], "beta"),
+        (["objectives=[{name: rloo, kl_estimator: k3}]"], "kl_estimator"),
     ],
 )
 def test_bad_recipes_exit_2_with_one_line(overrides, field, capsys) -> None:

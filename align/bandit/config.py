@@ -65,6 +65,7 @@ class ObjectiveEntry(Strict):
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for {self.name!r}; expected {sorted(allowed)}")
+        losses.build(self.name, **self.options)  # the objective's own checks (e.g. kl_estimator)
         return self
 
     def source(self, sampler: Any) -> Literal["policy", "sampler"]:
