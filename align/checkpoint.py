@@ -5,8 +5,8 @@ A checkpoint directory ``checkpoints/step-000040/`` holds
   saves them) plus the tokenizer, loadable by ``from_pretrained`` as is;
 - ``state/``: ``accelerator.save_state`` (model, optimizer, scheduler, every RNG state; works
   for DDP, DeepSpeed and FSDP shards);
-- ``trainer_state.pt``: step, skipped-step count, objective and reward state (baselines,
-  running whitening).
+- ``trainer_state.pt``: step, skipped-step count, LR-scheduler, objective and reward state
+  (baselines, running whitening), as tensors and plain types (loaded with ``weights_only=True``).
 The data position is the step itself: step batches are a pure function of (seed, step).
 """
 
@@ -80,7 +80,8 @@ def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, run_dir:
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     accelerator.load_state(str(path / "state"))
-    return torch.load(path / "trainer_state.pt", weights_only=False)
+    # plain types and tensors only: a forged checkpoint cannot run code on resume
+    return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
 def _fsync_tree(path: Path) -> None:

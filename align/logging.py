@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= start_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept) if start_step else "")
+            records, torn = _parse_lines(self.path)
+            if torn:
+                print(f"{self.path}: {torn} torn line(s) dropped (an interrupted write)")
+            # on resume, the steps after the checkpoint are logged again: drop them once
+            kept = [r for r in records if start_step and r.get("step", 0) <= start_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)  # never truncate-then-write the only copy
         self.handle = open(self.path, "a")
         if "wandb" in report_to:
             import wandb
@@ -47,11 +50,24 @@ class MetricsLog:
                 self.wandb.finish()
 
 
+def _parse_lines(path: Path) -> tuple[list[dict], int]:
+    """The JSON records of ``path`` and how many lines could not be read (a torn last append)."""
+    records, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn += 1
+    return records, torn
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_lines(path)[0]
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str):

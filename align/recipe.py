@@ -161,6 +161,7 @@ class TrainConfig(Strict):
 
 class OutputConfig(Strict):
     dir: str = Field("runs/align", description="run directory: checkpoints, metrics.jsonl, report")
+    overwrite: bool = Field(False, description="replace the run already in dir (else a new run there is refused)")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(1, gt=0)

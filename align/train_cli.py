@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def run_train(args) -> int:
             f"align: stopped by {summary['stopped_by']} at step {summary['steps']}; "
             f"checkpoint {summary['checkpoint']} (resume with resume=latest)"
         )
+        # the shell convention for a signal stop, so schedulers and `&&` chains see it did not finish
+        return 128 + signal.Signals[summary["stopped_by"]].value
     else:
         print(f"align: done, {summary['steps']} steps; run directory {recipe.output.dir}")
     return 0

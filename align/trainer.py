@@ -34,6 +34,7 @@ from align.logprobs import completion_logprobs, fused_head_weight
 from align.recipe import Recipe
 from align.rewards_adapter import RewardFunction, build_reward
 from align.rollout import Rollout, decode_completions, generate_with, sample_keys
+from align.rundir import claim_run_dir
 from losses import LossBatch
 
 
@@ -641,7 +642,6 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
     ``on_step(step, record)`` is called after each logged step (evaluation hooks, tests).
     """
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     tune_allocator()  # reuse the step's large buffers instead of page-faulting them in every step
     if recipe.prepare == "quickstart":
@@ -656,6 +656,16 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
     set_seed(recipe.train.seed)
     run_dir = Path(recipe.output.dir)
     resume_from = resolve_resume(recipe.resume, run_dir)
+    lock = claim_run_dir(run_dir, recipe.resume is not None, recipe.output.overwrite, accelerator)
+    try:
+        return _run(recipe, accelerator, on_step, run_dir, resume_from)
+    finally:
+        lock.release()
+
+
+def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path | None) -> dict:
+    from transformers import get_scheduler
+
     online = recipe.objective.online
     objective = recipe.build_objective()
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
@@ -685,12 +695,13 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
     )
     models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
     # not prepared: accelerate's scheduler wrapper steps once per process, which would make the
-    # schedule depend on the process count; registered so checkpoints still hold its state
-    accelerator.register_for_checkpointing(scheduler)
+    # schedule depend on the process count; its state goes into trainer_state.pt (plain types,
+    # loaded with weights_only=True) rather than accelerate's pickle of custom objects
     step, bad_steps = 0, 0
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
         step, bad_steps = state["step"], state["bad_steps"]
+        scheduler.load_state_dict(state["scheduler"])
         objective.load_state_dict(state["objective"])
         if reward is not None:
             reward.load_state_dict(state.get("reward", {}))
@@ -715,6 +726,7 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
         return {
             "step": step,
             "bad_steps": bad_steps,
+            "scheduler": scheduler.state_dict(),
             "objective": objective.state_dict(),
             "reward": reward.state_dict() if reward is not None else {},
         }
@@ -732,15 +744,21 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
                 bad_steps += 1
                 if accelerator.is_main_process:
                     bar.write(f"step {step}: non-finite loss, log-probs or gradient; step skipped ({bad_steps} so far)")
-                if bad_steps > recipe.train.max_bad_steps:
-                    raise TrainingError(
-                        f"{bad_steps} steps skipped for non-finite values (train.max_bad_steps="
-                        f"{recipe.train.max_bad_steps}); lower train.lr or check the reward"
-                    )
                 metrics = {"skipped": 1.0}
             seconds = time.perf_counter() - started
             record = log_step(recipe, step, metrics, batch, seconds, bad_steps)
             log.log(record)
+            if bad_steps > recipe.train.max_bad_steps:
+                # the step that ends the run is logged and checkpointed, so it can be inspected and resumed
+                log.close()
+                bar.close()
+                saved = save_checkpoint(
+                    accelerator, models.policy, models.tokenizer, trainer_state(), run_dir, recipe.output.keep_last
+                )
+                raise TrainingError(
+                    f"{bad_steps} steps skipped for non-finite values (train.max_bad_steps="
+                    f"{recipe.train.max_bad_steps}); lower train.lr or check the reward; last checkpoint {saved}"
+                )
             bar.update(1)
             bar.set_postfix(postfix(record), refresh=False)
             if on_step is not None:

@@ -347,7 +347,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, tiny_da
     with pytest.raises(TrainingError, match=r"4 steps skipped for non-finite values \(train.max_bad_steps=3\)"):
         train(recipe)
     records = _metrics(tmp_path / "nan")
-    assert sum(1 for r in records if r.get("skipped")) == 3  # the 4th raises before it is logged
+    # the step that ends the run is logged and checkpointed before the error
+    assert [r["step"] for r in records if r.get("skipped")] == [2, 3, 4, 5]  # step 1 is finite
+    assert (tmp_path / "nan" / "checkpoints" / "step-000005" / "trainer_state.pt").is_file()
+    assert not (tmp_path / "nan" / ".lock").exists()  # the lock is released on an error too
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,100 @@
+"""A run directory belongs to one run: refuse to mix two runs, or a new run with an old one.
+
+``claim_run_dir`` runs before any model loads. It takes ``DIR/.lock`` (the owner's pid and host;
+taken over only from a dead owner on the same host) and refuses a new run into a directory that
+already holds one unless ``output.overwrite`` says to replace it or ``resume`` says to continue it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from align.config import RecipeError
+
+LOCK = ".lock"
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "recipe.yaml", "summary.json", "final")
+
+
+class RunLock:
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def release(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _take_lock(run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                owner = {}
+            pid, host = owner.get("pid"), owner.get("host")
+            if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+                print(f"output.dir: {run_dir}: taking over the lock of dead process {pid}")
+                path.unlink(missing_ok=True)
+                continue
+            raise RecipeError(
+                f"output.dir: {str(run_dir)!r} is in use by another run (pid {pid} on {host}); "
+                "wait for it to end or choose another output.dir"
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me)
+        return path
+    raise RecipeError(f"output.dir: {str(run_dir)!r}: could not take {LOCK}")
+
+
+def _check_and_take(run_dir: Path, resuming: bool, overwrite: bool) -> Path:
+    lock = _take_lock(run_dir)
+    held = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
+    if held and not resuming:
+        if not overwrite:
+            lock.unlink(missing_ok=True)
+            raise RecipeError(
+                f"output.dir: {str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
+                "resume=latest, or replace it with output.overwrite=true"
+            )
+        for name in held:
+            entry = run_dir / name
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return lock
+
+
+def claim_run_dir(run_dir: str | Path, resuming: bool, overwrite: bool, accelerator) -> RunLock:
+    """Take the run directory for this run (process 0 decides, every process gets the verdict)."""
+    run_dir = Path(run_dir)
+    error, lock = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = _check_and_take(run_dir, resuming, overwrite)
+        except RecipeError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise RecipeError(error)
+    return RunLock(lock)

@@ -1,0 +1,135 @@
+"""Run directories belong to one run; logs and checkpoints survive interruptions; exit codes say
+how a run ended (issue: nothing lost, nothing mixed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_trainer import _metrics, make_recipe
+
+from align.config import RecipeError
+from align.trainer import train
+
+
+def _cli(*argv: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align.cli", *argv], capture_output=True, text=True, **kwargs)
+
+
+def _recipe_file(recipe, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    return path
+
+
+def test_a_second_run_into_a_finished_run_is_refused_before_models_load(tiny_model_dir, tiny_data_files, tmp_path):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=2, batch_size=4)
+    train(recipe)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    path = _recipe_file(
+        recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": "/nope"})}), tmp_path / "again.yaml"
+    )
+    out = _cli("train", str(path), timeout=120)  # a missing model: the refusal must come first
+    assert out.returncode == 2, out.stderr
+    err = out.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"output.dir: {str(run)!r} already holds a run" in err
+    assert "resume=latest" in err and "output.overwrite=true" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_overwrite_replaces_the_old_run_whole(tiny_model_dir, tiny_data_files, tmp_path):
+    """Old higher-numbered checkpoints used to survive and make keep_last prune the new run's own."""
+    run = tmp_path / "run"
+    train(make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=5, batch_size=4))
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=2, batch_size=4)
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"overwrite": True})})
+    summary = train(recipe)
+    assert summary["steps"] == 2
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000002"]
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+
+
+def test_a_live_run_holds_the_directory_and_a_dead_ones_lock_is_taken_over(tiny_model_dir, tiny_data_files, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=1, batch_size=4)
+        with pytest.raises(RecipeError, match=rf"is in use by another run \(pid {live.pid} on "):
+            train(recipe)
+    finally:
+        live.kill()
+        live.wait()
+    # the owner is dead now (same host): its lock is taken over and released at the end
+    assert train(recipe)["steps"] == 1
+    assert not (run / ".lock").exists()
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_model_dir, tiny_data_files, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=4, batch_size=4, max_grad_norm=None)
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"save_every": 2})})
+
+    def stop_at_three(step: int, record: dict) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    train(recipe, on_step=stop_at_three)  # checkpoint at step 2, stopped (and saved) at 3
+    (run / "checkpoints" / "step-000003").rename(run / "gone")  # as if killed before the save at 3
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 4, "loss": 0.1')  # a write cut short
+    capsys.readouterr()
+    assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == 4
+    assert "1 torn line(s) dropped" in capsys.readouterr().out
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]  # each step exactly once
+
+
+def test_a_forged_trainer_state_does_not_run_code_on_resume(tiny_model_dir, tiny_data_files, tmp_path):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=1, batch_size=4)
+    train(recipe)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state = run / "checkpoints" / "step-000001" / "trainer_state.pt"
+    state.write_bytes(pickle.dumps({"step": Payload()}))
+    resumed = recipe.model_copy(update={"resume": "latest", "train": recipe.train.model_copy(update={"steps": 2})})
+    with pytest.raises(pickle.UnpicklingError):
+        train(resumed)
+    assert not marker.exists()
+
+
+def test_a_signal_stop_exits_128_plus_the_signal(tiny_model_dir, tiny_data_files, tmp_path):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=100_000, batch_size=2)
+    path = _recipe_file(recipe, tmp_path / "long.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align.cli", "train", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    while time.time() < deadline and not (run / "metrics.jsonl").read_text().strip():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    assert list((run / "checkpoints").glob("step-*/trainer_state.pt"))
