@@ -13,6 +13,7 @@ import shutil
 import socket
 from pathlib import Path
 
+from align.checkpoint import sweep_leftovers
 from align.config import RecipeError
 
 LOCK = ".lock"
@@ -68,6 +69,9 @@ def _take_lock(run_dir: Path) -> Path:
 
 def _check_and_take(run_dir: Path, resuming: bool, overwrite: bool) -> Path:
     lock = _take_lock(run_dir)
+    swept = sweep_leftovers(run_dir)
+    if swept:
+        print(f"output.dir: {run_dir}: removed leftovers of an interrupted save or prune: {', '.join(swept)}")
     held = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
     if held and not resuming:
         if not overwrite:

@@ -20,11 +20,12 @@ def run_train(args) -> int:
     if args.command == "sft" and not any(o.startswith("objective.name=") for o in overrides):
         overrides.append("objective.name=sft")
     recipe = load_recipe(Recipe, args.recipe, overrides)
+    from align.checkpoint import CheckpointError
     from align.trainer import TrainingError, train
 
     try:
         summary = train(recipe)
-    except TrainingError as err:
+    except (TrainingError, CheckpointError) as err:
         print(f"align {args.command}: {err}", file=sys.stderr)
         return 1
     if summary.get("stopped_by"):

@@ -14,6 +14,7 @@ processes × batch 4.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -32,6 +33,7 @@ from align.config import dump_recipe
 from align.logging import MetricsLog, postfix, progress_bar
 from align.logprobs import completion_logprobs, fused_head_weight
 from align.recipe import Recipe
+from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction, build_reward
 from align.rollout import Rollout, decode_completions, generate_with, sample_keys
 from align.rundir import claim_run_dir
@@ -658,12 +660,13 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
     resume_from = resolve_resume(recipe.resume, run_dir)
     lock = claim_run_dir(run_dir, recipe.resume is not None, recipe.output.overwrite, accelerator)
     try:
-        return _run(recipe, accelerator, on_step, run_dir, resume_from)
+        changes = check_resume(recipe, resume_from) if resume_from is not None else {}
+        return _run(recipe, accelerator, on_step, run_dir, resume_from, changes)
     finally:
         lock.release()
 
 
-def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path | None) -> dict:
+def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path | None, changes: dict) -> dict:
     from transformers import get_scheduler
 
     online = recipe.objective.online
@@ -702,6 +705,11 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
         state = load_checkpoint(accelerator, resume_from)
         step, bad_steps = state["step"], state["bad_steps"]
         scheduler.load_state_dict(state["scheduler"])
+        if "train.lr" in changes:  # applied from this step on, not silently replaced by the saved one
+            scheduler.base_lrs = [recipe.train.lr for _ in scheduler.base_lrs]
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         objective.load_state_dict(state["objective"])
         if reward is not None:
             reward.load_state_dict(state.get("reward", {}))
@@ -709,7 +717,9 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
         cache_reference_logprobs(recipe, models, dataset, accelerator)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, run_dir / "recipe.yaml")
+        if resume_from is None or not (run_dir / "recipe.yaml").exists():
+            dump_recipe(recipe, run_dir / "recipe.yaml")  # what the run started with; changes go to the history
+        record_changes(run_dir, step, changes)
     log = MetricsLog(
         run_dir,
         step,
@@ -727,6 +737,7 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
             "step": step,
             "bad_steps": bad_steps,
             "scheduler": scheduler.state_dict(),
+            "recipe": json.dumps(recipe.model_dump(mode="json")),  # checked on resume
             "objective": objective.state_dict(),
             "reward": reward.state_dict() if reward is not None else {},
         }
@@ -791,8 +802,6 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
 
         summary.update(write_report(recipe, models, dataset if online else None, reward, run_dir, accelerator))
     if accelerator.is_main_process:
-        import json
-
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -133,3 +133,85 @@ def test_a_signal_stop_exits_128_plus_the_signal(tiny_model_dir, tiny_data_files
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in out
     assert list((run / "checkpoints").glob("step-*/trainer_state.pt"))
+
+
+def test_resume_refuses_trajectory_changes_and_applies_and_records_the_rest(tiny_model_dir, tiny_data_files, tmp_path):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "rloo", steps=2, batch_size=4, lr_scheduler="constant")
+    train(recipe)
+    started_with = (run / "recipe.yaml").read_text()
+    raw = recipe.model_dump(mode="json")
+    from align.config import validate
+    from align.recipe import Recipe
+
+    def resumed(**sections) -> Recipe:
+        data = {**raw, "resume": "latest"}
+        for section, fields in sections.items():
+            data[section] = {**data[section], **fields}
+        return validate(Recipe, data)
+
+    for section, fields, named in [
+        ("objective", {"beta": 0.5}, "objective.beta"),
+        ("objective", {"k": 4}, "objective.k"),
+        ("model", {"path": str(tmp_path / "other")}, "model.path"),
+        ("train", {"batch_size": 8, "steps": 4}, "train.batch_size"),
+        ("train", {"seed": 9, "steps": 4}, "train.seed"),
+    ]:
+        with pytest.raises(RecipeError, match=rf"was trained with other {named}"):
+            train(resumed(**{section: fields}))
+    with pytest.raises(RecipeError, match="train.steps: 1 is below the checkpoint's step 2"):
+        train(resumed(train={"steps": 1}))
+
+    # a new lr is applied from the resume on, and recorded; recipe.yaml still says what steps 1-2 used
+    assert train(resumed(train={"steps": 4, "lr": 1e-3}))["steps"] == 4
+    assert [r["lr"] for r in _metrics(run)] == [5e-3, 5e-3, 1e-3, 1e-3]
+    assert (run / "recipe.yaml").read_text() == started_with
+    history = [json.loads(line) for line in (run / "recipe_history.jsonl").read_text().splitlines()]
+    assert history == [
+        {"from_step": 2, "changes": {"train.lr": {"was": 5e-3, "now": 1e-3}, "train.steps": {"was": 2, "now": 4}}}
+    ]
+
+
+def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_usable(
+    tiny_model_dir, tiny_data_files, tmp_path, monkeypatch
+):
+    import errno
+
+    import align.checkpoint as checkpoint_mod
+    from align.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=3, batch_size=4)
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"save_every": 1})})
+    real_fsync = checkpoint_mod._fsync_tree
+
+    def full_at_step_two(path):
+        if path.name == ".tmp-step-000002":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(path)
+
+    monkeypatch.setattr(checkpoint_mod, "_fsync_tree", full_at_step_two)
+    with pytest.raises(CheckpointError) as caught:
+        train(recipe)
+    message = str(caught.value)
+    assert "\n" not in message and str(run / "checkpoints" / ".tmp-step-000002") in message
+    assert "No space left on device" in message and "MiB free" in message and "step-000001 is intact" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]  # no .tmp left
+    monkeypatch.setattr(checkpoint_mod, "_fsync_tree", real_fsync)
+    assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == 3
+
+
+def test_leftovers_of_interrupted_saves_and_prunes_are_swept_at_start(
+    tiny_model_dir, tiny_data_files, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=1, batch_size=4)
+    train(recipe)
+    root = run / "checkpoints"
+    (root / ".del-step-000000" / "model").mkdir(parents=True)  # killed while pruning
+    (root / ".tmp-step-000007" / "state").mkdir(parents=True)  # killed while saving
+    capsys.readouterr()
+    resumed = recipe.model_copy(update={"resume": "latest", "train": recipe.train.model_copy(update={"steps": 2})})
+    train(resumed)
+    assert "removed leftovers of an interrupted save or prune" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]
