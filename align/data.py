@@ -49,7 +49,12 @@ def read_columns(source: str, table, columns: list[str], non_empty: list[str]) -
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(f"data {source!r}: missing column {missing[0]!r} (columns: {table.column_names})")
-    out = {c: list(v) for c, v in table.select_columns(columns).to_dict().items()}
+    try:
+        out = {c: list(v) for c, v in table.select_columns(columns).to_dict().items()}
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"data {source!r}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start} of a value)"
+        ) from None
     for column in non_empty:
         for row, value in enumerate(out[column]):
             if isinstance(value, list) and value:  # chat messages
@@ -131,6 +136,8 @@ def _render(tokenizer, row: dict, cfg, source: str, index: int) -> str:
             prompt = cfg.prompt_template.format(**row)
         except KeyError as err:
             raise DataError(f"data {source!r}: prompt_template uses missing column {err.args[0]!r}") from None
+        except (ValueError, IndexError, AttributeError) as err:
+            raise DataError(f"data {source!r} row {index}: prompt_template cannot be filled ({err})") from None
     else:
         prompt = row[cfg.prompt_column]
     if isinstance(prompt, str) and cfg.chat_template:
@@ -162,6 +169,10 @@ def prompt_rows(tokenizer, columns: dict[str, list], cfg, source: str) -> tuple[
     (a document's lede); a bare prompt, continued as it is, keeps its end. Prints once how many
     rows were cut. Chat-message prompts, which have no single source text, keep their last tokens.
     """
+    import logging
+
+    # we measure and cut long prompts ourselves: transformers' "longer than the maximum" warning is noise
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     names, budget = list(columns), cfg.max_prompt_tokens
     prompts, ids, cut = [], [], 0
     wrapped = cfg.prompt_template is not None or cfg.chat_template

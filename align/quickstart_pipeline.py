@@ -37,7 +37,8 @@ def sft_once(sft_recipe: Path, overrides: list[str], sft_model: Path, log: Calla
     sft_model = Path(sft_model)
     if (sft_model / "config.json").is_file():
         return sft_model
-    recipe = load_recipe(Recipe, sft_recipe, overrides)
+    # the SFT run directory is ours to rebuild: a leftover from an interrupted first run is replaced
+    recipe = load_recipe(Recipe, sft_recipe, [*overrides, "output.overwrite=true"])
     log(f"supervised fine-tuning ({Path(sft_recipe).name}) into {sft_model}")
 
     def build(out: Path) -> None:

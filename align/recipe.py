@@ -8,6 +8,8 @@ keys (``objective.beta=0.1 train.steps=50``). The objective's own options (``bet
 from __future__ import annotations
 
 import inspect
+import string
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -57,6 +59,18 @@ class DataConfig(Strict):
         description="a longer prompt is cut inside its source column (the template's fixed text and special "
         "tokens stay); a templated source keeps its beginning, a bare prompt its end",
     )
+    @field_validator("prompt_template")
+    @classmethod
+    def template_parses(cls, template: str | None) -> str | None:
+        if template is not None:
+            try:
+                fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+            except ValueError as err:
+                raise ValueError(f"not a format string ({err}); columns go in braces, e.g. '{{document}}'") from None
+            if any(not name.isidentifier() for name in fields):
+                raise ValueError("fields must be column names in braces, e.g. '{document}'")
+        return template
+
     truncate_column: str | None = Field(
         None, description="the column cut to fit max_prompt_tokens (default: the template's longest text column)"
     )
@@ -124,7 +138,35 @@ class RewardComponent(Strict):
         missing = [k for k, v in allowed.items() if v is inspect.Parameter.empty and k not in self.options]
         if missing:
             raise ValueError(f"reward {self.name!r} needs option(s) {missing}")
+        if self.clip is not None and self.clip[0] > self.clip[1]:
+            raise ValueError(f"clip: expected [lo, hi] with lo <= hi, got {list(self.clip)}")
+        _check_option_types(self.name, rewards.REGISTRY[self.name], self.options)
         return self
+
+
+def _check_option_types(name: str, factory: Any, options: dict[str, Any]) -> None:
+    """Each option against the type hint of the reward's own signature, before any model loads."""
+    import typing
+
+    from pydantic import TypeAdapter
+    from pydantic import ValidationError as PydanticError
+
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: the reward checks its own options
+        return
+    for key, value in options.items():
+        if key not in hints:
+            continue
+        try:
+            TypeAdapter(hints[key]).validate_python(value, strict=False)
+        except PydanticError as err:
+            expected = getattr(hints[key], "__name__", str(hints[key]))
+            reason = err.errors()[0]["msg"] if err.errors() else "invalid"
+            raise ValueError(f"options.{key}: expected {expected}, got {value!r} ({reason})") from None
+        except Exception:  # a hint pydantic cannot build a validator for
+            continue
 
 
 class GenerationConfig(Strict):
@@ -209,6 +251,12 @@ class Recipe(Strict):
             raise ValueError(f"objective.k: {self.objective.name!r} needs k >= 2 samples per prompt")
         if self.objective.online:
             self._no_sampling_filters()
+        if self.prepare is not None and PurePath(self.model.path).name != "sft_model":
+            raise ValueError(
+                f"model.path: prepare: {self.prepare} builds its policy at <dir>/sft_model (default "
+                f".cache/{self.prepare}/sft_model), got {self.model.path!r}; fix the path, or remove prepare: "
+                "to train a model of your own"
+            )
         if self._calibrated():
             if "weights" in self.objective.options:
                 raise ValueError(

@@ -21,12 +21,15 @@ RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "recipe.yaml", "summary.json", "f
 
 
 class RunLock:
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, created: bool = False):
         self.path = path
+        self.created = created  # the directory did not exist before this run
 
     def release(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+            if self.created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()  # a run refused before writing anything leaves nothing behind
             self.path = None
 
 
@@ -89,7 +92,7 @@ def _check_and_take(run_dir: Path, resuming: bool, overwrite: bool) -> Path:
 def claim_run_dir(run_dir: str | Path, resuming: bool, overwrite: bool, accelerator) -> RunLock:
     """Take the run directory for this run (process 0 decides, every process gets the verdict)."""
     run_dir = Path(run_dir)
-    error, lock = None, None
+    error, lock, created = None, None, not run_dir.exists()
     if accelerator.is_main_process:
         try:
             lock = _check_and_take(run_dir, resuming, overwrite)
@@ -101,4 +104,4 @@ def claim_run_dir(run_dir: str | Path, resuming: bool, overwrite: bool, accelera
         error = broadcast_object_list([error])[0]
     if error is not None:
         raise RecipeError(error)
-    return RunLock(lock)
+    return RunLock(lock, created)

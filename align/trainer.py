@@ -57,19 +57,62 @@ class Models:
     pad_token_id: int
 
 
-def load_models(recipe: Recipe, device: torch.device, need_reference: bool) -> Models:
+def load_tokenizer(recipe: Recipe):
+    """The recipe's tokenizer, left-padded, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    from align.config import RecipeError
+
+    cfg = recipe.model
+    source, field_name = (cfg.tokenizer, "model.tokenizer") if cfg.tokenizer else (cfg.path, "model.path")
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
+        raise RecipeError(f"{field_name}: no such directory {source!r} (expected a local model directory or a hub id)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"{field_name}: cannot load a tokenizer from {source!r} ({reason})") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_positions(recipe: Recipe, dataset) -> None:
+    """The longest prompt plus what follows it must fit the model's positions (read from its config)."""
+    from transformers import AutoConfig
+
+    cfg = recipe.model
+    config = AutoConfig.from_pretrained(cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit or not dataset.prompt_ids:
+        return
+    row = max(range(len(dataset.prompt_ids)), key=lambda i: len(dataset.prompt_ids[i]))
+    prompt = len(dataset.prompt_ids[row])
+    if recipe.objective.online:
+        after = recipe.generation.max_new_tokens
+        what = f"generation.max_new_tokens ({after})"
+    else:
+        after = max(len(ids) for texts in dataset.completion_ids for ids in texts)
+        what = f"the longest completion ({after} tokens)"
+    if prompt + after > limit:
+        raise data_lib.DataError(
+            f"data.max_prompt_tokens: the longest prompt (row {row}, {prompt} tokens) plus {what} exceeds "
+            f"the model's {limit} positions (max_position_embeddings); lower data.max_prompt_tokens, "
+            "generation.max_new_tokens or data.max_completion_tokens"
+        )
+
+
+def load_models(recipe: Recipe, device: torch.device, need_reference: bool, tokenizer=None) -> Models:
     """Policy (and frozen reference) from a hub id or a local directory: the same code path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cfg = recipe.model
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.tokenizer or cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
     policy = AutoModelForCausalLM.from_pretrained(cfg.path, **load)
     reference = None
     if cfg.lora is not None:
@@ -671,14 +714,18 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
 
     online = recipe.objective.online
     objective = recipe.build_objective()
-    reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
-    models = load_models(recipe, accelerator.device, need_reference=objective.name != "sft")
+    # data and prompt budgets are checked with the tokenizer and config alone: a bad row or an
+    # over-long prompt fails in seconds, before any weights (policy, reference, reward) load
+    tokenizer = load_tokenizer(recipe)
     if online:
-        dataset = OnlineData(recipe, models.tokenizer)
-        if recipe.objective.name == "rcfd":
-            fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
+        dataset = OnlineData(recipe, tokenizer)
     else:
-        dataset = OfflineData(recipe, models.tokenizer, models.eos_token_id)
+        dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
+    check_positions(recipe, dataset)
+    reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
+    if online and recipe.objective.name == "rcfd":
+        fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
+    models = load_models(recipe, accelerator.device, need_reference=objective.name != "sft", tokenizer=tokenizer)
     trainable = [p for p in models.policy.parameters() if p.requires_grad]
     if recipe.train.optimizer == "sgd":
         optimizer = torch.optim.SGD(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)

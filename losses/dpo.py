@@ -34,6 +34,8 @@ class DPO(Objective):
     paired = True
 
     def __init__(self, beta: float = 0.1, average_logprobs: bool = False):
+        if beta <= 0:  # β = 0 makes the loss log 2 whatever the policy: nothing would train
+            raise ValueError(f"dpo: beta must be > 0, got {beta}")
         self.beta = beta
         self.average_logprobs = average_logprobs
 

@@ -215,3 +215,53 @@ def test_leftovers_of_interrupted_saves_and_prunes_are_swept_at_start(
     train(resumed)
     assert "removed leftovers of an interrupted save or prune" in capsys.readouterr().out
     assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny_model_dir, tmp_path_factory):
+    """A recipe file on the tiny model, bad data files, and a model whose weights cannot load."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "ok.jsonl").write_text('{"prompt": "the film"}\n{"prompt": "the cast"}\n')
+    (root / "latin1.jsonl").write_bytes(b'{"prompt": "the caf\xe9 film"}\n')
+    (root / "long.jsonl").write_text(json.dumps({"prompt": " ".join(["the film was good"] * 60)}) + "\n")
+    (root / "no_prompt.jsonl").write_text('{"text": "the film"}\n')
+    broken = root / "broken_weights"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    recipe = root / "r.yaml"
+    recipe.write_text(
+        f"model: {{path: {tiny_model_dir}}}\ndata: {{train: {root / 'ok.jsonl'}}}\n"
+        "objective: {name: rloo, k: 2}\nreward: [{name: length, options: {target: 8}}]\n"
+        "train: {steps: 1, batch_size: 1}\noutput: {report: false}\n"
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.train={root}/latin1.jsonl"], "not UTF-8 text"),
+        (["reward=[{{name: length, options: {{target: ten}}}}]"], "options.target: expected float, got 'ten'"),
+        (["reward=[{{name: length, options: {{target: 8}}, clip: [3, 1]}}]"], "clip: expected [lo, hi] with lo <= hi"),
+        (["objective.name=ipo", "objective.beta=0"], "ipo: beta must be > 0"),
+        (["objective.name=copg", "objective.beta=0"], "copg: beta must be > 0"),
+        (["objective.name=dpo", "objective.beta=0"], "dpo: beta must be > 0"),
+        (["data.train={root}/long.jsonl"], "exceeds the model's 64 positions"),
+        (['data.prompt_template="{{prompt"'], "field 'data.prompt_template': not a format string"),
+        (["prepare=quickstart", "model.path={root}/sft_modle"], "model.path: prepare: quickstart builds its policy"),
+        (["data.train={root}/no_prompt.jsonl", "model.path={root}/broken_weights"], "missing column 'prompt'"),
+        (["model.path={root}/no_such_model"], "model.path: no such directory"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_inputs, overrides, expected):
+    run = bad_inputs / "run"
+    argv = [o.format(root=bad_inputs) for o in overrides]
+    out = _cli("train", str(bad_inputs / "r.yaml"), *argv, f"output.dir={run}", timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    err = out.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert expected in err, err
+    assert not run.exists()
+    assert not (bad_inputs / "sft_modle").exists() and not (bad_inputs / "data").exists()
