@@ -28,7 +28,7 @@ def sample_prompts(recipe, models, policy, prompts: list[str], seed: int, k: int
 @torch.no_grad()
 def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) -> dict:
     """One sample per prompt from ``policy``; its reward and its KL to the reference (k1, k3)."""
-    from align.trainer import reference_model  # local: trainer imports this module lazily too
+    from align.models import reference_model
 
     gen = recipe.generation
     rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)

@@ -977,8 +977,8 @@ def evaluate_summaries(
     also gives the KL to the reference) and score both."""
     import torch
 
+    from align.models import load_models
     from align.report import evaluate_policy
-    from align.trainer import load_models
 
     device = torch.device("cpu")
     loaded = recipe.model_copy(

@@ -32,6 +32,7 @@ from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
 from align.logging import MetricsLog, postfix, progress_bar
 from align.logprobs import completion_logprobs, fused_head_weight
+from align.models import Models, check_positions, load_models, load_tokenizer, reference_model
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction, build_reward
@@ -42,118 +43,6 @@ from losses import LossBatch
 
 class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite steps, ...); the message says why."""
-
-
-# --------------------------------------------------------------------------------------------
-# models
-
-
-@dataclass
-class Models:
-    policy: torch.nn.Module
-    reference: torch.nn.Module | None  # None with LoRA: the policy with adapters disabled
-    tokenizer: object
-    eos_token_id: int | None
-    pad_token_id: int
-
-
-def load_tokenizer(recipe: Recipe):
-    """The recipe's tokenizer, left-padded, with a pad token (EOS when it has none)."""
-    from transformers import AutoTokenizer
-
-    from align.config import RecipeError
-
-    cfg = recipe.model
-    source, field_name = (cfg.tokenizer, "model.tokenizer") if cfg.tokenizer else (cfg.path, "model.path")
-    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
-        raise RecipeError(f"{field_name}: no such directory {source!r} (expected a local model directory or a hub id)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RecipeError(f"{field_name}: cannot load a tokenizer from {source!r} ({reason})") from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def check_positions(recipe: Recipe, dataset) -> None:
-    """The longest prompt plus what follows it must fit the model's positions (read from its config)."""
-    from transformers import AutoConfig
-
-    cfg = recipe.model
-    config = AutoConfig.from_pretrained(cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not limit or not dataset.prompt_ids:
-        return
-    row = max(range(len(dataset.prompt_ids)), key=lambda i: len(dataset.prompt_ids[i]))
-    prompt = len(dataset.prompt_ids[row])
-    if recipe.objective.online:
-        after = recipe.generation.max_new_tokens
-        what = f"generation.max_new_tokens ({after})"
-    else:
-        after = max(len(ids) for texts in dataset.completion_ids for ids in texts)
-        what = f"the longest completion ({after} tokens)"
-    if prompt + after > limit:
-        raise data_lib.DataError(
-            f"data.max_prompt_tokens: the longest prompt (row {row}, {prompt} tokens) plus {what} exceeds "
-            f"the model's {limit} positions (max_position_embeddings); lower data.max_prompt_tokens, "
-            "generation.max_new_tokens or data.max_completion_tokens"
-        )
-
-
-def load_models(recipe: Recipe, device: torch.device, need_reference: bool, tokenizer=None) -> Models:
-    """Policy (and frozen reference) from a hub id or a local directory: the same code path."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = recipe.model
-    dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
-    policy = AutoModelForCausalLM.from_pretrained(cfg.path, **load)
-    reference = None
-    if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        policy = get_peft_model(policy, lora)
-        if recipe.reference is not None:
-            reference = AutoModelForCausalLM.from_pretrained(recipe.reference, **load)
-    elif need_reference:
-        reference = AutoModelForCausalLM.from_pretrained(recipe.reference or cfg.path, **load)
-    if reference is not None:
-        reference.requires_grad_(False).eval().to(device)
-    if cfg.disable_dropout:
-        for module in policy.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    eos = tokenizer.eos_token_id
-    return Models(policy, reference, tokenizer, eos, tokenizer.pad_token_id)
-
-
-@contextlib.contextmanager
-def reference_model(models: Models, accelerator):
-    """The reference: the frozen copy, or the LoRA policy with its adapters switched off."""
-    if models.reference is not None:
-        yield models.reference
-        return
-    policy = accelerator.unwrap_model(models.policy)
-    training = policy.training
-    policy.eval()  # the reference is one fixed function: no dropout even when the policy trains with it
-    try:
-        with policy.disable_adapter():
-            yield policy
-    finally:
-        policy.train(training)
 
 
 # --------------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def exact_sequence_kl(policy, reference, prompt_ids: list[int], eos: int) -> dic
 def test_kl_estimators_match_exact_sequence_kl(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.trainer import Models
+    from align.models import Models
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -290,7 +290,7 @@ def test_report_numbers_match_an_independent_evaluation(study_run):
     """Re-score the last checkpoint of one run from scratch: the report's gold and KL are those numbers."""
     import rewards
     from align.eval.overopt import held_out_prompts
-    from align.trainer import load_models
+    from align.models import load_models
 
     study, report, out = study_run
     spec = study.objectives[0]

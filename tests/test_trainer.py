@@ -420,7 +420,7 @@ def test_lora_reference_runs_in_eval_mode_when_the_policy_trains_with_dropout(ti
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.trainer import Models, reference_model
+    from align.models import Models, reference_model
 
     class NoAccelerator:
         @staticmethod

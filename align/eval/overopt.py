@@ -473,7 +473,7 @@ def run_study(study: OveroptRecipe, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from align.eval.overopt_report import build_report, write_report
-    from align.trainer import load_models
+    from align.models import load_models
 
     start = time.perf_counter()
     out = Path(study.out)
