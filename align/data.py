@@ -174,22 +174,21 @@ def prompt_rows(tokenizer, columns: dict[str, list], cfg, source: str) -> tuple[
     # we measure and cut long prompts ourselves: transformers' "longer than the maximum" warning is noise
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     names, budget = list(columns), cfg.max_prompt_tokens
-    prompts, ids, cut = [], [], 0
+    rows = [dict(zip(names, values)) for values in zip(*columns.values())]
+    prompts = [_render(tokenizer, row, cfg, source, index) for index, row in enumerate(rows)]
+    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []  # one batched call
     wrapped = cfg.prompt_template is not None or cfg.chat_template
-    for index, values in enumerate(zip(*columns.values())):
-        row = dict(zip(names, values))
-        text = _render(tokenizer, row, cfg, source, index)
-        tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(tokens) > budget:
-            cut += 1
-            column = _source_column(row, cfg)
-            if column is None:
-                tokens = tokens[-budget:]
-                text = tokenizer.decode(tokens, skip_special_tokens=False)
-            else:
-                text, tokens = _cut_source(tokenizer, row, column, cfg, source, index, keep_start=wrapped)
-        prompts.append(text)
-        ids.append(tokens)
+    cut = 0
+    for index, tokens in enumerate(ids):
+        if len(tokens) <= budget:
+            continue
+        cut += 1
+        column = _source_column(rows[index], cfg)
+        if column is None:
+            ids[index] = tokens[-budget:]
+            prompts[index] = tokenizer.decode(ids[index], skip_special_tokens=False)
+        else:
+            prompts[index], ids[index] = _cut_source(tokenizer, rows[index], column, cfg, source, index, wrapped)
     if cut:
         print(f"data {source!r}: {cut} prompt(s) longer than data.max_prompt_tokens={budget} cut inside their source")
     return prompts, ids

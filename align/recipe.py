@@ -89,6 +89,11 @@ class ObjectiveConfig(Strict):
     )
 
     @property
+    def needs(self) -> tuple[str, ...]:
+        """The batch fields the objective declares it reads (``losses.Objective.needs``)."""
+        return losses.REGISTRY[self.name].needs
+
+    @property
     def online(self) -> bool:
         return self.mode == "online" or (self.mode == "auto" and losses.REGISTRY[self.name].online)
 
@@ -140,11 +145,11 @@ class RewardComponent(Strict):
             raise ValueError(f"reward {self.name!r} needs option(s) {missing}")
         if self.clip is not None and self.clip[0] > self.clip[1]:
             raise ValueError(f"clip: expected [lo, hi] with lo <= hi, got {list(self.clip)}")
-        _check_option_types(self.name, rewards.REGISTRY[self.name], self.options)
+        _check_option_types(rewards.REGISTRY[self.name], self.options)
         return self
 
 
-def _check_option_types(name: str, factory: Any, options: dict[str, Any]) -> None:
+def _check_option_types(factory: Any, options: dict[str, Any]) -> None:
     """Each option against the type hint of the reward's own signature, before any model loads."""
     import typing
 

@@ -54,7 +54,8 @@ class RewardFunction:
         whatever the components' raw scales; a component whose demonstrations all score alike
         keeps unit scale."""
         raw = self._clip_components(self.score_demonstrations(prompts, demonstrations, columns).double())
-        self.calibration = (raw.mean(0), torch.where(raw.std(0, correction=0) > 0, raw.std(0, correction=0), 1.0))
+        std = raw.std(0, correction=0)
+        self.calibration = (raw.mean(0), torch.where(std > 0, std, 1.0))
 
     def calibrate(self, components: Tensor) -> Tensor:
         """[N, C] raw scores → clipped per component, whitened with the demonstrations' moments."""

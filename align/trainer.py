@@ -1,8 +1,8 @@
 """The shared trainer: one readable loop for online and offline objectives.
 
-    for step:  batch = rollout_batch(...) | offline_batch(...)   # prompts -> k completions -> rewards
-               optimizer_step(...)                                # logprobs -> objective -> backward -> step
-               log_step(...); maybe save_checkpoint(...)
+    for step:  batch = rollout_batch(...) | offline_batch(...)   # align/batches.py
+               optimizer_step(...)                                # align/step.py
+               log_step(...); maybe save_checkpoint(...)          # here, align/checkpoint.py
 
 Loss normalisation follows losses/base.py: each micro-batch loss is divided by the number of
 units (sequences, pairs or tokens) in the WHOLE optimizer step over all processes, and scaled
@@ -13,511 +13,38 @@ processes × batch 4.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-import losses
-from align import data as data_lib
 from align.allocator import tune_allocator
+from align.batches import (
+    OfflineData,
+    OnlineData,
+    StepBatch,
+    cache_reference_logprobs,
+    fit_demo_calibration,
+    offline_batch,
+    rollout_batch,
+)
 from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
 from align.logging import MetricsLog, postfix, progress_bar
-from align.logprobs import completion_logprobs, fused_head_weight
-from align.models import Models, check_positions, load_models, load_tokenizer, reference_model
+from align.models import check_positions, load_models, load_tokenizer
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
-from align.rewards_adapter import RewardFunction, build_reward
-from align.rollout import Rollout, decode_completions, generate_with, sample_keys
+from align.rewards_adapter import build_reward
 from align.rundir import claim_run_dir
-from losses import LossBatch
+from align.step import optimizer_step
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite steps, ...); the message says why."""
-
-
-# --------------------------------------------------------------------------------------------
-# batches
-
-
-@dataclass
-class StepBatch:
-    """Everything one optimizer step trains on, for this process, split into micro-batches later."""
-
-    prompt_ids: Tensor
-    prompt_mask: Tensor
-    completion_ids: Tensor
-    completion_mask: Tensor
-    micro_batches: list[Tensor]  # row indices of each micro-batch (whole groups / pairs)
-    rewards: Tensor | None = None  # [B] or [B, C]
-    group: Tensor | None = None
-    pairs: Tensor | None = None
-    demo_rewards: Tensor | None = None
-    ref_logprobs: Tensor | None = None  # precomputed (offline cache)
-    sampler_probs: Tensor | None = None  # [T, B, V] the rollout's softmax, for the policy's log-probs
-    texts: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-class OnlineData:
-    """Prompts (plus the columns rewards read) for objectives trained on fresh samples."""
-
-    def __init__(self, recipe: Recipe, tokenizer):
-        cfg = recipe.data
-        table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
-        first = [] if cfg.prompt_template else [cfg.prompt_column]
-        wanted = first + [c for c in table.column_names if c not in first]
-        self.columns = data_lib.read_columns(cfg.train, table, wanted, non_empty=first)
-        self.prompts, self.prompt_ids = data_lib.prompt_rows(tokenizer, self.columns, cfg, cfg.train)
-        self.columns.pop(cfg.prompt_column, None)
-        if recipe.objective.name == "rcfd" and cfg.demonstration_column not in self.columns:
-            raise data_lib.DataError(
-                f"data {cfg.train!r}: missing column {cfg.demonstration_column!r} (rcfd demonstrations)"
-            )
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-class OfflineData:
-    """Pairs (prompt, chosen, rejected) for dpo/ipo/copg, or (prompt, completion) rows for sft."""
-
-    def __init__(self, recipe: Recipe, tokenizer, eos_token_id: int | None):
-        cfg = recipe.data
-        self.paired = losses.REGISTRY[recipe.objective.name].paired
-        table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
-        texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
-        if self.paired and cfg.chosen_column not in table.column_names and cfg.reward_column in table.column_names:
-            # (prompt, completion, reward) rows: every two completions of a prompt form a pair; an
-            # objective that does not read rewards (DPO, IPO) learns only from each pair's order
-            ordered = "rewards" not in losses.REGISTRY[recipe.objective.name].needs
-            table, ties = data_lib.rows_to_pairs(
-                table, cfg.prompt_column, cfg.completion_column, cfg.reward_column, ordered=ordered
-            )
-            if ties:
-                print(f"data {cfg.train!r}: {ties} pair(s) with equal rewards dropped (no preference to learn)")
-            texts = ["chosen", "rejected"]
-        reward_cols = [c for c in ("chosen_reward", "rejected_reward") if c in table.column_names]
-        prompt_cols = (
-            [cfg.prompt_column]
-            if not cfg.prompt_template
-            else [c for c in table.column_names if c not in texts + reward_cols]
-        )
-        columns = data_lib.read_columns(
-            cfg.train,
-            table,
-            [*prompt_cols, *texts, *reward_cols],
-            non_empty=[*prompt_cols[:1], *texts] if not cfg.prompt_template else texts,
-        )
-        self.prompts, self.prompt_ids = data_lib.prompt_rows(
-            tokenizer, {c: columns[c] for c in prompt_cols}, cfg, cfg.train
-        )
-        self.completion_texts = [[data_lib.message_text(v) for v in columns[c]] for c in texts]
-        self.completion_ids = [
-            data_lib.encode_completions(tokenizer, col, cfg.max_completion_tokens, eos_token_id)
-            for col in self.completion_texts
-        ]
-        self.pair_rewards = [columns[c] for c in reward_cols] if len(reward_cols) == 2 else None
-        self.ref_cache: list[Tensor] | None = None  # per dataset row: [n_texts, T] reference log-probs
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def split_micro_batches(n_units: int, rows_per_unit: int, units_per_micro: int, layout: str) -> list[Tensor]:
-    """Row indices of each micro-batch. layout 'grouped': unit u owns rows u·r … u·r+r−1;
-    'paired': unit u owns rows u and n_units+u (chosen block, then rejected block)."""
-    out = []
-    for start in range(0, n_units, units_per_micro):
-        units = torch.arange(start, min(start + units_per_micro, n_units))
-        if layout == "paired":
-            out.append(torch.cat([units, units + n_units]))
-        else:
-            out.append((units[:, None] * rows_per_unit + torch.arange(rows_per_unit)).reshape(-1))
-    return out
-
-
-def local_rows(recipe: Recipe, n_rows: int, step: int, accelerator) -> list[int]:
-    per_process = recipe.train.batch_size * recipe.train.gradient_accumulation_steps
-    rows = data_lib.step_rows(n_rows, step, per_process * accelerator.num_processes, recipe.train.seed)
-    return rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
-
-
-def rollout_batch(
-    recipe: Recipe, models: Models, dataset: OnlineData, reward: RewardFunction, step: int, accelerator
-) -> StepBatch:
-    """prompts → k completions each (KV cache, left padding) → rewards."""
-    gen, k = recipe.generation, recipe.objective.k
-    rows = local_rows(recipe, len(dataset), step, accelerator)
-    prompt_ids, prompt_mask = data_lib.pad(
-        [dataset.prompt_ids[i] for i in rows], models.pad_token_id, "left", accelerator.device
-    )
-    keys = sample_keys(recipe.train.seed, step, torch.tensor(rows), k)
-    chunk = gen.batch_size or len(rows)
-    policy = accelerator.unwrap_model(models.policy)
-    keep_probs = reuse_sampler_probs(recipe, models, n_chunks=-(-len(rows) // chunk), rows=len(rows) * k)
-    parts: list[Rollout] = []
-    start = time.perf_counter()
-    for lo in range(0, len(rows), chunk):
-        sel = slice(lo, lo + chunk)
-        # re-pad the chunk so its prompts are as short as they can be
-        ids, mask = _trim_left(prompt_ids[sel], prompt_mask[sel])
-        parts.append(generate_with(policy, ids, mask, keys[lo * k : (lo + chunk) * k], k, gen, models, keep_probs))
-    rollout = _concat_rollouts(parts, models.pad_token_id)
-    texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
-    generation_seconds = time.perf_counter() - start
-    prompts = [dataset.prompts[i] for i in rows for _ in range(k)]
-    columns = {name: [values[i] for i in rows for _ in range(k)] for name, values in dataset.columns.items()}
-    rewards, components = reward.score(prompts, texts, columns, gather=_all_ranks(accelerator))
-    batch = StepBatch(
-        prompt_ids=rollout.prompt_ids,
-        prompt_mask=rollout.prompt_mask,
-        completion_ids=rollout.completion_ids,
-        completion_mask=rollout.completion_mask,
-        micro_batches=split_micro_batches(len(rows), k, recipe.train.batch_size, "grouped"),
-        rewards=rewards.to(accelerator.device),
-        group=torch.arange(len(rows), device=accelerator.device).repeat_interleave(k),
-        texts=texts,
-        prompts=prompts,
-        metrics={f"reward/{n}": float(torch.tensor(v, dtype=torch.float64).mean()) for n, v in components.items()},
-        sampler_probs=rollout.probs,
-    )
-    batch.metrics["generation_s"] = generation_seconds
-    if recipe.objective.name == "rcfd":
-        demos = columns[recipe.data.demonstration_column]
-        batch.demo_rewards = reward.calibrate(reward.score_demonstrations(prompts, demos, columns))
-        batch.demo_rewards = batch.demo_rewards.to(accelerator.device)
-        batch.rewards = reward.calibrate(reward.last_components_tensor()).to(accelerator.device)
-    return batch
-
-
-def _all_ranks(accelerator) -> Callable[[list[float]], list[float]] | None:
-    """Every process's list, concatenated in rank order (None on one process)."""
-    if accelerator.num_processes == 1:
-        return None
-    from accelerate.utils import gather_object
-
-    return lambda values: [v for part in gather_object([list(values)]) for v in part]
-
-
-CALIBRATION_ROWS = 1024  # demonstrations scored up front for RCfD's per-component moments
-
-
-def fit_demo_calibration(reward: RewardFunction, dataset: OnlineData, column: str) -> None:
-    """Score up to CALIBRATION_ROWS demonstrations, evenly spaced over the data set, once: the
-    same rows on every process and on resume, so the calibration never changes a trajectory."""
-    n = len(dataset)
-    rows = sorted({i * n // min(n, CALIBRATION_ROWS) for i in range(min(n, CALIBRATION_ROWS))})
-    columns = {name: [values[i] for i in rows] for name, values in dataset.columns.items()}
-    reward.fit_calibration([dataset.prompts[i] for i in rows], columns[column], columns)
-
-
-KEEP_PROBS_MAX_BYTES = 1 << 30  # the kept softmax is sized for max_new_tokens: at most 1 GiB of it
-
-
-def reuse_sampler_probs(recipe: Recipe, models: Models, n_chunks: int, rows: int) -> bool:
-    """Whether the rollout keeps its softmax for the policy's log-probs (its training forward then
-    skips the LM head's matmul and softmax): the same weights see the same tokens in the same
-    mode -- no dropout (``disable_dropout``, the policy in eval mode), one optimizer step per
-    rollout (the online objectives) -- and the step is one generation call of ``rows`` sequences
-    and one micro-batch (no gradient accumulation), so the buffer replaces the one the training
-    forward would hold. It is allocated for ``max_new_tokens`` before the lengths are known, so
-    beyond ``KEEP_PROBS_MAX_BYTES`` the training forward computes the softmax itself instead."""
-    weight = fused_head_weight(models.policy)
-    return (
-        recipe.objective.online
-        and n_chunks == 1
-        and recipe.train.gradient_accumulation_steps == 1
-        and not models.policy.training
-        and weight is not None
-        and recipe.generation.max_new_tokens * rows * weight.shape[0] * 4 <= KEEP_PROBS_MAX_BYTES
-    )
-
-
-def _trim_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    keep = int(mask.sum(-1).max())
-    return ids[:, ids.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
-
-
-def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    if len(parts) == 1:
-        return parts[0]
-    P = max(p.prompt_ids.shape[1] for p in parts)
-    T = max(p.completion_ids.shape[1] for p in parts)
-
-    def left(x: Tensor, value: int) -> Tensor:
-        return torch.nn.functional.pad(x, (P - x.shape[1], 0), value=value)
-
-    def right(x: Tensor, value: int) -> Tensor:
-        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
-
-    return Rollout(
-        prompt_ids=torch.cat([left(p.prompt_ids, pad_id) for p in parts]),
-        prompt_mask=torch.cat([left(p.prompt_mask, 0) for p in parts]),
-        completion_ids=torch.cat([right(p.completion_ids, pad_id) for p in parts]),
-        completion_mask=torch.cat([right(p.completion_mask, 0) for p in parts]),
-    )
-
-
-def offline_batch(
-    recipe: Recipe, models: Models, dataset: OfflineData, reward: RewardFunction | None, step: int, accelerator
-) -> StepBatch:
-    """A step's pairs (chosen block, then rejected block: one forward for both) or SFT rows."""
-    rows = local_rows(recipe, len(dataset), step, accelerator)
-    n_texts = len(dataset.completion_ids)
-    prompt_rows = [dataset.prompt_ids[i] for _ in range(n_texts) for i in rows]
-    completion_rows = [dataset.completion_ids[t][i] for t in range(n_texts) for i in rows]
-    prompt_ids, prompt_mask = data_lib.pad(prompt_rows, models.pad_token_id, "left", accelerator.device)
-    completion_ids, completion_mask = data_lib.pad(completion_rows, models.pad_token_id, "right", accelerator.device)
-    batch = StepBatch(
-        prompt_ids,
-        prompt_mask,
-        completion_ids,
-        completion_mask,
-        micro_batches=split_micro_batches(
-            len(rows), 1, recipe.train.batch_size, "paired" if dataset.paired else "grouped"
-        ),
-        prompts=[dataset.prompts[i] for _ in range(n_texts) for i in rows],
-    )
-    if dataset.paired:
-        n = len(rows)
-        batch.pairs = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(accelerator.device)
-        if recipe.objective.name == "copg":
-            batch.rewards = pair_rewards(recipe, dataset, reward, rows, _all_ranks(accelerator)).to(accelerator.device)
-    if dataset.ref_cache is not None:
-        T = completion_ids.shape[1]
-        cached = [dataset.ref_cache[i][t] for t in range(n_texts) for i in rows]
-        batch.ref_logprobs = torch.stack([torch.nn.functional.pad(c, (0, T - c.shape[0]))[:T] for c in cached]).to(
-            accelerator.device
-        )
-    return batch
-
-
-def pair_rewards(
-    recipe: Recipe, dataset: OfflineData, reward: RewardFunction | None, rows: list[int], gather=None
-) -> Tensor:
-    """Offline CoPG rewards: the pair file's chosen_reward/rejected_reward columns, else the
-    recipe's reward on the texts, else ½ for chosen and 0 for rejected: with a reward gap of ½,
-    CoPG's minimiser is IPO's at the same β, and its loss is β/2 times IPO's."""
-    if dataset.pair_rewards is not None:
-        return torch.tensor([dataset.pair_rewards[t][i] for t in range(2) for i in rows], dtype=torch.float32)
-    if reward is not None:
-        prompts = [dataset.prompts[i] for _ in range(2) for i in rows]
-        texts = [dataset.completion_texts[t][i] for t in range(2) for i in rows]
-        return reward.score(prompts, texts, {}, gather=gather)[0]
-    return torch.cat([torch.full((len(rows),), 0.5), torch.zeros(len(rows))])
-
-
-@torch.no_grad()
-def cache_reference_logprobs(recipe: Recipe, models: Models, dataset: OfflineData, accelerator) -> None:
-    """Offline data: reference log-probs computed once per row, in canonical chunks (dataset order,
-    ``batch_size`` rows) so the values do not depend on step, resume or process count."""
-    n, chunk = len(dataset), recipe.train.batch_size
-    starts = list(range(0, n, chunk))[accelerator.process_index :: accelerator.num_processes]
-    n_texts = len(dataset.completion_ids)
-    local: dict[int, list[Tensor]] = {}
-    with reference_model(models, accelerator) as ref:
-        for lo in starts:
-            rows = list(range(lo, min(lo + chunk, n)))
-            p_ids, p_mask = data_lib.pad(
-                [dataset.prompt_ids[i] for _ in range(n_texts) for i in rows],
-                models.pad_token_id,
-                "left",
-                accelerator.device,
-            )
-            c_ids, c_mask = data_lib.pad(
-                [dataset.completion_ids[t][i] for t in range(n_texts) for i in rows],
-                models.pad_token_id,
-                "right",
-                accelerator.device,
-            )
-            lp = completion_logprobs(ref, p_ids, p_mask, c_ids, c_mask).cpu()
-            for j, i in enumerate(rows):
-                local[i] = [lp[t * len(rows) + j, : len(dataset.completion_ids[t][i])] for t in range(n_texts)]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        merged: dict[int, list[Tensor]] = {}
-        for part in gather_object([local]):
-            merged.update(part)
-        local = merged
-    dataset.ref_cache = [_stack_ragged(local[i]) for i in range(n)]
-
-
-def _stack_ragged(parts: list[Tensor]) -> Tensor:
-    T = max(p.shape[0] for p in parts)
-    return torch.stack([torch.nn.functional.pad(p, (0, T - p.shape[0])) for p in parts])
-
-
-# --------------------------------------------------------------------------------------------
-# the optimizer step
-
-
-def optimizer_step(
-    recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch, optimizer, scheduler, accelerator
-) -> dict[str, float] | None:
-    """logprobs → objective → backward for each micro-batch, then one clipped optimizer step.
-
-    Returns the step metrics, or None when the step was skipped (non-finite loss or gradient).
-    """
-    temperature = recipe.generation.temperature if recipe.objective.online else 1.0
-    full = _loss_batch(batch, logprobs=torch.zeros_like(batch.completion_mask, dtype=torch.float32))
-    local_units = torch.tensor(float(objective.count_units(full)), device=accelerator.device)
-    global_units = (
-        float(accelerator.reduce(local_units, reduction="sum")) if accelerator.num_processes > 1 else float(local_units)
-    )
-    scale = accelerator.num_processes  # DDP averages gradients over processes; our loss is already global
-    totals: dict[str, float] = {}
-    policy_lp, ref_lp = [], []
-    finite = True
-    for i, rows in enumerate(batch.micro_batches):
-        last = i == len(batch.micro_batches) - 1
-        # gradients are all-reduced (DDP) / the DeepSpeed engine steps only on the last micro-batch
-        accelerator.gradient_state._set_sync_gradients(last)
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(models.policy)
-        with sync:
-            p_ids, p_mask = _trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
-            c_ids, c_mask = batch.completion_ids[rows], batch.completion_mask[rows]
-            width = max(int(c_mask.sum(-1).max()), 1)
-            c_ids, c_mask = c_ids[:, :width], c_mask[:, :width]
-            kept = batch.sampler_probs  # only ever kept for a step of one micro-batch (reuse_sampler_probs)
-            logprobs = completion_logprobs(
-                models.policy, p_ids, p_mask, c_ids, c_mask, temperature, None if kept is None else kept[:width]
-            )
-            if batch.ref_logprobs is not None:
-                ref = batch.ref_logprobs[rows][:, :width]
-            elif objective.name != "sft":
-                with torch.no_grad(), reference_model(models, accelerator) as ref_model:
-                    ref = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, temperature)
-            else:
-                ref = None
-            micro = _loss_batch(batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref)
-            loss, metrics = objective(micro, num_units=global_units)
-            loss_value = float(loss.detach())
-            if not torch.isfinite(loss) or not torch.isfinite(logprobs.detach()).all():
-                finite = False
-            # accelerate (and DeepSpeed) divide by the accumulation count; our loss is already
-            # normalised by the global unit count, so undo it
-            accelerator.backward(loss * scale * accelerator.gradient_accumulation_steps)
-        weight = objective.count_units(micro) / max(global_units / accelerator.num_processes, 1)
-        for key, value in {"loss": loss_value * scale, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + (value if key == "loss" else value * weight)
-        policy_lp.append(_pad_to(logprobs.detach(), batch.completion_mask.shape[1]))
-        if ref is not None:
-            ref_lp.append(_pad_to(ref.detach(), batch.completion_mask.shape[1]))
-    batch.sampler_probs = None  # the backward has consumed it in place
-    if recipe.train.max_grad_norm is not None:
-        norm = accelerator.clip_grad_norm_(models.policy.parameters(), recipe.train.max_grad_norm)
-    else:
-        grads = [p.grad.norm() for p in models.policy.parameters() if p.grad is not None]
-        norm = torch.norm(torch.stack(grads)) if grads else None
-    grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
-    if not finite or (grad_norm is not None and not math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    order = torch.cat(batch.micro_batches)
-    full = _loss_batch(
-        batch,
-        logprobs=torch.cat(policy_lp)[_inverse(order)],
-        ref=torch.cat(ref_lp)[_inverse(order)] if ref_lp else None,
-    )
-    objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
-    totals["grad_norm"] = grad_norm
-    totals["lr"] = scheduler.get_last_lr()[0]
-    totals.update(sequence_stats(full, batch))
-    return totals
-
-
-def _stateful(objective: losses.Objective) -> bool:
-    return bool(objective.state_dict())
-
-
-def _inverse(order: Tensor) -> Tensor:
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(len(order), device=order.device)
-    return inv
-
-
-def _pad_to(x: Tensor, width: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
-def _loss_batch(
-    batch: StepBatch,
-    logprobs: Tensor,
-    rows: Tensor | None = None,
-    mask: Tensor | None = None,
-    ref: Tensor | None = None,
-) -> LossBatch:
-    pick = (lambda x: x) if rows is None else (lambda x: x[rows])
-    pairs = batch.pairs
-    if pairs is not None and rows is not None:
-        where = torch.full((batch.completion_ids.shape[0],), -1, dtype=torch.long, device=pairs.device)
-        where[rows] = torch.arange(len(rows), device=pairs.device)
-        mapped = where[pairs]
-        pairs = mapped[(mapped >= 0).all(1)]
-    return LossBatch(
-        logprobs=logprobs,
-        mask=(mask if mask is not None else pick(batch.completion_mask)).to(logprobs.dtype),
-        ref_logprobs=ref,
-        rewards=None if batch.rewards is None else pick(batch.rewards),
-        group=None if batch.group is None else pick(batch.group),
-        pairs=pairs,
-        demo_rewards=None if batch.demo_rewards is None else pick(batch.demo_rewards),
-    )
-
-
-def _gather_batch(full: LossBatch, accelerator) -> LossBatch:
-    """The whole step's batch over all processes, for stateful objectives (REINFORCE's baseline)."""
-    if accelerator.num_processes == 1:
-        return full
-
-    def gather(x: Tensor | None) -> Tensor | None:
-        if x is None:
-            return None
-        return accelerator.gather(accelerator.pad_across_processes(x, dim=1) if x.dim() == 2 else x)
-
-    return LossBatch(
-        logprobs=gather(full.logprobs),
-        mask=gather(full.mask),
-        ref_logprobs=gather(full.ref_logprobs),
-        rewards=gather(full.rewards),
-    )
-
-
-def sequence_stats(full: LossBatch, batch: StepBatch) -> dict[str, float]:
-    """Reward, KL (k1, k3), entropy proxy and length statistics of the step's sequences."""
-    out: dict[str, float] = {}
-    lengths = full.mask.sum(-1)
-    out["completion_length"] = float(lengths.float().mean())
-    out["tokens"] = float(full.mask.sum())
-    if full.rewards is not None:
-        r = full.rewards if full.rewards.dim() == 1 else full.rewards.sum(-1)
-        out["reward_mean"] = float(r.float().mean())
-        out["reward_std"] = float(r.float().std()) if r.numel() > 1 else 0.0
-    if full.ref_logprobs is not None and batch.pairs is not None:
-        # offline rows are not samples of the policy: their log-ratio is not a KL estimate
-        out["log_ratio"] = float(((full.logprobs - full.ref_logprobs) * full.mask).sum(-1).mean())
-    elif full.ref_logprobs is not None:
-        out["kl_k1"] = float(losses.sequence_kl(full.logprobs, full.ref_logprobs, full.mask, "k1").mean())
-        out["kl_k3"] = float(losses.sequence_kl(full.logprobs, full.ref_logprobs, full.mask, "k3").mean())
-    # −mean log π(y_t) of sampled tokens: a Monte-Carlo estimate of the per-token entropy
-    out["entropy"] = float(-(full.logprobs * full.mask).sum() / full.mask.sum().clamp(min=1))
-    out.update(batch.metrics)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,7 +139,7 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
         dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
     check_positions(recipe, dataset)
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
-    if online and recipe.objective.name == "rcfd":
+    if online and "demo_rewards" in recipe.objective.needs:
         fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
     models = load_models(recipe, accelerator.device, need_reference=objective.name != "sft", tokenizer=tokenizer)
     trainable = [p for p in models.policy.parameters() if p.requires_grad]

@@ -78,16 +78,16 @@ def max_diff(a: dict, b: dict) -> float:
 
 def _record_reuse_decisions(monkeypatch) -> list[bool]:
     """Every ``reuse_sampler_probs`` decision of the runs that follow, in order."""
-    import align.trainer as trainer_mod
+    import align.batches as batches_mod
 
     decisions: list[bool] = []
-    decide = trainer_mod.reuse_sampler_probs
+    decide = batches_mod.reuse_sampler_probs
 
     def spy(*args, **kwargs) -> bool:
         decisions.append(decide(*args, **kwargs))
         return decisions[-1]
 
-    monkeypatch.setattr(trainer_mod, "reuse_sampler_probs", spy)
+    monkeypatch.setattr(batches_mod, "reuse_sampler_probs", spy)
     return decisions
 
 
@@ -134,7 +134,7 @@ def test_gradient_accumulation_equivalence(key, tiny_model_dir, tiny_data_files,
 def test_sampler_probs_are_kept_only_within_their_memory_cap(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
     """The kept softmax is [max_new_tokens, rows, V] fp32; above the cap the training forward
     computes the log-probs itself -- and trains to the same weights."""
-    import align.trainer as trainer_mod
+    import align.batches as batches_mod
 
     decisions = _record_reuse_decisions(monkeypatch)
     sgd = dict(optimizer="sgd", lr=SGD_LR["rloo"], max_grad_norm=None)
@@ -142,7 +142,7 @@ def test_sampler_probs_are_kept_only_within_their_memory_cap(tiny_model_dir, tin
     assert decisions and all(decisions)
     vocab = final_params(tmp_path / "kept")["transformer.wte.weight"].shape[0]
     needed = GENERATION["max_new_tokens"] * 8 * OBJECTIVES["rloo"][0]["k"] * vocab * 4
-    monkeypatch.setattr(trainer_mod, "KEEP_PROBS_MAX_BYTES", needed - 1)
+    monkeypatch.setattr(batches_mod, "KEEP_PROBS_MAX_BYTES", needed - 1)
     decisions.clear()
     train(make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "recomputed", "rloo", **sgd))
     assert decisions and not any(decisions)
@@ -163,14 +163,15 @@ def test_loss_logprobs_are_at_the_sampling_temperature(
 
     from transformers import AutoModelForCausalLM
 
-    import align.trainer as trainer_mod
+    import align.batches as batches_mod
+    import align.step as step_mod
 
     temperature, lr = 0.7, 0.05
     decisions = _record_reuse_decisions(monkeypatch)
     if not keep_probs:
-        monkeypatch.setattr(trainer_mod, "KEEP_PROBS_MAX_BYTES", 0)
+        monkeypatch.setattr(batches_mod, "KEEP_PROBS_MAX_BYTES", 0)
     forwards, micro_batches = [], []
-    real_logprobs, real_loss_batch = trainer_mod.completion_logprobs, trainer_mod._loss_batch
+    real_logprobs, real_loss_batch = step_mod.completion_logprobs, step_mod._loss_batch
 
     def spy_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *args, **kwargs):
         out = real_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *args, **kwargs)
@@ -184,8 +185,8 @@ def test_loss_logprobs_are_at_the_sampling_temperature(
             micro_batches.append(out)
         return out
 
-    monkeypatch.setattr(trainer_mod, "completion_logprobs", spy_logprobs)
-    monkeypatch.setattr(trainer_mod, "_loss_batch", spy_loss_batch)
+    monkeypatch.setattr(step_mod, "completion_logprobs", spy_logprobs)
+    monkeypatch.setattr(step_mod, "_loss_batch", spy_loss_batch)
     recipe = make_recipe(
         tiny_model_dir,
         tiny_data_files,

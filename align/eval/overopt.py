@@ -30,7 +30,6 @@ Everything is written under ``out``: ``proxy/`` (pairs and reward model), ``runs
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -41,154 +40,23 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator, model_validator
 
-import losses
-from align.config import RecipeError, Strict, dump_recipe, load_recipe, validate
+from align.config import RecipeError, dump_recipe, validate
 from align.eval.metrics import bon_kl, distinct_n, histogram_kl
-from align.recipe import ObjectiveConfig, Recipe, RewardComponent
-from align.rm import RMTrain
-
-PAIR_SEED_OFFSET = 20_011  # proxy-pair samples never reuse a training or evaluation key
-BON_SEED_OFFSET = 30_011
-STUDY_KEYS = ("objective", "reward", "output", "resume", "prepare")  # set by the study, not by ``base``
-
-
-# --------------------------------------------------------------------------------------------
-# recipe
-
-
-class ProxyConfig(Strict):
-    pairs: int = Field(500, gt=0, description="gold-labelled pairs of SFT samples the proxy is trained on")
-    labels: Literal["hard", "bradley_terry"] = Field(
-        "hard", description="hard: the sample with the higher gold is chosen; bradley_terry: sampled, σ(Δgold/T)"
-    )
-    temperature: float = Field(1.0, gt=0, description="T of bradley_terry labels")
-    model: str | None = Field(None, description="reward-model base (default: the policy's model.path); new scalar head")
-    eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of the pairs held out for the proxy's accuracy")
-    train: RMTrain = Field(default_factory=RMTrain, description="align rm's train section")
-    seed: int = Field(0, description="which prompts, which samples, which labels (bradley_terry)")
-
-
-class EvalConfig(Strict):
-    every: int = Field(20, gt=0, description="evaluate a checkpoint every N training steps (and step 0 and the last)")
-    prompts: str | None = Field(None, description="held-out prompt file (default: base data.eval_prompts)")
-    n_prompts: int = Field(128, gt=0, description="held-out prompts used (the first N)")
-
-
-class BonConfig(Strict):
-    n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], description="empty: no best-of-n baseline")
-    n_prompts: int = Field(128, gt=0, description="held-out prompts used (the first N)")
-
-    @field_validator("n")
-    @classmethod
-    def divides(cls, ns: list[int]) -> list[int]:
-        if any(n < 1 for n in ns):
-            raise ValueError("every n must be >= 1")
-        if ns and any(max(ns) % n for n in ns):
-            raise ValueError(f"every n must divide the largest ({max(ns)}): one pool of samples serves all n")
-        return sorted(set(ns))
-
-
-class ObjectiveSpec(ObjectiveConfig):
-    label: str | None = Field(None, description="name in the report (default: NAME_betaBETA)")
-
-    @property
-    def effective_beta(self) -> float | None:
-        if self.beta is not None:
-            return self.beta
-        beta = {**losses.options(self.name), **self.options}.get("beta")
-        return beta if isinstance(beta, (int, float)) else None
-
-    @property
-    def run_name(self) -> str:
-        if self.label:
-            return self.label
-        beta = self.effective_beta
-        return self.name if beta is None else f"{self.name}_beta{beta:g}"
-
-
-class OveroptRecipe(Strict):
-    description: str = ""
-    prepare: Literal["quickstart"] | None = Field(None, description="build the quickstart assets first if missing")
-    out: str = Field("runs/overopt", description="study directory: proxy, runs, report")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed of each run")
-    gold: list[RewardComponent] = Field(..., min_length=1, description="the gold reward (never optimised)")
-    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
-    base: dict[str, Any] = Field(
-        ..., description="training recipe shared by every run, without objective/reward/output"
-    )
-    objectives: list[ObjectiveSpec] = Field(..., min_length=1)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    bon: BonConfig = Field(default_factory=BonConfig)
-    threads: int | None = Field(None, gt=0, description="torch CPU threads (small models: 1 is often fastest)")
-    keep_checkpoints: bool = Field(False, description="keep each run's checkpoints after they are evaluated")
-
-    @model_validator(mode="after")
-    def consistent(self) -> OveroptRecipe:
-        names = [o.run_name for o in self.objectives]
-        offline = [o.name for o in self.objectives if not o.online]
-        if offline:
-            raise ValueError(f"objectives: {offline} train on a fixed dataset; the study trains against the proxy")
-        if len(set(names)) != len(names):
-            raise ValueError(f"objectives: names must be unique (set label), got {names}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: must be unique, got {self.seeds}")
-        taken = sorted(set(STUDY_KEYS) & set(self.base))
-        if taken:
-            raise ValueError(f"base: {taken} are set by the study; remove them")
-        model = self.base.get("model")
-        if isinstance(model, dict) and model.get("lora") is not None:
-            raise ValueError("base.model.lora: overopt evaluates full checkpoints; LoRA is not supported")
-        return self
-
-
-def load_study(path: str | Path | None, overrides: list[str] | None = None) -> OveroptRecipe:
-    """The study recipe, with every run's training recipe validated (RecipeError: one line)."""
-    if path is None:
-        raise RecipeError("recipe: a study recipe YAML is required (e.g. recipes/overopt/quickstart.yaml)")
-    study = load_recipe(OveroptRecipe, path, overrides)
-    for spec in study.objectives:
-        run_recipe(study, spec, study.seeds[0], source=f"recipe {str(path)!r}")
-    if not (study.eval.prompts or run_recipe(study, study.objectives[0], study.seeds[0]).data.eval_prompts):
-        raise RecipeError(f"recipe {str(path)!r}: field 'eval.prompts': held-out prompts are required")
-    return study
-
-
-def run_dir(study: OveroptRecipe, spec: ObjectiveSpec, seed: int) -> Path:
-    return Path(study.out) / "runs" / spec.run_name / f"seed{seed}"
-
-
-def proxy_dir(study: OveroptRecipe) -> Path:
-    return Path(study.out) / "proxy" / "model"
-
-
-def run_recipe(study: OveroptRecipe, spec: ObjectiveSpec, seed: int, source: str = "recipe") -> Recipe:
-    """The training recipe of one (objective, seed) run: ``base`` + objective + proxy reward."""
-    raw = copy.deepcopy(study.base)
-    raw["objective"] = spec.model_dump(mode="json", exclude={"label"}, exclude_none=True)
-    raw["reward"] = [{"name": "reward_model", "label": "proxy", "options": {"model": str(proxy_dir(study))}}]
-    raw["train"] = {**(raw.get("train") or {}), "seed": seed}
-    steps = validate(Recipe, {**raw, "output": {}}, source=f"{source}: run {spec.run_name}").train.steps
-    raw["output"] = {
-        "dir": str(run_dir(study, spec, seed)),
-        "save_every": study.eval.every,
-        "keep_last": steps // study.eval.every + 1,
-        "sample_every": 0,
-        "report": False,
-        "save_model": False,
-    }
-    return validate(Recipe, raw, source=f"{source}: run {spec.run_name}")
-
-
-def eval_steps(recipe: Recipe, every: int) -> list[int]:
-    """Step 0 (the initial policy), every ``every`` steps, and the last step."""
-    steps = list(range(0, recipe.train.steps, every))
-    return steps + [recipe.train.steps]
-
+from align.eval.overopt_config import (  # noqa: F401 -- re-exported: the study's recipe API
+    BON_SEED_OFFSET,
+    PAIR_SEED_OFFSET,
+    ObjectiveSpec,
+    OveroptRecipe,
+    eval_steps,
+    load_study,
+    proxy_dir,
+    run_recipe,
+)
+from align.recipe import Recipe
 
 # --------------------------------------------------------------------------------------------
 # scoring
@@ -331,8 +199,8 @@ def label_pairs(
 
 def train_proxy(study: OveroptRecipe, recipe: Recipe, models, gold, device) -> dict[str, Any]:
     """Gold-labelled pairs of SFT samples → ``align rm`` → the proxy reward model."""
+    from align.batches import OnlineData
     from align.rm import RMRecipe, train_reward_model
-    from align.trainer import OnlineData
 
     root = proxy_dir(study).parent
     root.mkdir(parents=True, exist_ok=True)

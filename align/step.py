@@ -1,0 +1,177 @@
+"""The optimizer step: log-probs → objective → backward for each micro-batch, then one clipped step.
+
+Each micro-batch loss is divided by the number of units in the WHOLE step over all processes and
+scaled by the process count (DDP averages gradients), so summed micro-batch gradients equal the
+full-batch gradient."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+import losses
+from align.batches import StepBatch, _trim_left
+from align.logprobs import completion_logprobs
+from align.models import Models, reference_model
+from align.recipe import Recipe
+from losses import LossBatch
+
+
+def optimizer_step(
+    recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch, optimizer, scheduler, accelerator
+) -> dict[str, float] | None:
+    """logprobs → objective → backward for each micro-batch, then one clipped optimizer step.
+
+    Returns the step metrics, or None when the step was skipped (non-finite loss or gradient).
+    """
+    temperature = recipe.generation.temperature if recipe.objective.online else 1.0
+    full = _loss_batch(batch, logprobs=torch.zeros_like(batch.completion_mask, dtype=torch.float32))
+    local_units = torch.tensor(float(objective.count_units(full)), device=accelerator.device)
+    global_units = (
+        float(accelerator.reduce(local_units, reduction="sum")) if accelerator.num_processes > 1 else float(local_units)
+    )
+    scale = accelerator.num_processes  # DDP averages gradients over processes; our loss is already global
+    totals: dict[str, float] = {}
+    policy_lp, ref_lp = [], []
+    finite = True
+    for i, rows in enumerate(batch.micro_batches):
+        last = i == len(batch.micro_batches) - 1
+        # gradients are all-reduced (DDP) / the DeepSpeed engine steps only on the last micro-batch
+        accelerator.gradient_state._set_sync_gradients(last)
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(models.policy)
+        with sync:
+            p_ids, p_mask = _trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
+            c_ids, c_mask = batch.completion_ids[rows], batch.completion_mask[rows]
+            width = max(int(c_mask.sum(-1).max()), 1)
+            c_ids, c_mask = c_ids[:, :width], c_mask[:, :width]
+            kept = batch.sampler_probs  # only ever kept for a step of one micro-batch (reuse_sampler_probs)
+            logprobs = completion_logprobs(
+                models.policy, p_ids, p_mask, c_ids, c_mask, temperature, None if kept is None else kept[:width]
+            )
+            if batch.ref_logprobs is not None:
+                ref = batch.ref_logprobs[rows][:, :width]
+            elif objective.name != "sft":
+                with torch.no_grad(), reference_model(models, accelerator) as ref_model:
+                    ref = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, temperature)
+            else:
+                ref = None
+            micro = _loss_batch(batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref)
+            loss, metrics = objective(micro, num_units=global_units)
+            loss_value = float(loss.detach())
+            if not torch.isfinite(loss) or not torch.isfinite(logprobs.detach()).all():
+                finite = False
+            # accelerate (and DeepSpeed) divide by the accumulation count; our loss is already
+            # normalised by the global unit count, so undo it
+            accelerator.backward(loss * scale * accelerator.gradient_accumulation_steps)
+        weight = objective.count_units(micro) / max(global_units / accelerator.num_processes, 1)
+        for key, value in {"loss": loss_value * scale, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + (value if key == "loss" else value * weight)
+        policy_lp.append(_pad_to(logprobs.detach(), batch.completion_mask.shape[1]))
+        if ref is not None:
+            ref_lp.append(_pad_to(ref.detach(), batch.completion_mask.shape[1]))
+    batch.sampler_probs = None  # the backward has consumed it in place
+    if recipe.train.max_grad_norm is not None:
+        norm = accelerator.clip_grad_norm_(models.policy.parameters(), recipe.train.max_grad_norm)
+    else:
+        grads = [p.grad.norm() for p in models.policy.parameters() if p.grad is not None]
+        norm = torch.norm(torch.stack(grads)) if grads else None
+    grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
+    if not finite or (grad_norm is not None and not math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    order = torch.cat(batch.micro_batches)
+    full = _loss_batch(
+        batch,
+        logprobs=torch.cat(policy_lp)[_inverse(order)],
+        ref=torch.cat(ref_lp)[_inverse(order)] if ref_lp else None,
+    )
+    objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
+    totals["grad_norm"] = grad_norm
+    totals["lr"] = scheduler.get_last_lr()[0]
+    totals.update(sequence_stats(full, batch))
+    return totals
+
+
+def _stateful(objective: losses.Objective) -> bool:
+    return bool(objective.state_dict())
+
+
+def _inverse(order: Tensor) -> Tensor:
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(len(order), device=order.device)
+    return inv
+
+
+def _pad_to(x: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def _loss_batch(
+    batch: StepBatch,
+    logprobs: Tensor,
+    rows: Tensor | None = None,
+    mask: Tensor | None = None,
+    ref: Tensor | None = None,
+) -> LossBatch:
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+    pairs = batch.pairs
+    if pairs is not None and rows is not None:
+        where = torch.full((batch.completion_ids.shape[0],), -1, dtype=torch.long, device=pairs.device)
+        where[rows] = torch.arange(len(rows), device=pairs.device)
+        mapped = where[pairs]
+        pairs = mapped[(mapped >= 0).all(1)]
+    return LossBatch(
+        logprobs=logprobs,
+        mask=(mask if mask is not None else pick(batch.completion_mask)).to(logprobs.dtype),
+        ref_logprobs=ref,
+        rewards=None if batch.rewards is None else pick(batch.rewards),
+        group=None if batch.group is None else pick(batch.group),
+        pairs=pairs,
+        demo_rewards=None if batch.demo_rewards is None else pick(batch.demo_rewards),
+    )
+
+
+def _gather_batch(full: LossBatch, accelerator) -> LossBatch:
+    """The whole step's batch over all processes, for stateful objectives (REINFORCE's baseline)."""
+    if accelerator.num_processes == 1:
+        return full
+
+    def gather(x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        return accelerator.gather(accelerator.pad_across_processes(x, dim=1) if x.dim() == 2 else x)
+
+    return LossBatch(
+        logprobs=gather(full.logprobs),
+        mask=gather(full.mask),
+        ref_logprobs=gather(full.ref_logprobs),
+        rewards=gather(full.rewards),
+    )
+
+
+def sequence_stats(full: LossBatch, batch: StepBatch) -> dict[str, float]:
+    """Reward, KL (k1, k3), entropy proxy and length statistics of the step's sequences."""
+    out: dict[str, float] = {}
+    lengths = full.mask.sum(-1)
+    out["completion_length"] = float(lengths.float().mean())
+    out["tokens"] = float(full.mask.sum())
+    if full.rewards is not None:
+        r = full.rewards if full.rewards.dim() == 1 else full.rewards.sum(-1)
+        out["reward_mean"] = float(r.float().mean())
+        out["reward_std"] = float(r.float().std()) if r.numel() > 1 else 0.0
+    if full.ref_logprobs is not None and batch.pairs is not None:
+        # offline rows are not samples of the policy: their log-ratio is not a KL estimate
+        out["log_ratio"] = float(((full.logprobs - full.ref_logprobs) * full.mask).sum(-1).mean())
+    elif full.ref_logprobs is not None:
+        out["kl_k1"] = float(losses.sequence_kl(full.logprobs, full.ref_logprobs, full.mask, "k1").mean())
+        out["kl_k3"] = float(losses.sequence_kl(full.logprobs, full.ref_logprobs, full.mask, "k3").mean())
+    # −mean log π(y_t) of sampled tokens: a Monte-Carlo estimate of the per-token entropy
+    out["entropy"] = float(-(full.logprobs * full.mask).sum() / full.mask.sum().clamp(min=1))
+    out.update(batch.metrics)
+    return out
