@@ -65,13 +65,14 @@ class OfflineData:
 
     def __init__(self, recipe: Recipe, tokenizer, eos_token_id: int | None):
         cfg = recipe.data
-        self.paired = losses.REGISTRY[recipe.objective.name].paired
+        declared = losses.REGISTRY[recipe.objective.name]
+        self.paired = declared.paired
         table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
         texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
         if self.paired and cfg.chosen_column not in table.column_names and cfg.reward_column in table.column_names:
-            # (prompt, completion, reward) rows: every two completions of a prompt form a pair; an
-            # objective that does not read rewards (DPO, IPO) learns only from each pair's order
-            ordered = "rewards" not in recipe.objective.needs
+            # (prompt, completion, reward) rows: every two completions of a prompt form a pair; a
+            # preference objective (DPO, IPO) learns only from each pair's order
+            ordered = declared.preference
             table, ties = data_lib.rows_to_pairs(
                 table, cfg.prompt_column, cfg.completion_column, cfg.reward_column, ordered=ordered
             )
@@ -263,7 +264,7 @@ def offline_batch(
     if dataset.paired:
         n = len(rows)
         batch.pairs = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(accelerator.device)
-        if recipe.objective.name == "copg":
+        if "rewards" in recipe.objective.needs:  # copg on a pair file: rewards per text
             batch.rewards = pair_rewards(recipe, dataset, reward, rows, _all_ranks(accelerator)).to(accelerator.device)
     if dataset.ref_cache is not None:
         T = completion_ids.shape[1]

@@ -246,14 +246,15 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def consistent(self) -> Recipe:
         name = self.objective.name
+        declared = losses.REGISTRY[name]
         if self.objective.online and not self.reward:
             raise ValueError(f"reward: objective {name!r} is trained online and needs a reward")
-        if self.objective.online and name in ("dpo", "ipo", "sft"):
+        if self.objective.online and "online" not in declared.feeds:
             raise ValueError(f"objective.mode: {name!r} is trained on a fixed dataset, not online")
-        if not self.objective.online and name in ("reinforce", "rloo", "rcfd"):
+        if not self.objective.online and "offline" not in declared.feeds:
             raise ValueError(f"objective.mode: {name!r} needs samples from the policy (online)")
-        if self.objective.online and name in ("rloo", "rcfd", "copg") and self.objective.k < 2:
-            raise ValueError(f"objective.k: {self.objective.name!r} needs k >= 2 samples per prompt")
+        if self.objective.online and self.objective.k < declared.min_k:
+            raise ValueError(f"objective.k: {name!r} needs k >= {declared.min_k} samples per prompt")
         if self.objective.online:
             self._no_sampling_filters()
         if self.prepare is not None and PurePath(self.model.path).name != "sft_model":

@@ -53,7 +53,7 @@ def optimizer_step(
             )
             if batch.ref_logprobs is not None:
                 ref = batch.ref_logprobs[rows][:, :width]
-            elif objective.name != "sft":
+            elif objective.uses_reference:
                 with torch.no_grad(), reference_model(models, accelerator) as ref_model:
                     ref = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, temperature)
             else:

@@ -141,7 +141,7 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
     if online and "demo_rewards" in recipe.objective.needs:
         fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
-    models = load_models(recipe, accelerator.device, need_reference=objective.name != "sft", tokenizer=tokenizer)
+    models = load_models(recipe, accelerator.device, need_reference=objective.uses_reference, tokenizer=tokenizer)
     trainable = [p for p in models.policy.parameters() if p.requires_grad]
     if recipe.train.optimizer == "sgd":
         optimizer = torch.optim.SGD(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
@@ -176,7 +176,7 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
         objective.load_state_dict(state["objective"])
         if reward is not None:
             reward.load_state_dict(state.get("reward", {}))
-    if not online and objective.name != "sft":
+    if not online and objective.uses_reference:
         cache_reference_logprobs(recipe, models, dataset, accelerator)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,11 @@ import torch
 from torch import Tensor
 
 Unit = Literal["sequence", "pair", "token"]
+Feed = Literal["online", "offline"]
+# the tilt f of the KL-regularised fixed point π* ∝ π_ref·exp(f/β) that the bandit lab checks:
+# "reward" f = r; "demo_gap" f = −(r − r_demo)²; "preference" f from the Bradley–Terry preference
+# probabilities of the pairs (IPO's least-squares solution); None: no closed form
+FixedPoint = Literal["reward", "demo_gap", "preference"]
 
 
 @dataclass
@@ -104,13 +109,30 @@ def pairs_within_groups(group: Tensor) -> Tensor:
 
 
 class Objective(ABC):
-    """Base class: subclasses set ``name``, ``unit``, ``online`` and ``needs`` and implement ``terms``."""
+    """Base class: subclasses declare what they need and how they are fed, and implement ``terms``.
+
+    The trainer, recipe validation and bandit lab read only these declarations, never a name, so
+    a new objective is one file plus ``losses.register``.
+    """
 
     name: ClassVar[str]
     unit: ClassVar[Unit]
-    online: ClassVar[bool]  # True: trained on fresh samples of the policy; False: on a fixed dataset
-    needs: ClassVar[tuple[str, ...]] = ()
+    feeds: ClassVar[tuple[Feed, ...]]  # how it can be trained; the first is the default (mode: auto)
+    online: ClassVar[bool]  # feeds[0] == "online": fresh samples of the policy, else a fixed dataset
+    needs: ClassVar[tuple[str, ...]] = ()  # LossBatch fields it reads (besides logprobs and mask)
     paired: ClassVar[bool] = False  # the batch must carry ``pairs`` (or groups to build them from)
+    preference: ClassVar[bool] = False  # pairs are (preferred, dispreferred), ordered before the loss
+    min_k: ClassVar[int] = 1  # online: samples per prompt the estimator needs (a baseline, a pair)
+    uses_reference: ClassVar[bool] = True  # the frozen reference is loaded (loss, KL, diagnostics)
+    fixed_point: ClassVar[FixedPoint | None] = "reward"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "feeds" in cls.__dict__:
+            bad = [f for f in cls.feeds if f not in ("online", "offline")]
+            if not cls.feeds or bad:
+                raise TypeError(f"{cls.__name__}.feeds: expected a non-empty tuple of 'online'/'offline', got {cls.feeds}")
+            cls.online = cls.feeds[0] == "online"
 
     def count_units(self, batch: LossBatch) -> int:
         """How many units this batch holds (sum these over micro-batches/processes for ``num_units``)."""

@@ -27,7 +27,8 @@ from losses.base import LossBatch, Objective, sequence_logprobs
 class CoPG(Objective):
     name = "copg"
     unit = "pair"
-    online = True  # on-policy pairs by default; trained on a fixed pair file it is the offline variant
+    feeds = ("online", "offline")  # on-policy pairs by default; a fixed pair/row file is the offline variant
+    min_k = 2
     needs = ("rewards", "ref_logprobs")
     paired = True
 

@@ -29,9 +29,10 @@ def pair_log_ratio_margin(batch: LossBatch, pairs: Tensor, average: bool) -> Ten
 class DPO(Objective):
     name = "dpo"
     unit = "pair"
-    online = False
+    feeds = ("offline",)
     needs = ("ref_logprobs",)
     paired = True
+    preference = True
 
     def __init__(self, beta: float = 0.1, average_logprobs: bool = False):
         if beta <= 0:  # β = 0 makes the loss log 2 whatever the policy: nothing would train

@@ -19,9 +19,11 @@ from losses.dpo import pair_log_ratio_margin
 class IPO(Objective):
     name = "ipo"
     unit = "pair"
-    online = False
+    feeds = ("offline",)
     needs = ("ref_logprobs",)
     paired = True
+    preference = True
+    fixed_point = "preference"
 
     def __init__(self, beta: float = 0.1, average_logprobs: bool = False):
         if beta <= 0:

@@ -37,6 +37,7 @@ def calibrated_reward(rewards: Tensor, demo_rewards: Tensor, weights: Tensor | N
 class RCfD(RLOO):
     name = "rcfd"
     needs = ("rewards", "group", "demo_rewards")
+    fixed_point = "demo_gap"
 
     def __init__(self, beta: float = 0.0, kl_estimator: KLEstimator = "k1", weights: Sequence[float] | None = None):
         super().__init__(beta=beta, kl_estimator=kl_estimator)

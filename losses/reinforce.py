@@ -20,7 +20,7 @@ from losses.kl import KLEstimator, regularised_reward, reward_kl_estimator
 class Reinforce(Objective):
     name = "reinforce"
     unit = "sequence"
-    online = True
+    feeds = ("online",)
     needs = ("rewards",)
 
     def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1", baseline_momentum: float = 0.9):

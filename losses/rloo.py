@@ -25,7 +25,8 @@ def rloo_advantages(R: Tensor, group: Tensor) -> Tensor:
 class RLOO(Objective):
     name = "rloo"
     unit = "sequence"
-    online = True
+    feeds = ("online",)
+    min_k = 2  # the leave-one-out baseline needs another sample of the prompt
     needs = ("rewards", "group")
 
     def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1"):

@@ -16,7 +16,9 @@ from losses.base import LossBatch, Objective
 class SFT(Objective):
     name = "sft"
     unit = "token"
-    online = False
+    feeds = ("offline",)
+    uses_reference = False
+    fixed_point = None  # trained on demonstrations, not on a reward
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         nll = -(batch.logprobs * batch.mask)

@@ -12,10 +12,14 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 import losses
 from align.config import Strict, format_validation_error
 
-# objectives trained on samples of the policy with a reward (everything else is fed pairs)
-SEQUENCE_OBJECTIVES = ("reinforce", "rloo", "rcfd")
 ENTRY_KEYS = ("name", "label", "data", "k", "options")
 SAMPLERS = ("uniform", "ref", "policy")
+
+
+def bandit_objectives() -> list[str]:
+    """Objectives the lab can feed: samples of the policy scored by the reward (online), or pairs
+    of a sampler. An offline objective on unpaired rows (SFT on demonstrations) has no bandit form."""
+    return sorted(n for n, cls in losses.REGISTRY.items() if "online" in cls.feeds or cls.paired)
 
 
 class ObjectiveEntry(Strict):
@@ -53,10 +57,8 @@ class ObjectiveEntry(Strict):
     @field_validator("name")
     @classmethod
     def known(cls, name: str) -> str:
-        if name not in losses.REGISTRY or name == "sft":
-            raise ValueError(
-                f"unknown objective {name!r}; expected one of {sorted(set(losses.REGISTRY) - {'sft'})}"
-            )
+        if name not in bandit_objectives():
+            raise ValueError(f"unknown objective {name!r}; expected one of {bandit_objectives()}")
         return name
 
     @model_validator(mode="after")
@@ -71,7 +73,7 @@ class ObjectiveEntry(Strict):
     def source(self, sampler: Any) -> Literal["policy", "sampler"]:
         if self.data != "auto":
             return self.data
-        if self.name in SEQUENCE_OBJECTIVES or sampler == "policy":
+        if "offline" not in losses.REGISTRY[self.name].feeds or sampler == "policy":
             return "policy"
         return "sampler"
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 import losses
-from align.bandit.config import SEQUENCE_OBJECTIVES, BanditRecipe, ObjectiveEntry, PairSampler
+from align.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler
 from align.bandit.targets import kl_to_tilt, target_tilt, tilt_law
 from align.bandit.worlds import Bandit, Sample, SequenceWorld
 
@@ -99,7 +99,7 @@ def make_batch(
     S, k = recipe.seeds, entry.k or recipe.k
     from_policy = entry.source(recipe.sampler) == "policy"
     pair_local = None
-    if from_policy and (entry.name in SEQUENCE_OBJECTIVES or entry.name == "copg"):
+    if from_policy and "online" in objective.feeds:
         # G groups of k samples of the policy; CoPG pairs every two samples of a group
         groups = max(1, recipe.batch_size // k)
         sample = world.sample(logits, S, groups * k, generator)
@@ -111,7 +111,7 @@ def make_batch(
         # P pairs from the sampler (or from the policy for dpo/ipo with sampler: policy)
         P = recipe.batch_size
         y, y2, first = pairs.draw(logits if from_policy or pairs.logits is None else None, P, generator)
-        if entry.name in ("dpo", "ipo"):
+        if objective.preference:
             y, y2 = y.where(first, y2), y2.where(first, y)  # (chosen, rejected)
         sample = Sample.cat([y, y2])
         if objective.paired:
@@ -175,7 +175,7 @@ def train_objective(
     sequence = isinstance(world, SequenceWorld)
     from_policy = entry.source(recipe.sampler) == "policy" or pairs.laws is None
     tilt = target_tilt(
-        entry.name,
+        objective.fixed_point,
         entry.averaged,
         sequence,
         world.outcome_reward(),

@@ -64,7 +64,7 @@ def ipo_self_consistent(rewards: Tensor, ref_law: Tensor, beta: float, iters: in
 
 
 def target_tilt(
-    name: str,
+    fixed_point: str | None,
     averaged: bool,
     sequence: bool,
     rewards: Tensor,
@@ -75,16 +75,18 @@ def target_tilt(
 ) -> Tensor | None:
     """The tilt f of an objective's fixed point over outcomes, or None when there is no closed form.
 
-    ``pair_laws`` = (law of y, law of y′) of the sampler's pairs, or None when pairs come from
-    the policy.
+    ``fixed_point`` is the objective's declaration (``losses.base.FixedPoint``); ``pair_laws`` =
+    (law of y, law of y′) of the sampler's pairs, or None when pairs come from the policy.
     """
-    if averaged and sequence:
+    if fixed_point is None or (averaged and sequence):
         return None
     r = rewards.double()
-    if name == "rcfd":
+    if fixed_point == "demo_gap":
         return -((r - demo_reward) ** 2)
-    if name == "ipo":
+    if fixed_point == "preference":
         if pair_laws is None:
             return ipo_self_consistent(r, ref_law, beta)
         return ipo_tilt(r, pair_laws[0], pair_laws[1], beta)
-    return r
+    if fixed_point == "reward":
+        return r
+    raise ValueError(f"fixed_point: expected 'reward', 'demo_gap', 'preference' or None, got {fixed_point!r}")
