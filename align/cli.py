@@ -13,13 +13,13 @@ from align.config import RecipeError
 
 # subcommand -> (module with ``main(args)``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("align.train_cli", "align a language model with the recipe's objective and reward"),
-    "sft": ("align.train_cli", "supervised fine-tuning on completion tokens (objective sft)"),
-    "recipes": ("align.train_cli", "list the bundled recipes"),
-    "bandit": ("align.bandit.cli", "compare objectives on toy bandits with closed-form optima"),
-    "rm": ("align.rm", "train a reward model from preference pairs (Bradley-Terry)"),
-    "summarize": ("align.summarize", "offline summarisation with an entailment (NLI) reward: build, SFT, RL, report"),
-    "overopt": ("align.eval.overopt", "measure reward over-optimization (gold vs proxy reward against KL)"),
+    "train": ("align.jobs.train", "align a language model with the recipe's objective and reward"),
+    "sft": ("align.jobs.train", "supervised fine-tuning on completion tokens (objective sft)"),
+    "recipes": ("align.jobs.train", "list the bundled recipes"),
+    "bandit": ("align.jobs.bandit.cli", "compare objectives on toy bandits with closed-form optima"),
+    "rm": ("align.jobs.rm", "train a reward model from preference pairs (Bradley-Terry)"),
+    "summarize": ("align.jobs.summarize", "summarisation with an entailment (NLI) reward: build, SFT, RL, report"),
+    "overopt": ("align.jobs.overopt.study", "measure reward over-optimization (gold vs proxy reward against KL)"),
 }
 
 

@@ -92,9 +92,42 @@ def validate(schema: type[Schema], data: dict, source: str = "recipe") -> Schema
         raise RecipeError(f"{source}: {format_validation_error(err)}") from None
 
 
+def bundled_recipes_dir() -> Path:
+    """The recipes shipped with align: ``align/recipes/`` inside an installed wheel (the wheel maps
+    the checkout's top-level ``recipes/`` there), ``recipes/`` beside the package in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "recipes", here.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    raise RecipeError(f"bundled recipes: not found in {here / 'recipes'} or {here.parent / 'recipes'}")
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Bundled recipe name (``quickstart``, ``bandit/length_bias``) -> its YAML file."""
+    root = bundled_recipes_dir()
+    return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: ``path`` itself when it exists, else the bundled recipe of that name
+    (``quickstart``, ``recipes/quickstart.yaml`` and ``quickstart.yaml`` all name the same one)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = str(given.with_suffix("") if given.suffix in (".yaml", ".yml") else given)
+    name = name[len("recipes/") :] if name.startswith("recipes/") else name
+    bundled = bundled_recipes()
+    if name in bundled:
+        return bundled[name]
+    raise RecipeError(
+        f"recipe {str(path)!r}: no such file, and no bundled recipe of that name (`align recipes` lists them)"
+    )
+
+
 def load_recipe(schema: type[Schema], path: str | Path | None, overrides: list[str] | None = None) -> Schema:
-    """Read ``path`` (or start from the schema's defaults), apply overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
+    """Read ``path`` -- a file or a bundled recipe's name -- (or start from the schema's defaults),
+    apply overrides, validate."""
+    data = read_yaml(find_recipe(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return validate(schema, data, source=f"recipe {str(path)!r}" if path else "recipe")
 

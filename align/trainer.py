@@ -17,7 +17,9 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,11 +36,11 @@ from align.batches import (
 )
 from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
-from align.logging import MetricsLog, postfix, progress_bar
-from align.models import check_positions, load_models, load_tokenizer
+from align.metrics_log import MetricsLog, postfix, progress_bar
+from align.models import Models, check_positions, load_models, load_tokenizer
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
-from align.rewards_adapter import build_reward
+from align.rewards_adapter import RewardFunction, build_reward
 from align.rundir import claim_run_dir
 from align.step import optimizer_step
 
@@ -97,22 +99,33 @@ def make_accelerator(recipe: Recipe):
     return Accelerator(gradient_accumulation_steps=recipe.train.gradient_accumulation_steps)
 
 
-def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+@dataclass
+class FinishedRun:
+    """What an ``on_end`` hook sees of a run that reached its last step (the end-of-run report)."""
+
+    recipe: Recipe
+    models: Models
+    prompts: OnlineData | None  # the online prompts; None for an offline objective
+    reward: RewardFunction | None
+    run_dir: Path
+    accelerator: Any
+
+
+def train(
+    recipe: Recipe,
+    accelerator=None,
+    on_step: Callable[[int, dict], None] | None = None,
+    on_end: Callable[[FinishedRun], dict] | None = None,
+) -> dict:
     """Run a recipe to the end (or to a signal); returns the summary written to summary.json.
 
-    ``on_step(step, record)`` is called after each logged step (evaluation hooks, tests).
+    The recipe's assets must exist: ``prepare:`` is the job layer's (``align.jobs.train.run``).
+    ``on_step(step, record)`` is called after each logged step (evaluation hooks, tests);
+    ``on_end(run)`` on the main process after a run that finished, its dict merged into the summary.
     """
     from accelerate.utils import set_seed
 
     tune_allocator()  # reuse the step's large buffers instead of page-faulting them in every step
-    if recipe.prepare == "quickstart":
-        from align.quickstart_pipeline import prepare_quickstart
-
-        prepare_quickstart(recipe)
-    elif recipe.prepare == "summarize":
-        from align.summarize import prepare_summarize
-
-        prepare_summarize(recipe)
     accelerator = accelerator or make_accelerator(recipe)
     set_seed(recipe.train.seed)
     run_dir = Path(recipe.output.dir)
@@ -120,12 +133,12 @@ def train(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None]
     lock = claim_run_dir(run_dir, recipe.resume is not None, recipe.output.overwrite, accelerator)
     try:
         changes = check_resume(recipe, resume_from) if resume_from is not None else {}
-        return _run(recipe, accelerator, on_step, run_dir, resume_from, changes)
+        return _run(recipe, accelerator, on_step, on_end, run_dir, resume_from, changes)
     finally:
         lock.release()
 
 
-def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path | None, changes: dict) -> dict:
+def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_from: Path | None, changes: dict) -> dict:
     from transformers import get_scheduler
 
     online = recipe.objective.online
@@ -260,10 +273,8 @@ def _run(recipe: Recipe, accelerator, on_step, run_dir: Path, resume_from: Path 
             shutil.copytree(checkpoint / "model", final)
         summary["final_model"] = str(final)
         del unwrapped
-    if stopped_by is None and recipe.output.report and accelerator.is_main_process:
-        from align.report import write_report
-
-        summary.update(write_report(recipe, models, dataset if online else None, reward, run_dir, accelerator))
+    if stopped_by is None and on_end is not None and accelerator.is_main_process:
+        summary.update(on_end(FinishedRun(recipe, models, dataset if online else None, reward, run_dir, accelerator)))
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -11,7 +11,7 @@ Assets, built once under ``benchmarks/.cache/`` (``ensure_assets``; needs the al
   Each also has a ``*_ref`` twin (same shape, another seed) for the DPO step-0 loss check,
   where a reference equal to the policy would make every loss log 2;
 * ``prompts.jsonl`` (prompt) and ``pairs.jsonl`` (prompt, chosen, rejected) from
-  ``align.quickstart.build_corpus``.
+  ``align.jobs.quickstart.build_corpus``.
 
 Both trainers run in their own interpreter (TRL lives in a side venv and is never a dependency
 of align): ``ALIGN_PYTHON`` (default /work/venv/bin/python) and ``TRL_PYTHON`` (default
@@ -63,7 +63,7 @@ def _pseudo_words(n: int, seed: int = 0) -> list[str]:
 
 
 def _build_tokenizer(out: Path) -> None:
-    from align.quickstart import generate_reviews, train_tokenizer
+    from align.jobs.quickstart.corpus import generate_reviews, train_tokenizer
 
     tokenizer = train_tokenizer(generate_reviews(4000) + _pseudo_words(60_000), out, vocab_size=VOCAB_SIZE)
     if len(tokenizer) != VOCAB_SIZE:
@@ -73,7 +73,7 @@ def _build_tokenizer(out: Path) -> None:
 def _build_model(out: Path, size: str, seed: int) -> None:
     from transformers import AutoTokenizer
 
-    from align.quickstart import build_tiny_model
+    from align.jobs.quickstart.corpus import build_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(CACHE / "tokenizer")
     shape = {k: v for k, v in MODELS[size].items() if k != "new_tokens"}
@@ -82,14 +82,14 @@ def _build_model(out: Path, size: str, seed: int) -> None:
 
 def ensure_assets() -> dict[str, Path]:
     """Build (once) and return the paths: prompts, pairs, tokenizer, tiny, tiny_ref, medium, medium_ref."""
-    from align.quickstart import _atomic_dir, build_corpus
+    from align.jobs.quickstart.corpus import atomic_dir, build_corpus
 
     corpus = build_corpus(CACHE / "corpus")
     paths = {"prompts": corpus["prompts"], "pairs": corpus["pairs"]}
-    paths["tokenizer"] = _atomic_dir(CACHE / "tokenizer", _build_tokenizer)
+    paths["tokenizer"] = atomic_dir(CACHE / "tokenizer", _build_tokenizer)
     for size in MODELS:
-        paths[size] = _atomic_dir(CACHE / size, lambda d, s=size: _build_model(d, s, seed=0))
-        paths[f"{size}_ref"] = _atomic_dir(CACHE / f"{size}_ref", lambda d, s=size: _build_model(d, s, seed=1))
+        paths[size] = atomic_dir(CACHE / size, lambda d, s=size: _build_model(d, s, seed=0))
+        paths[f"{size}_ref"] = atomic_dir(CACHE / f"{size}_ref", lambda d, s=size: _build_model(d, s, seed=1))
     return paths
 
 

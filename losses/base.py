@@ -131,7 +131,7 @@ class Objective(ABC):
         if "feeds" in cls.__dict__:
             bad = [f for f in cls.feeds if f not in ("online", "offline")]
             if not cls.feeds or bad:
-                raise TypeError(f"{cls.__name__}.feeds: expected a non-empty tuple of 'online'/'offline', got {cls.feeds}")
+                raise TypeError(f"{cls.__name__}.feeds: expected a tuple of 'online'/'offline', got {cls.feeds}")
             cls.online = cls.feeds[0] == "online"
 
     def count_units(self, batch: LossBatch) -> int:

@@ -1,6 +1,6 @@
 """Builders shared by tests across the repo: a tiny tokenizer + GPT-2 and small JSONL data sets.
 
-Everything is generated from :mod:`align.quickstart` in a few seconds, offline, and saved to
+Everything is generated from :mod:`align.jobs.quickstart` in a few seconds, offline, and saved to
 disk, so tests load models through the same ``from_pretrained`` path a user's hub id takes.
 The session fixtures ``tiny_model_dir`` and ``tiny_data_files`` (tests/conftest.py) wrap these.
 """
@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from align import quickstart
+from align.jobs import quickstart
 
 
 def make_tiny_model_dir(

@@ -13,10 +13,10 @@ import torch
 
 import losses
 from align import cli
-from align.bandit import BanditRecipe, run
-from align.bandit.lab import PairSource, build_world, make_batch
-from align.bandit.targets import ipo_self_consistent, ipo_tilt, tilt_law
 from align.config import load_recipe
+from align.jobs.bandit import BanditRecipe, run
+from align.jobs.bandit.lab import PairSource, build_world, make_batch
+from align.jobs.bandit.targets import ipo_self_consistent, ipo_tilt, tilt_law
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "bandit"
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 import losses
-from align.bandit import BanditRecipe, run
 from align.config import RecipeError, validate
+from align.jobs.bandit import BanditRecipe, run
 from align.recipe import Recipe
 from align.trainer import train
 from losses.base import LossBatch, Objective, sequence_logprobs

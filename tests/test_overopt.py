@@ -14,7 +14,7 @@ import torch
 
 from align import cli
 from align.config import validate
-from align.eval.metrics import (
+from align.jobs.overopt.metrics import (
     bon_kl,
     distinct_n,
     divergence,
@@ -24,10 +24,10 @@ from align.eval.metrics import (
     gao_rl,
     histogram_kl,
 )
-from align.eval.overopt import OveroptRecipe, best_of_n, load_policy, run_recipe, run_study
-from align.eval.overopt_report import summarize_objective
+from align.jobs.overopt.report import summarize_objective
+from align.jobs.overopt.study import OveroptRecipe, best_of_n, load_policy, run_recipe, run_study
+from align.jobs.report import evaluate_policy
 from align.recipe import Recipe
-from align.report import evaluate_policy
 
 # --------------------------------------------------------------------------------------------
 # maths
@@ -289,7 +289,7 @@ def test_report_has_documented_keys_and_consistent_numbers(study_run):
 def test_report_numbers_match_an_independent_evaluation(study_run):
     """Re-score the last checkpoint of one run from scratch: the report's gold and KL are those numbers."""
     import rewards
-    from align.eval.overopt import held_out_prompts
+    from align.jobs.overopt.study import held_out_prompts
     from align.models import load_models
 
     study, report, out = study_run

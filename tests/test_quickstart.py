@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from align import quickstart
+from align.jobs.quickstart import corpus as quickstart
 
 
 def _read(path: Path) -> list[dict]:
@@ -160,7 +160,7 @@ def test_a_concurrent_winner_is_kept(tmp_path):
         target.mkdir()
         (target / "theirs.txt").write_text("winner")
 
-    assert quickstart._atomic_dir(target, build) == target
+    assert quickstart.atomic_dir(target, build) == target
     assert [p.name for p in target.iterdir()] == ["theirs.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["asset"]
 

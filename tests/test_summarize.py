@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from align import summarize as S
 from align.config import load_recipe
+from align.jobs import summarize as S
 from align.recipe import Recipe
 from rewards.entailment import sentence_spans
 
@@ -247,7 +247,8 @@ def test_align_summarize_end_to_end_on_toy_sizes(tmp_path, monkeypatch):
 
 
 def test_align_train_prepares_the_summarize_assets_first(monkeypatch, tmp_path):
-    from align import trainer
+    from align.jobs import train as train_job
+    from align.jobs.summarize import pipeline
 
     class Prepared(Exception):
         pass
@@ -258,8 +259,8 @@ def test_align_train_prepares_the_summarize_assets_first(monkeypatch, tmp_path):
         seen.append(recipe.model.path)
         raise Prepared
 
-    monkeypatch.setattr(S, "prepare_summarize", fake_prepare)
+    monkeypatch.setattr(pipeline, "prepare_summarize", fake_prepare)
     recipe = load_recipe(Recipe, S.RL_RECIPE, [f"model.path={tmp_path / 'sft_model'}"])
     with pytest.raises(Prepared):
-        trainer.train(recipe)
+        train_job.run(recipe)
     assert seen == [str(tmp_path / "sft_model")]

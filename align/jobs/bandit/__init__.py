@@ -1,13 +1,13 @@
 """The toy-bandit lab: tabular policies trained with the SAME ``losses/`` objectives as the trainer.
 
-    from align.bandit import BanditRecipe, run
+    from align.jobs.bandit import BanditRecipe, run
     results = run(BanditRecipe(objectives=["rloo", "copg"], seeds=4))
 
-See ``align/bandit/lab.py`` (training), ``worlds.py`` (bandit and sequence policies),
+See ``align/jobs/bandit/lab.py`` (training), ``worlds.py`` (bandit and sequence policies),
 ``targets.py`` (analytic fixed points), ``config.py`` (the recipe schema).
 """
 
-from align.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler, SequenceConfig
-from align.bandit.lab import run
+from align.jobs.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler, SequenceConfig
+from align.jobs.bandit.lab import run
 
 __all__ = ["BanditRecipe", "ObjectiveEntry", "PairSampler", "SequenceConfig", "run"]

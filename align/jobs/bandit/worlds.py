@@ -6,7 +6,7 @@ from a fixed sampler. Both also compute exact statistics of a policy (no samplin
 its "outcome" (the arm, or the length of the sequence), KL to the reference and expected reward.
 
 Every reward depends on the outcome only, so every fixed point the lab checks has the form
-π(y) ∝ π_ref(y)·exp(f(outcome)/β) and its KL is exact (see ``align/bandit/targets.py``).
+π(y) ∝ π_ref(y)·exp(f(outcome)/β) and its KL is exact (see ``align/jobs/bandit/targets.py``).
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -251,7 +251,7 @@ def _write_corpus(data_dir: Path, n_train: int, n_eval: int, seed: int) -> None:
     _write_jsonl(data_dir / "demos.jsonl", ({"prompt": p, "demonstration": c} for p, c in train))
 
 
-def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
+def atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
     """Build a directory in a sibling temp dir, then rename it into place.
 
     A crash leaves only a ``.tmp-*`` sibling (removed here on error), never a half-written
@@ -280,7 +280,7 @@ def build_corpus(root: Path, n_train: int = 4000, n_eval: int = 200, seed: int =
 
     Returns ``{"sft", "prompts", "eval_prompts", "pairs", "demos"} -> path``.
     """
-    data_dir = _atomic_dir(Path(root) / "data", lambda d: _write_corpus(d, n_train, n_eval, seed))
+    data_dir = atomic_dir(Path(root) / "data", lambda d: _write_corpus(d, n_train, n_eval, seed))
     return {name: data_dir / f"{name}.jsonl" for name in CORPUS_FILES}
 
 
@@ -390,7 +390,7 @@ def save_quietly(model, tokenizer, out_dir: Path) -> None:
 
 
 def _build_base_model(out_dir: Path, sft_path: Path, seed: int) -> None:
-    rows = _read_jsonl(sft_path)
+    rows = read_jsonl(sft_path)
     tokenizer = train_tokenizer([r["prompt"] + r["completion"] for r in rows], out_dir)
     build_tiny_model(tokenizer, out_dir, seed=seed)
 
@@ -405,5 +405,5 @@ def ensure_quickstart_assets(root: Path, seed: int = 0) -> dict[str, Path]:
     """
     root = Path(root)
     paths = build_corpus(root, seed=seed)
-    base = _atomic_dir(root / "base_model", lambda d: _build_base_model(d, paths["sft"], seed))
+    base = atomic_dir(root / "base_model", lambda d: _build_base_model(d, paths["sft"], seed))
     return {**paths, "data": root / "data", "base_model": base}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.quickstart import save_quietly
-from align.summarize.grammar import FEMALE_NAMES, LABELS, MALE_NAMES, POOLS, SURNAMES, TYPES
+from align.jobs.quickstart.corpus import save_quietly
+from align.jobs.summarize.grammar import FEMALE_NAMES, LABELS, MALE_NAMES, POOLS, SURNAMES, TYPES
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizers and models
@@ -23,7 +23,7 @@ MAX_LENGTH = 256  # NLI tokens: a document plus a statement is under 100 words a
 
 def train_policy_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 1024):
     """The quickstart's byte-level BPE (``<s>`` prepended, ``</s>`` = EOS), sized for documents."""
-    from align.quickstart import train_tokenizer
+    from align.jobs.quickstart.corpus import train_tokenizer
 
     tokenizer = train_tokenizer(texts, out_dir, vocab_size)
     tokenizer.model_max_length = MAX_LENGTH

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from align import data as data_lib
-from align.logging import read_metrics
 from align.logprobs import completion_logprobs
+from align.metrics_log import read_metrics
 from align.rollout import decode_completions, generate_with, sample_keys
 
 EVAL_SEED_OFFSET = 10_007  # evaluation samples never reuse a training step's keys
@@ -87,6 +87,11 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def report_on_end(run) -> dict:
+    """The trainer's ``on_end`` hook (``align.trainer.FinishedRun``): the end-of-run report."""
+    return write_report(run.recipe, run.models, run.prompts, run.reward, run.run_dir, run.accelerator)
 
 
 def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) -> dict:

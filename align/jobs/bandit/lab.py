@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 import losses
-from align.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler
-from align.bandit.targets import kl_to_tilt, target_tilt, tilt_law
-from align.bandit.worlds import Bandit, Sample, SequenceWorld
+from align.jobs.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler
+from align.jobs.bandit.targets import kl_to_tilt, target_tilt, tilt_law
+from align.jobs.bandit.worlds import Bandit, Sample, SequenceWorld
 
 World = Bandit | SequenceWorld
 

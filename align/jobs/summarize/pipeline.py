@@ -8,13 +8,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.quickstart import _atomic_dir, _read_jsonl
-from align.summarize.corpus import CorpusSizes, corpus_texts, write_corpus
-from align.summarize.nli import NLITrainConfig, train_nli, train_nli_tokenizer, train_policy_tokenizer
+from align.jobs.quickstart.corpus import atomic_dir, read_jsonl
+from align.jobs.summarize.corpus import CorpusSizes, corpus_texts, write_corpus
+from align.jobs.summarize.nli import NLITrainConfig, train_nli, train_nli_tokenizer, train_policy_tokenizer
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "summarize"
-RL_RECIPE = RECIPES / "entailment_rloo.yaml"
-SFT_RECIPE = RECIPES / "sft.yaml"
+# bundled recipe names (align.config.find_recipe): found in a checkout and in an installed wheel
+RL_RECIPE = "summarize/entailment_rloo"
+SFT_RECIPE = "summarize/sft"
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline: each piece built only if missing, in a temp dir renamed into place
@@ -70,12 +70,12 @@ def ensure_corpus(root: Path, setup: Setup) -> Path:
     target = Path(root) / "data"
     if not target.is_dir():
         _log(f"writing the synthetic corpus to {target}")
-    return _atomic_dir(target, lambda d: write_corpus(d, setup.seed, setup.sizes))
+    return atomic_dir(target, lambda d: write_corpus(d, setup.seed, setup.sizes))
 
 
 def ensure_base_model(root: Path, data_dir: Path, setup: Setup) -> Path:
     """``root/base_model``: the untrained tiny GPT-2 and its tokenizer (quickstart's builders)."""
-    from align.quickstart import build_tiny_model
+    from align.jobs.quickstart.corpus import build_tiny_model
 
     size = setup.policy
 
@@ -92,7 +92,7 @@ def ensure_base_model(root: Path, data_dir: Path, setup: Setup) -> Path:
             seed=setup.seed,
         )
 
-    return _atomic_dir(Path(root) / "base_model", build)
+    return atomic_dir(Path(root) / "base_model", build)
 
 
 def nli_model_dir(recipe) -> Path:
@@ -111,8 +111,8 @@ def ensure_nli_model(target: Path, data_dir: Path, setup: Setup) -> Path:
         return target
 
     def build(out: Path) -> None:
-        train_rows = _read_jsonl(Path(data_dir) / "nli_train.jsonl")
-        eval_rows = _read_jsonl(Path(data_dir) / "nli_eval.jsonl")
+        train_rows = read_jsonl(Path(data_dir) / "nli_train.jsonl")
+        eval_rows = read_jsonl(Path(data_dir) / "nli_eval.jsonl")
         _log(f"training the NLI model on {len(train_rows)} statements into {target}")
         tokenizer = train_nli_tokenizer(corpus_texts(data_dir), out)
         metrics = train_nli(train_rows, eval_rows, tokenizer, out, setup.nli)
@@ -121,12 +121,12 @@ def ensure_nli_model(target: Path, data_dir: Path, setup: Setup) -> Path:
             f"({metrics['seconds']:.0f} s)"
         )
 
-    return _atomic_dir(target, build)
+    return atomic_dir(target, build)
 
 
 def ensure_sft_model(sft_model: Path, base_model: Path, data_dir: Path, setup: Setup) -> Path:
     """The SFT policy, trained by ``recipes/summarize/sft.yaml`` through the trainer (``align sft``)."""
-    from align.quickstart_pipeline import sft_once
+    from align.jobs.quickstart.pipeline import sft_once
 
     sft_model = Path(sft_model)
     overrides = [

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.quickstart import _read_jsonl, _write_jsonl
-from align.summarize.grammar import (
+from align.jobs.quickstart.corpus import _write_jsonl, read_jsonl
+from align.jobs.summarize.grammar import (
     POOLS,
     PROMPT_TEMPLATE,
     TYPES,
@@ -155,8 +155,8 @@ def write_corpus(data_dir: Path, seed: int = 0, sizes: CorpusSizes | None = None
 def corpus_texts(data_dir: Path) -> list[str]:
     """Every text of the corpus (documents, summaries, statements): what the tokenizers learn."""
     texts: list[str] = []
-    for row in _read_jsonl(Path(data_dir) / "sft.jsonl"):
+    for row in read_jsonl(Path(data_dir) / "sft.jsonl"):
         texts += [PROMPT_TEMPLATE.format(document=row["document"]) + row["completion"], row["reference"]]
-    for row in _read_jsonl(Path(data_dir) / "nli_train.jsonl"):
+    for row in read_jsonl(Path(data_dir) / "nli_train.jsonl"):
         texts.append(row["hypothesis"])
     return texts

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from align.bandit.config import BanditRecipe
-from align.bandit.lab import run
-from align.bandit.report import plot, table, write_json
 from align.config import dump_recipe, load_recipe
+from align.jobs.bandit.config import BanditRecipe
+from align.jobs.bandit.lab import run
+from align.jobs.bandit.report import plot, table, write_json
 
 
 def main(args: argparse.Namespace) -> int:

@@ -14,12 +14,12 @@ The protocol, in the order it runs:
    from the same SFT policy on the same prompts (``base``: a training recipe without objective,
    reward or output), saving a checkpoint every ``eval.every`` steps.
 4. **Evaluation.** At step 0 and at every checkpoint, one fresh sample per held-out prompt
-   (``align.report.evaluate_policy``: the keyed sampler, KL k1 and k3 to the reference) is scored
+   (``align.jobs.report.evaluate_policy``: the keyed sampler, KL k1 and k3 to the reference) is scored
    by the gold and the proxy; also distinct-1/2, the samples' mean token log-likelihood under the
    SFT model and their length.
 5. **Best-of-n.** n samples of the SFT policy per held-out prompt, the proxy picks one, the gold
    scores it; KL_bon = log n − (n−1)/n.
-6. **Report** (``align/eval/overopt_report.py``): curves of gold and proxy against d = √KL with
+6. **Report** (``align/jobs/overopt/report.py``): curves of gold and proxy against d = √KL with
    seed bands, Gao's fit R(d) = d(α − γ log d) of the gold gain, peak gold and KL at the peak,
    the divergence point, a table per objective; ``report.json``, ``report.md``, PNG plots.
 
@@ -45,8 +45,7 @@ from typing import Any
 import torch
 
 from align.config import RecipeError, dump_recipe, validate
-from align.eval.metrics import bon_kl, distinct_n, histogram_kl
-from align.eval.overopt_config import (  # noqa: F401 -- re-exported: the study's recipe API
+from align.jobs.overopt.config import (  # noqa: F401 -- re-exported: the study's recipe API
     BON_SEED_OFFSET,
     PAIR_SEED_OFFSET,
     ObjectiveSpec,
@@ -56,6 +55,7 @@ from align.eval.overopt_config import (  # noqa: F401 -- re-exported: the study'
     proxy_dir,
     run_recipe,
 )
+from align.jobs.overopt.metrics import bon_kl, distinct_n, histogram_kl
 from align.recipe import Recipe
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def evaluate_checkpoint(
 ) -> dict:
     """One sample per prompt from ``policy``: KL k1/k3 to the reference, gold, proxy, diversity, and
     (given the demonstrations' proxy scores) the KL between the two proxy-score histograms."""
-    from align.report import evaluate_policy
+    from align.jobs.report import evaluate_policy
 
     policy.eval()
     sampled = evaluate_policy(recipe, models, policy, prompts, None, device)
@@ -159,7 +159,7 @@ def demonstration_scores(recipe: Recipe, scorers: Scorers, limit: int) -> list[f
 @torch.no_grad()
 def sample(recipe: Recipe, models, policy, prompts: list[str], seed: int, k: int, device, chunk: int = 64) -> list[str]:
     """k samples per prompt (prompt-major: prompt i's samples at i·k … i·k+k−1), keyed by seed."""
-    from align.report import sample_prompts
+    from align.jobs.report import sample_prompts
     from align.rollout import decode_completions
 
     texts: list[str] = []
@@ -200,7 +200,7 @@ def label_pairs(
 def train_proxy(study: OveroptRecipe, recipe: Recipe, models, gold, device) -> dict[str, Any]:
     """Gold-labelled pairs of SFT samples → ``align rm`` → the proxy reward model."""
     from align.batches import OnlineData
-    from align.rm import RMRecipe, train_reward_model
+    from align.jobs.rm import RMRecipe, train_reward_model
 
     root = proxy_dir(study).parent
     root.mkdir(parents=True, exist_ok=True)
@@ -340,7 +340,7 @@ def run_study(study: OveroptRecipe, progress: bool = True) -> dict:
     """Run the whole protocol; returns the report (also written to ``out``)."""
     from tqdm.auto import tqdm
 
-    from align.eval.overopt_report import build_report, write_report
+    from align.jobs.overopt.report import build_report, write_report
     from align.models import load_models
 
     start = time.perf_counter()
@@ -349,7 +349,7 @@ def run_study(study: OveroptRecipe, progress: bool = True) -> dict:
     dump_recipe(study, out / "recipe.yaml")
     first = run_recipe(study, study.objectives[0], study.seeds[0])
     if study.prepare == "quickstart":
-        from align.quickstart_pipeline import prepare_quickstart
+        from align.jobs.quickstart.pipeline import prepare_quickstart
 
         prepare_quickstart(first)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -392,7 +392,7 @@ def main(args: Any) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "Removed shared tensor" per checkpoint
-    from align.eval.overopt_report import print_summary
+    from align.jobs.overopt.report import print_summary
 
     report = run_study(study)
     print_summary(report)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from align.config import load_recipe
 
-SFT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart_sft.yaml"
+SFT_RECIPE = "quickstart_sft"  # a bundled recipe (align.config.find_recipe)
 
 
 def prepare_quickstart(recipe) -> Path:
-    from align.quickstart import ensure_quickstart_assets
+    from align.jobs.quickstart.corpus import ensure_quickstart_assets
 
     sft_model = Path(recipe.model.path)
     root = sft_model.parent
@@ -26,11 +26,11 @@ def prepare_quickstart(recipe) -> Path:
     return sft_once(SFT_RECIPE, overrides, sft_model, lambda message: print(f"align: first run -- {message}"))
 
 
-def sft_once(sft_recipe: Path, overrides: list[str], sft_model: Path, log: Callable[[str], None]) -> Path:
+def sft_once(sft_recipe: str | Path, overrides: list[str], sft_model: Path, log: Callable[[str], None]) -> Path:
     """The policy at ``sft_model``, supervised-fine-tuned once by ``sft_recipe`` (with ``overrides``)
     through the trainer and published atomically. A finished one (it has a ``config.json``) is
     reused; a leftover directory without one is replaced."""
-    from align.quickstart import _atomic_dir
+    from align.jobs.quickstart.corpus import atomic_dir
     from align.recipe import Recipe
     from align.trainer import train
 
@@ -45,4 +45,4 @@ def sft_once(sft_recipe: Path, overrides: list[str], sft_model: Path, log: Calla
         shutil.copytree(train(recipe)["final_model"], out, dirs_exist_ok=True)
 
     shutil.rmtree(sft_model, ignore_errors=True)
-    return _atomic_dir(sft_model, build)
+    return atomic_dir(sft_model, build)

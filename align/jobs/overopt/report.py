@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from align.eval.metrics import divergence, fit_gao_bon, fit_gao_rl, gao_bon, gao_rl, peak, sqrt_kl
+from align.jobs.overopt.metrics import divergence, fit_gao_bon, fit_gao_rl, gao_bon, gao_rl, peak, sqrt_kl
 
 
 def _scalar_keys(records: list[dict]) -> list[str]:

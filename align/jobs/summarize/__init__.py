@@ -47,7 +47,7 @@ Layout under ``root`` (the directory holding the RL recipe's ``model.path``; by 
 
 from __future__ import annotations
 
-from align.summarize.corpus import (  # noqa: F401 -- the job's public names, one import away
+from align.jobs.summarize.corpus import (  # noqa: F401 -- the job's public names, one import away
     CorpusSizes,
     corpus_texts,
     document_from_json,
@@ -57,7 +57,7 @@ from align.summarize.corpus import (  # noqa: F401 -- the job's public names, on
     parse_summary,
     write_corpus,
 )
-from align.summarize.grammar import (  # noqa: F401 -- the job's public names, one import away
+from align.jobs.summarize.grammar import (  # noqa: F401 -- the job's public names, one import away
     CONTRADICTION,
     COUNTRIES,
     EMPLOYEES,
@@ -95,7 +95,7 @@ from align.summarize.grammar import (  # noqa: F401 -- the job's public names, o
     summary_text,
     unfaithful_summary,
 )
-from align.summarize.nli import (  # noqa: F401 -- the job's public names, one import away
+from align.jobs.summarize.nli import (  # noqa: F401 -- the job's public names, one import away
     MAX_LENGTH,
     NLITrainConfig,
     build_nli_model,
@@ -106,8 +106,7 @@ from align.summarize.nli import (  # noqa: F401 -- the job's public names, one i
     train_policy_tokenizer,
     vocabulary_texts,
 )
-from align.summarize.pipeline import (  # noqa: F401 -- the job's public names, one import away
-    RECIPES,
+from align.jobs.summarize.pipeline import (  # noqa: F401 -- the job's public names, one import away
     RL_RECIPE,
     SFT_RECIPE,
     PolicySize,
@@ -120,7 +119,7 @@ from align.summarize.pipeline import (  # noqa: F401 -- the job's public names, 
     prepare_summarize,
     torch_threads,
 )
-from align.summarize.report import (  # noqa: F401 -- the job's public names, one import away
+from align.jobs.summarize.report import (  # noqa: F401 -- the job's public names, one import away
     REPORT_METRICS,
     evaluate_summaries,
     main,

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.quickstart import _read_jsonl
-from align.summarize.corpus import document_from_json, gold_judgement
-from align.summarize.grammar import Document
-from align.summarize.nli import _mean
-from align.summarize.pipeline import RL_RECIPE, Setup, _log, prepare_summarize, torch_threads
+from align.jobs.quickstart.corpus import read_jsonl
+from align.jobs.summarize.corpus import document_from_json, gold_judgement
+from align.jobs.summarize.grammar import Document
+from align.jobs.summarize.nli import _mean
+from align.jobs.summarize.pipeline import RL_RECIPE, Setup, _log, prepare_summarize, torch_threads
 
 # ---------------------------------------------------------------------------------------------
 # The report: SFT policy (before) against RL policy (after) on held-out documents
@@ -63,12 +63,12 @@ def evaluate_summaries(
     recipe, policy_dir: str | Path, reference_dir: str | Path, eval_rows: list[dict], nli_model: str | Path
 ) -> dict[str, dict]:
     """Sample one summary per held-out document from the reference (SFT) policy and from
-    ``policy_dir`` with the recipe's generation settings (align.report.evaluate_policy, which
+    ``policy_dir`` with the recipe's generation settings (align.jobs.report.evaluate_policy, which
     also gives the KL to the reference) and score both."""
     import torch
 
+    from align.jobs.report import evaluate_policy
     from align.models import load_models
-    from align.report import evaluate_policy
 
     device = torch.device("cpu")
     loaded = recipe.model_copy(
@@ -166,7 +166,7 @@ def run_summarize(recipe, setup: Setup | None = None, eval_limit: int | None = N
     if summary.get("stopped_by"):
         _log(f"stopped by {summary['stopped_by']} at step {summary['steps']}; no report")
         return {"summary": summary}
-    eval_rows = _read_jsonl(assets["data"] / "eval.jsonl")[:eval_limit]
+    eval_rows = read_jsonl(assets["data"] / "eval.jsonl")[:eval_limit]
     with torch_threads(setup.threads):
         results = evaluate_summaries(recipe, summary["final_model"], recipe.model.path, eval_rows, assets["nli_model"])
     nli_metrics_file = Path(assets["nli_model"]) / "metrics.json"

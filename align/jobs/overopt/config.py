@@ -11,8 +11,8 @@ from pydantic import Field, field_validator, model_validator
 
 import losses
 from align.config import RecipeError, Strict, load_recipe, validate
+from align.jobs.rm import RMTrain
 from align.recipe import ObjectiveConfig, Recipe, RewardComponent
-from align.rm import RMTrain
 
 PAIR_SEED_OFFSET = 20_011  # proxy-pair samples never reuse a training or evaluation key
 BON_SEED_OFFSET = 30_011

@@ -1,0 +1,80 @@
+"""``align train`` / ``align sft`` / ``align recipes``: a recipe's assets, the core trainer, the report."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+
+from align.config import RecipeError, bundled_recipes, load_recipe, read_yaml
+from align.recipe import Recipe
+
+
+def prepare_assets(recipe: Recipe) -> None:
+    """Build what ``prepare:`` names if missing (corpus, tokenizer, NLI model, SFT policy)."""
+    if recipe.prepare == "quickstart":
+        from align.jobs.quickstart.pipeline import prepare_quickstart
+
+        prepare_quickstart(recipe)
+    elif recipe.prepare == "summarize":
+        from align.jobs.summarize.pipeline import prepare_summarize
+
+        prepare_summarize(recipe)
+
+
+def run(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """What ``align train RECIPE`` runs: prepare the assets, train, report (``output.report``)."""
+    from align.jobs.report import report_on_end
+    from align.trainer import train
+
+    prepare_assets(recipe)
+    return train(recipe, accelerator, on_step, on_end=report_on_end if recipe.output.report else None)
+
+
+def run_train(args) -> int:
+    if args.recipe is None:
+        raise RecipeError("recipe: a recipe YAML or a bundled recipe name is required (see `align recipes`)")
+    overrides = list(args.overrides)
+    if args.command == "sft" and not any(o.startswith("objective.name=") for o in overrides):
+        overrides.append("objective.name=sft")
+    recipe = load_recipe(Recipe, args.recipe, overrides)
+    from align.checkpoint import CheckpointError
+    from align.trainer import TrainingError
+
+    try:
+        summary = run(recipe)
+    except (TrainingError, CheckpointError) as err:
+        print(f"align {args.command}: {err}", file=sys.stderr)
+        return 1
+    if summary.get("stopped_by"):
+        print(
+            f"align: stopped by {summary['stopped_by']} at step {summary['steps']}; "
+            f"checkpoint {summary['checkpoint']} (resume with resume=latest)"
+        )
+        # the shell convention for a signal stop, so schedulers and `&&` chains see it did not finish
+        return 128 + signal.Signals[summary["stopped_by"]].value
+    print(f"align: done, {summary['steps']} steps; run directory {recipe.output.dir}")
+    return 0
+
+
+def list_recipes(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bundled recipes (align train NAME, or a path to your own)", show_lines=False)
+    table.add_column("name")
+    table.add_column("what it does")
+    for name, path in bundled_recipes().items():
+        try:
+            text = read_yaml(path).get("description", "")
+        except RecipeError:
+            text = "(unreadable)"
+        table.add_row(name, str(text).strip().splitlines()[0] if text else "")
+    Console().print(table)
+    return 0
+
+
+def main(args) -> int:
+    if args.command == "recipes":
+        return list_recipes(args)
+    return run_train(args)
