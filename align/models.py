@@ -75,7 +75,7 @@ def load_models(recipe: Recipe, device: torch.device, need_reference: bool, toke
     from transformers import AutoModelForCausalLM
 
     cfg = recipe.model
-    dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    dtype = torch_dtype(cfg.dtype)
     load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
     policy = AutoModelForCausalLM.from_pretrained(cfg.path, **load)
@@ -105,13 +105,19 @@ def load_models(recipe: Recipe, device: torch.device, need_reference: bool, toke
     return Models(policy, reference, tokenizer, eos, tokenizer.pad_token_id)
 
 
+def torch_dtype(name: str) -> torch.dtype | str:
+    """A recipe's ``model.dtype`` as ``from_pretrained`` takes it ("auto" stays a string)."""
+    return name if name == "auto" else getattr(torch, name)
+
+
 @contextlib.contextmanager
-def reference_model(models: Models, accelerator):
-    """The reference: the frozen copy, or the LoRA policy with its adapters switched off."""
+def reference_model(models: Models, accelerator=None):
+    """The reference: the frozen copy, or the LoRA policy with its adapters switched off (the one
+    place that knows how; the trainer, the offline cache and the reports all ask here)."""
     if models.reference is not None:
         yield models.reference
         return
-    policy = accelerator.unwrap_model(models.policy)
+    policy = models.policy if accelerator is None else accelerator.unwrap_model(models.policy)
     training = policy.training
     policy.eval()  # the reference is one fixed function: no dropout even when the policy trains with it
     try:

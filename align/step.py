@@ -18,6 +18,7 @@ from align.logprobs import completion_logprobs
 from align.models import Models, reference_model
 from align.recipe import Recipe
 from losses import LossBatch
+from losses.base import select_pairs
 
 
 def optimizer_step(
@@ -122,10 +123,7 @@ def _loss_batch(
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     pairs = batch.pairs
     if pairs is not None and rows is not None:
-        where = torch.full((batch.completion_ids.shape[0],), -1, dtype=torch.long, device=pairs.device)
-        where[rows] = torch.arange(len(rows), device=pairs.device)
-        mapped = where[pairs]
-        pairs = mapped[(mapped >= 0).all(1)]
+        pairs = select_pairs(pairs, rows, batch.completion_ids.shape[0])
     return LossBatch(
         logprobs=logprobs,
         mask=(mask if mask is not None else pick(batch.completion_mask)).to(logprobs.dtype),

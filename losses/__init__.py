@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 from losses.base import LossBatch, Objective, sequence_logprobs
+from losses.bradley_terry import bradley_terry_loss
 from losses.copg import CoPG
 from losses.dpo import DPO
 from losses.ipo import IPO
@@ -34,20 +35,29 @@ def options(name: str) -> dict[str, object]:
     return {k: p.default for k, p in params.items() if k != "self"}
 
 
-def build(name: str, **kwargs) -> Objective:
+def check_options(name: str, kwargs: dict[str, object]) -> None:
+    """Unknown names and options are a ValueError naming what is allowed (the one place that checks)."""
     if name not in REGISTRY:
         raise ValueError(f"objective: unknown name {name!r}; expected one of {sorted(REGISTRY)}")
-    unknown = set(kwargs) - set(options(name))
+    allowed = options(name)
+    unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(f"objective {name!r}: unknown option(s) {sorted(unknown)}; expected {sorted(options(name))}")
+        raise ValueError(f"unknown option(s) {unknown} for {name!r}; expected {sorted(allowed)}")
+
+
+def build(name: str, **kwargs) -> Objective:
+    """The objective ``name`` with its options; its constructor checks their values."""
+    check_options(name, kwargs)
     return REGISTRY[name](**kwargs)
 
 
 __all__ = [
+    "bradley_terry_loss",
     "LossBatch",
     "Objective",
     "REGISTRY",
     "build",
+    "check_options",
     "options",
     "register",
     "regularised_reward",

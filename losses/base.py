@@ -65,16 +65,20 @@ class LossBatch:
             if value is None or f.name == "pairs":
                 continue
             out[f.name] = value[rows]
-        pairs = None
-        if self.pairs is not None:
-            where = torch.full((self.size,), -1, dtype=torch.long, device=rows.device)
-            where[rows] = torch.arange(len(rows), device=rows.device)
-            mapped = where[self.pairs]
-            keep = (mapped >= 0).all(dim=1)
-            if not bool(keep.all()) and bool((mapped >= 0).any(dim=1)[~keep].any()):
-                raise ValueError("select() would split a pair across micro-batches")
-            pairs = mapped[keep]
+        pairs = None if self.pairs is None else select_pairs(self.pairs, rows, self.size)
         return replace(self, **out, pairs=pairs)
+
+
+def select_pairs(pairs: Tensor, rows: Tensor, size: int) -> Tensor:
+    """The pairs [P, 2] of a batch of ``size`` rows that lie inside ``rows``, re-indexed to
+    positions in ``rows``; a pair with one row in and one out is an error (it would be lost)."""
+    where = torch.full((size,), -1, dtype=torch.long, device=pairs.device)
+    where[rows.to(pairs.device)] = torch.arange(len(rows), device=pairs.device)
+    mapped = where[pairs]
+    keep = (mapped >= 0).all(dim=1)
+    if not bool(keep.all()) and bool((mapped >= 0).any(dim=1)[~keep].any()):
+        raise ValueError("a pair would be split across micro-batches")
+    return mapped[keep]
 
 
 def sequence_logprobs(logprobs: Tensor, mask: Tensor, average: bool = False) -> Tensor:

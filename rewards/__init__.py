@@ -18,13 +18,13 @@ scores in ``rewards/demo.py``, and ``call_reward``/``RewardError`` in ``rewards/
 """
 
 from rewards.base import Reward, RewardError, call_reward, resolve_device
-from rewards.combined import CombinedReward, Component, RunningMoments, build_combined, build_many
+from rewards.combined import CombinedReward, Component, RunningMoments, build_combined
 from rewards.contains import Contains
 from rewards.demo import DemoRewardCache
 from rewards.entailment import Entailment
 from rewards.length import Length
 from rewards.regex import Regex
-from rewards.registry import REGISTRY, build, options, register
+from rewards.registry import REGISTRY, build, check_options, options, register
 from rewards.reward_model import RewardModel
 from rewards.rouge import Rouge
 from rewards.sentiment import Sentiment
@@ -45,8 +45,8 @@ __all__ = [
     "RunningMoments",
     "Sentiment",
     "build",
+    "check_options",
     "build_combined",
-    "build_many",
     "call_reward",
     "options",
     "register",

@@ -51,6 +51,17 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_pretrained(model: str, tokenizer: str | None, auto_class: str, device: str | None = None, **kwargs: Any):
+    """(tokenizer, model) of a model-backed reward, loaded once from a hub id or a local directory:
+    ``auto_class`` names the transformers Auto class (``AutoModelForSequenceClassification``,
+    ``AutoModelForCausalLM``); the model is moved to ``device`` and put in eval mode."""
+    import transformers
+
+    loaded_tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or model)
+    loaded = getattr(transformers, auto_class).from_pretrained(model, **kwargs)
+    return loaded_tokenizer, loaded.to(resolve_device(device)).eval()
+
+
 def column(columns: dict[str, Any], key: str, n: int, reward: str) -> list[Any]:
     """The per-sample values of column ``key``, with an error naming the reward if it is absent."""
     if key not in columns:

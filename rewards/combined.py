@@ -253,6 +253,3 @@ def build_combined(
             )
         )
     return CombinedReward(components, clip=clip)
-
-
-build_many = build_combined

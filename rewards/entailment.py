@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from rewards.base import Reward, column, resolve_device
+from rewards.base import Reward, column, load_pretrained, resolve_device
 
 ENTAILMENT_LABELS = ("entailment", "entails", "entailed")
 EMPTY_LOGPROB = -20.0
@@ -152,8 +152,6 @@ class Entailment(Reward):
         tokenizer: str | None = None,
         device: str | None = None,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         if output not in ("prob", "logprob", "binary"):
             raise ValueError(f"entailment: output must be prob, logprob or binary, got {output!r}")
         if aggregate not in ("max", "mean"):
@@ -161,10 +159,11 @@ class Entailment(Reward):
         if windowing not in ("sentences", "tokens"):
             raise ValueError(f"entailment: windowing must be sentences or tokens, got {windowing!r}")
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self.tokenizer, self.model = load_pretrained(
+            model, tokenizer, "AutoModelForSequenceClassification", self.device
+        )
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(f"entailment: the tokenizer of {model!r} is not a fast tokenizer (no offsets)")
-        self.model = AutoModelForSequenceClassification.from_pretrained(model).to(self.device).eval()
         self.entail_id = entailment_index(self.model.config.id2label, model)
         self.max_length = max_length or model_max_length(self.tokenizer, self.model.config)
         if not self.max_length:
@@ -213,9 +212,7 @@ class Entailment(Reward):
             # sentence k = the tokens starting after sentence k-1 ends and before sentence k ends
             # (a token starting in the whitespace between two sentences joins the next one)
             starts = [o[0] for o in offsets]
-            ends = sorted(
-                {bisect.bisect_left(starts, c1) for _, c1 in sentence_spans(premise)} | {len(offsets)}
-            )
+            ends = sorted({bisect.bisect_left(starts, c1) for _, c1 in sentence_spans(premise)} | {len(offsets)})
             sentences = [(a, b) for a, b in zip([0, *ends], ends) if b > a]
             spans = pack_sentences(sentences, budget, self.overlap_sentences, overlap)
         return [(offsets[t0][0], offsets[t1 - 1][1]) for t0, t1 in spans]
@@ -257,9 +254,7 @@ class Entailment(Reward):
             key = (premise, budget)
             if key not in windows_cache:
                 windows_cache[key] = self._window_spans(premise, budget)
-            rows = [
-                pairs.setdefault((premise[c0:c1], hypothesis), len(pairs)) for c0, c1 in windows_cache[key]
-            ]
+            rows = [pairs.setdefault((premise[c0:c1], hypothesis), len(pairs)) for c0, c1 in windows_cache[key]]
             per_sample.append(rows)
         logps = self.pair_logprobs([p for p, _ in pairs], [h for _, h in pairs]) if pairs else []
         scores = []
@@ -271,9 +266,7 @@ class Entailment(Reward):
             if self.aggregate == "max":
                 agg = max(values)
             else:
-                agg = float(torch.logsumexp(torch.tensor(values, dtype=torch.float64), 0)) - math.log(
-                    len(values)
-                )
+                agg = float(torch.logsumexp(torch.tensor(values, dtype=torch.float64), 0)) - math.log(len(values))
             if self.output == "logprob":
                 scores.append(agg)
             elif self.output == "prob":

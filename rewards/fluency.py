@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from rewards.base import Reward, resolve_device
+from rewards.base import Reward, load_pretrained, resolve_device
 
 
 class Fluency(Reward):
@@ -39,13 +39,10 @@ class Fluency(Reward):
         batch_size: int = 64,
         device: str | None = None,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if reduction not in ("mean", "sum"):
             raise ValueError(f"fluency: reduction must be 'mean' or 'sum', got {reduction!r}")
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
-        self.model = AutoModelForCausalLM.from_pretrained(model).to(self.device).eval()
+        self.tokenizer, self.model = load_pretrained(model, tokenizer, "AutoModelForCausalLM", self.device)
         self.reduction = reduction
         self.append_eos = bool(append_eos) and self.tokenizer.eos_token_id is not None
         self.empty_score = float(empty_score)

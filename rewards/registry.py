@@ -52,8 +52,9 @@ def options(name: str) -> dict[str, Any]:
     }
 
 
-def build(name: str, **kwargs: Any) -> RewardFn:
-    """The reward ``name`` built with its options; unknown names or options are a ValueError."""
+def check_options(name: str, kwargs: dict[str, Any]) -> None:
+    """The reward's name, its unknown and missing options, and each option against the type hint
+    of the reward's own signature: a ValueError naming what is expected (the one place that checks)."""
     allowed = options(name)
     unknown = set(kwargs) - set(allowed)
     if unknown:
@@ -61,4 +62,34 @@ def build(name: str, **kwargs: Any) -> RewardFn:
     missing = [k for k, v in allowed.items() if v is inspect.Parameter.empty and k not in kwargs]
     if missing:
         raise ValueError(f"reward {name!r}: missing required option(s) {missing}")
+    _check_option_types(REGISTRY[name], kwargs)
+
+
+def _check_option_types(factory: Factory, kwargs: dict[str, Any]) -> None:
+    import typing
+
+    from pydantic import TypeAdapter
+    from pydantic import ValidationError as PydanticError
+
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: the reward checks its own options
+        return
+    for key, value in kwargs.items():
+        if key not in hints:
+            continue
+        try:
+            TypeAdapter(hints[key]).validate_python(value, strict=False)
+        except PydanticError as err:
+            expected = getattr(hints[key], "__name__", str(hints[key]))
+            reason = err.errors()[0]["msg"] if err.errors() else "invalid"
+            raise ValueError(f"options.{key}: expected {expected}, got {value!r} ({reason})") from None
+        except Exception:  # a hint pydantic cannot build a validator for
+            continue
+
+
+def build(name: str, **kwargs: Any) -> RewardFn:
+    """The reward ``name`` built with its options; unknown names or options are a ValueError."""
+    check_options(name, kwargs)
     return REGISTRY[name](**kwargs)

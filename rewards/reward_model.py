@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from rewards.base import Reward, resolve_device
+from rewards.base import Reward, load_pretrained, resolve_device
 from rewards.entailment import model_max_length
 
 FORMAT_FILE = "align_rm.json"
@@ -65,26 +65,23 @@ class RewardModel(Reward):
         tokenizer: str | None = None,
         device: str | None = None,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         saved = saved_format(model)
         self.separator = separator if separator is not None else saved.get("separator", "")
         side = truncation_side or saved.get("truncation_side", "left")
         if side not in ("left", "right"):
             raise ValueError(f"reward_model: truncation_side must be left or right, got {side!r}")
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self.tokenizer, self.model = load_pretrained(
+            model, tokenizer, "AutoModelForSequenceClassification", self.device
+        )
         self.tokenizer.truncation_side = side
-        self.model = AutoModelForSequenceClassification.from_pretrained(model).to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"reward_model: {model!r} has {self.model.config.num_labels} output labels "
                 f"{self.model.config.id2label}; a scalar reward model has exactly one"
             )
         ensure_padding(self.tokenizer, self.model)
-        self.max_length = (
-            max_length or saved.get("max_length") or model_max_length(self.tokenizer, self.model.config)
-        )
+        self.max_length = max_length or saved.get("max_length") or model_max_length(self.tokenizer, self.model.config)
         self.batch_size = int(batch_size)
 
     @torch.no_grad()

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+import losses
 from align import data as data_lib
 from align.logprobs import completion_logprobs
 from align.metrics_log import read_metrics
+from align.models import reference_model
 from align.rollout import decode_completions, generate_with, sample_keys
 
 EVAL_SEED_OFFSET = 10_007  # evaluation samples never reuse a training step's keys
@@ -28,20 +30,17 @@ def sample_prompts(recipe, models, policy, prompts: list[str], seed: int, k: int
 @torch.no_grad()
 def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) -> dict:
     """One sample per prompt from ``policy``; its reward and its KL to the reference (k1, k3)."""
-    from align.models import reference_model
-
     gen = recipe.generation
     rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)
     texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
     args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, gen.temperature)
     logp = completion_logprobs(policy, *args)
-    with reference_model(models, _NoAccelerator()) as ref:
+    with reference_model(models) as ref:
         ref_logp = completion_logprobs(ref, *args)
-    delta = (logp - ref_logp) * rollout.completion_mask
-    k3 = (torch.expm1(-delta) + delta) * rollout.completion_mask
+    mask = rollout.completion_mask
     out = {
-        "kl_k1": float(delta.sum(-1).mean()),
-        "kl_k3": float(k3.sum(-1).mean()),
+        "kl_k1": float(losses.sequence_kl(logp, ref_logp, mask, "k1").mean()),
+        "kl_k3": float(losses.sequence_kl(logp, ref_logp, mask, "k3").mean()),
         "length": float(rollout.completion_mask.sum(-1).float().mean()),
         "texts": texts,
     }
@@ -50,12 +49,6 @@ def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) 
         out["reward"] = float(scores.float().mean())
         out["components"] = {k: float(torch.tensor(v).mean()) for k, v in components.items()}
     return out
-
-
-class _NoAccelerator:
-    @staticmethod
-    def unwrap_model(model):
-        return model
 
 
 def eval_prompts(recipe, dataset, limit: int = 64) -> list[str]:
@@ -106,9 +99,8 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) ->
     if prompts and recipe.objective.online:
         policy = accelerator.unwrap_model(models.policy)
         with models_in_eval(policy):
-            before = evaluate_policy(
-                recipe, models, _reference_for_eval(models, policy), prompts, reward, accelerator.device
-            )
+            with reference_model(models, accelerator) as reference:
+                before = evaluate_policy(recipe, models, reference, prompts, reward, accelerator.device)
             after = evaluate_policy(recipe, models, policy, prompts, reward, accelerator.device)
         out["before"] = {k: v for k, v in before.items() if k != "texts"}
         out["after"] = {k: v for k, v in after.items() if k != "texts"}
@@ -152,20 +144,3 @@ class models_in_eval:
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
-
-
-def _reference_for_eval(models, policy):
-    """The reference as a generator: the frozen copy, or the LoRA policy with adapters off."""
-    if models.reference is not None:
-        return models.reference
-    return _AdaptersOff(policy)
-
-
-class _AdaptersOff(torch.nn.Module):
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, *args, **kwargs):
-        with self.policy.disable_adapter():
-            return self.policy(*args, **kwargs)

@@ -28,6 +28,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from align.config import RecipeError, Strict, dump_recipe, load_recipe
+from align.schedule import lr_scheduler
+from losses.bradley_terry import bradley_terry_loss
 
 
 class RMData(Strict):
@@ -111,13 +113,6 @@ def split_pairs(recipe: RMRecipe) -> tuple[list, list]:
 # -- model --------------------------------------------------------------------------------------
 
 
-def bradley_terry_loss(chosen: Any, rejected: Any) -> Any:
-    """−mean log σ(r_w − r_l) over a batch of pairs (tensors [P])."""
-    import torch.nn.functional as F
-
-    return -F.logsigmoid(chosen - rejected).mean()
-
-
 def pair_scores(model: Any, tokenizer: Any, batch: list[tuple[str, str, str]], recipe: RMRecipe, device: str):
     """r(x, y_w) and r(x, y_l) for a batch of pairs, in one forward pass of 2P texts."""
     from rewards.reward_model import join_texts
@@ -157,9 +152,8 @@ def evaluate(model: Any, tokenizer: Any, pairs: list, recipe: RMRecipe, device: 
 def train_reward_model(recipe: RMRecipe, log: Any = print) -> dict[str, Any]:
     """Train, evaluate and save; returns the metrics written to ``output_dir/metrics.json``."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rewards.base import resolve_device
+    from rewards.base import load_pretrained, resolve_device
     from rewards.entailment import model_max_length
     from rewards.reward_model import FORMAT_FILE, ensure_padding
 
@@ -168,13 +162,18 @@ def train_reward_model(recipe: RMRecipe, log: Any = print) -> dict[str, Any]:
     device = resolve_device(recipe.train.device)
     random.seed(recipe.train.seed)
     torch.manual_seed(recipe.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer or recipe.model)
-    tokenizer.truncation_side = recipe.data.truncation_side
-    model = AutoModelForSequenceClassification.from_pretrained(
-        recipe.model, num_labels=1, ignore_mismatched_sizes=True
+    # a scalar head on any backbone: a causal LM's head is replaced by one fresh output
+    tokenizer, model = load_pretrained(
+        recipe.model,
+        recipe.tokenizer,
+        "AutoModelForSequenceClassification",
+        device,
+        num_labels=1,
+        ignore_mismatched_sizes=True,
     )
+    tokenizer.truncation_side = recipe.data.truncation_side
     ensure_padding(tokenizer, model)
-    model.to(device).train()
+    model.train()
     if recipe.data.max_length is None:
         limit = model_max_length(tokenizer, model.config)
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": limit})})
@@ -183,14 +182,7 @@ def train_reward_model(recipe: RMRecipe, log: Any = print) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
 
-    def lr_factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_scheduler == "linear":
-            return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
-        return 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = lr_scheduler(optimizer, total_steps, cfg.lr_scheduler, cfg.warmup_steps)
     before = evaluate(model, tokenizer, eval_pairs, recipe, device)
     rng = random.Random(cfg.seed)
     step, history = 0, []
@@ -214,8 +206,13 @@ def train_reward_model(recipe: RMRecipe, log: Any = print) -> dict[str, Any]:
             correct += int((rw > rl).sum())
             total_loss += loss.item() * len(batch)
         held_out = evaluate(model, tokenizer, eval_pairs, recipe, device)
-        row = {"epoch": epoch + 1, "step": step, "train_loss": total_loss / len(order),
-               "train_accuracy": correct / len(order), **{f"eval_{k}": v for k, v in held_out.items()}}
+        row = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": total_loss / len(order),
+            "train_accuracy": correct / len(order),
+            **{f"eval_{k}": v for k, v in held_out.items()},
+        }
         history.append(row)
         log("align rm: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 

@@ -10,7 +10,6 @@ gradient. Adam is elementwise, so the seeds stay independent.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +20,7 @@ import losses
 from align.jobs.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler
 from align.jobs.bandit.targets import kl_to_tilt, target_tilt, tilt_law
 from align.jobs.bandit.worlds import Bandit, Sample, SequenceWorld
+from align.schedule import lr_scheduler
 
 World = Bandit | SequenceWorld
 
@@ -136,16 +136,6 @@ def make_batch(
     return batch, objective.count_units(batch) // S
 
 
-def lr_factor(recipe: BanditRecipe, step: int) -> float:
-    progress = step / max(recipe.steps, 1)
-    low = recipe.final_lr_ratio
-    if recipe.lr_schedule == "cosine":
-        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
-    if recipe.lr_schedule == "linear":
-        return low + (1 - low) * (1 - progress)
-    return 1.0
-
-
 class Evaluator:
     """Exact statistics of the S policies: KL to target and to reference, expected reward, length."""
 
@@ -188,7 +178,7 @@ def train_objective(
 
     logits = world.init_logits(recipe.seeds).requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=recipe.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe, step))
+    schedule = lr_scheduler(optimizer, recipe.steps, recipe.lr_schedule, final_ratio=recipe.final_lr_ratio)
     curves: dict[str, list[float]] = {"step": []}
 
     def log(step: int) -> None:

@@ -294,8 +294,9 @@ def quiet_trainer() -> Iterator[None]:
 def load_policy(path: Path, recipe: Recipe, device):
     from transformers import AutoModelForCausalLM
 
-    dtype = recipe.model.dtype if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    from align.models import torch_dtype
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(recipe.model.dtype)).to(device).eval()
 
 
 def train_and_evaluate(

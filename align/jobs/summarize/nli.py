@@ -13,6 +13,7 @@ from typing import Any
 
 from align.jobs.quickstart.corpus import save_quietly
 from align.jobs.summarize.grammar import FEMALE_NAMES, LABELS, MALE_NAMES, POOLS, SURNAMES, TYPES
+from align.schedule import lr_scheduler
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizers and models
@@ -213,12 +214,7 @@ def train_nli(
     steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
 
-    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to 0
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = lr_scheduler(optimizer, total, "linear", cfg.warmup_steps)  # warm-up, then linear decay to 0
     rng = random.Random(cfg.seed)
     step, history, stopped = 0, [], False
     for epoch in range(cfg.epochs):
