@@ -188,7 +188,7 @@ def test_k3_in_the_detached_reward_is_refused_with_one_line(name: str, tmp_path,
 
     with pytest.raises(ValueError, match=r"^kl_estimator: 'k3'"):
         losses.build(name, kl_estimator="k3")
-    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
     overrides = [f"objective.name={name}", "objective.options.kl_estimator=k3", f"output.dir={tmp_path / 'run'}"]
     assert cli.main(["train", str(recipe), *overrides]) == 2
     err = capsys.readouterr().err.strip()

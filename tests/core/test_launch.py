@@ -13,7 +13,7 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.utils import DistributedType
 
-LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 CONFIGS = sorted(LAUNCH.glob("*.yaml"))
 EXPECTED = {
     "cpu.yaml": (DistributedType.NO, 1),

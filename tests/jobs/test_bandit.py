@@ -18,7 +18,7 @@ from align.jobs.bandit import BanditRecipe, run
 from align.jobs.bandit.lab import PairSource, build_world, make_batch
 from align.jobs.bandit.targets import ipo_self_consistent, ipo_tilt, tilt_law
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "bandit"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "bandit"
 
 
 def final_mean(result: dict, key: str) -> float:
