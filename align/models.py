@@ -20,6 +20,11 @@ class Models:
     tokenizer: object
     eos_token_id: int | None
     pad_token_id: int
+    adapters: bool = False  # LoRA: the reference is the policy with its adapters off
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or self.adapters
 
 
 def load_tokenizer(recipe: Recipe):
@@ -92,17 +97,25 @@ def load_models(recipe: Recipe, device: torch.device, need_reference: bool, toke
         )
         policy = get_peft_model(policy, lora)
         if recipe.reference is not None:
-            reference = AutoModelForCausalLM.from_pretrained(recipe.reference, **load)
+            reference = load_reference(recipe, device)
     elif need_reference:
-        reference = AutoModelForCausalLM.from_pretrained(recipe.reference or cfg.path, **load)
-    if reference is not None:
-        reference.requires_grad_(False).eval().to(device)
+        reference = load_reference(recipe, device)
     if cfg.disable_dropout:
         for module in policy.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     eos = tokenizer.eos_token_id
-    return Models(policy, reference, tokenizer, eos, tokenizer.pad_token_id)
+    return Models(policy, reference, tokenizer, eos, tokenizer.pad_token_id, adapters=cfg.lora is not None)
+
+
+def load_reference(recipe: Recipe, device: torch.device) -> torch.nn.Module:
+    """The frozen reference: ``reference`` when the recipe names one, else the policy's starting weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = recipe.model
+    load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype))
+    reference = AutoModelForCausalLM.from_pretrained(recipe.reference or cfg.path, **load)
+    return reference.requires_grad_(False).eval().to(device)
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -117,6 +130,8 @@ def reference_model(models: Models, accelerator=None):
     if models.reference is not None:
         yield models.reference
         return
+    if not models.adapters:
+        raise RuntimeError("no reference model was loaded (the objective reads none: β = 0)")
     policy = models.policy if accelerator is None else accelerator.unwrap_model(models.policy)
     training = policy.training
     policy.eval()  # the reference is one fixed function: no dropout even when the policy trains with it

@@ -14,6 +14,7 @@ processes × batch 4.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -138,143 +139,168 @@ def train(
         lock.release()
 
 
+@dataclass
+class Run:
+    """Everything one run holds between steps; ``state()`` is what a checkpoint saves besides weights."""
+
+    recipe: Recipe
+    objective: Any
+    dataset: OnlineData | OfflineData
+    reward: RewardFunction | None
+    models: Models
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: int = 0
+    bad_steps: int = 0
+
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "recipe": json.dumps(self.recipe.model_dump(mode="json")),  # checked on resume
+            "objective": self.objective.state_dict(),
+            "reward": self.reward.state_dict() if self.reward is not None else {},
+        }
+
+
 def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_from: Path | None, changes: dict) -> dict:
+    run = setup_run(recipe, accelerator)
+    if resume_from is not None:
+        restore(run, accelerator, resume_from, changes)
+    if not recipe.objective.online and run.objective.uses_reference:
+        cache_reference_logprobs(recipe, run.models, run.dataset, accelerator)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None or not (run_dir / "recipe.yaml").exists():
+            dump_recipe(recipe, run_dir / "recipe.yaml")  # what the run started with; changes go to the history
+        record_changes(run_dir, run.step, changes)
+    main = accelerator.is_main_process
+    log = MetricsLog(
+        run_dir, run.step, main, recipe.output.report_to, recipe.model_dump(mode="json"), recipe.output.wandb_project
+    )
+    bar = progress_bar(recipe.train.steps, run.step, main, run.objective.name)
+    run.models.policy.train(not recipe.model.disable_dropout)
+
+    def save() -> Path:
+        return save_checkpoint(
+            accelerator, run.models.policy, run.models.tokenizer, run.state(), run_dir, recipe.output.keep_last
+        )
+
+    stopped_by = None
+    with StopSignal() as stop:
+        while run.step < recipe.train.steps:
+            started = time.perf_counter()
+            make_batch = rollout_batch if recipe.objective.online else offline_batch
+            batch = make_batch(recipe, run.models, run.dataset, run.reward, run.step, accelerator)
+            metrics = optimizer_step(
+                recipe, run.models, run.objective, batch, run.optimizer, run.scheduler, accelerator
+            )
+            run.step += 1
+            if metrics is None:
+                run.bad_steps += 1
+                if main:
+                    bar.write(
+                        f"step {run.step}: non-finite loss, log-probs or gradient; step skipped "
+                        f"({run.bad_steps} so far)"
+                    )
+                metrics = {"skipped": 1.0}
+            record = log_step(recipe, run.step, metrics, batch, time.perf_counter() - started, run.bad_steps)
+            log.log(record)
+            if run.bad_steps > recipe.train.max_bad_steps:
+                # the step that ends the run is logged and checkpointed, so it can be inspected and resumed
+                log.close()
+                bar.close()
+                raise TrainingError(
+                    f"{run.bad_steps} steps skipped for non-finite values (train.max_bad_steps="
+                    f"{recipe.train.max_bad_steps}); lower train.lr or check the reward; last checkpoint {save()}"
+                )
+            bar.update(1)
+            bar.set_postfix(postfix(record), refresh=False)
+            if on_step is not None:
+                on_step(run.step, record)
+            if stop.received is not None:
+                stopped_by = signal.Signals(stop.received).name
+                break
+            if recipe.output.save_every and run.step % recipe.output.save_every == 0 and run.step < recipe.train.steps:
+                save()
+    bar.close()
+    log.close()
+    return finish_run(run, accelerator, save(), stopped_by, on_end, run_dir)
+
+
+def setup_run(recipe: Recipe, accelerator) -> Run:
+    """Data, reward, models, optimizer and LR schedule, in the order that fails fastest."""
     from transformers import get_scheduler
 
-    online = recipe.objective.online
     objective = recipe.build_objective()
     # data and prompt budgets are checked with the tokenizer and config alone: a bad row or an
     # over-long prompt fails in seconds, before any weights (policy, reference, reward) load
     tokenizer = load_tokenizer(recipe)
-    if online:
+    if recipe.objective.online:
         dataset = OnlineData(recipe, tokenizer)
     else:
         dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
     check_positions(recipe, dataset)
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
-    if online and "demo_rewards" in recipe.objective.needs:
+    if recipe.objective.online and "demo_rewards" in recipe.objective.needs:
         fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
     models = load_models(recipe, accelerator.device, need_reference=objective.uses_reference, tokenizer=tokenizer)
     trainable = [p for p in models.policy.parameters() if p.requires_grad]
-    if recipe.train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    cfg = recipe.train
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(
             trainable,
-            lr=recipe.train.lr,
-            betas=recipe.train.adam_betas,
-            weight_decay=recipe.train.weight_decay,
+            lr=cfg.lr,
+            betas=cfg.adam_betas,
+            weight_decay=cfg.weight_decay,
             fused=_fused_optimizer_ok(trainable),
         )
     scheduler = get_scheduler(
-        recipe.train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=recipe.train.warmup_steps,
-        num_training_steps=recipe.train.steps,
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
     )
     models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
-    # not prepared: accelerate's scheduler wrapper steps once per process, which would make the
-    # schedule depend on the process count; its state goes into trainer_state.pt (plain types,
+    # the scheduler is not prepared: accelerate's wrapper steps once per process, which would make
+    # the schedule depend on the process count; its state goes into trainer_state.pt (plain types,
     # loaded with weights_only=True) rather than accelerate's pickle of custom objects
-    step, bad_steps = 0, 0
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
-        step, bad_steps = state["step"], state["bad_steps"]
-        scheduler.load_state_dict(state["scheduler"])
-        if "train.lr" in changes:  # applied from this step on, not silently replaced by the saved one
-            scheduler.base_lrs = [recipe.train.lr for _ in scheduler.base_lrs]
-            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * factor(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        objective.load_state_dict(state["objective"])
-        if reward is not None:
-            reward.load_state_dict(state.get("reward", {}))
-    if not online and objective.uses_reference:
-        cache_reference_logprobs(recipe, models, dataset, accelerator)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None or not (run_dir / "recipe.yaml").exists():
-            dump_recipe(recipe, run_dir / "recipe.yaml")  # what the run started with; changes go to the history
-        record_changes(run_dir, step, changes)
-    log = MetricsLog(
-        run_dir,
-        step,
-        accelerator.is_main_process,
-        recipe.output.report_to,
-        recipe.model_dump(mode="json"),
-        recipe.output.wandb_project,
-    )
-    bar = progress_bar(recipe.train.steps, step, accelerator.is_main_process, f"{objective.name}")
-    stopped_by = None
-    models.policy.train(not recipe.model.disable_dropout)
+    return Run(recipe, objective, dataset, reward, models, optimizer, scheduler)
 
-    def trainer_state() -> dict:
-        return {
-            "step": step,
-            "bad_steps": bad_steps,
-            "scheduler": scheduler.state_dict(),
-            "recipe": json.dumps(recipe.model_dump(mode="json")),  # checked on resume
-            "objective": objective.state_dict(),
-            "reward": reward.state_dict() if reward is not None else {},
-        }
 
-    with StopSignal() as stop:
-        while step < recipe.train.steps:
-            started = time.perf_counter()
-            if online:
-                batch = rollout_batch(recipe, models, dataset, reward, step, accelerator)
-            else:
-                batch = offline_batch(recipe, models, dataset, reward, step, accelerator)
-            metrics = optimizer_step(recipe, models, objective, batch, optimizer, scheduler, accelerator)
-            step += 1
-            if metrics is None:
-                bad_steps += 1
-                if accelerator.is_main_process:
-                    bar.write(f"step {step}: non-finite loss, log-probs or gradient; step skipped ({bad_steps} so far)")
-                metrics = {"skipped": 1.0}
-            seconds = time.perf_counter() - started
-            record = log_step(recipe, step, metrics, batch, seconds, bad_steps)
-            log.log(record)
-            if bad_steps > recipe.train.max_bad_steps:
-                # the step that ends the run is logged and checkpointed, so it can be inspected and resumed
-                log.close()
-                bar.close()
-                saved = save_checkpoint(
-                    accelerator, models.policy, models.tokenizer, trainer_state(), run_dir, recipe.output.keep_last
-                )
-                raise TrainingError(
-                    f"{bad_steps} steps skipped for non-finite values (train.max_bad_steps="
-                    f"{recipe.train.max_bad_steps}); lower train.lr or check the reward; last checkpoint {saved}"
-                )
-            bar.update(1)
-            bar.set_postfix(postfix(record), refresh=False)
-            if on_step is not None:
-                on_step(step, record)
-            if stop.received is not None:
-                stopped_by = signal.Signals(stop.received).name
-                break
-            if recipe.output.save_every and step % recipe.output.save_every == 0 and step < recipe.train.steps:
-                save_checkpoint(
-                    accelerator, models.policy, models.tokenizer, trainer_state(), run_dir, recipe.output.keep_last
-                )
-    bar.close()
-    log.close()
-    checkpoint = save_checkpoint(
-        accelerator, models.policy, models.tokenizer, trainer_state(), run_dir, recipe.output.keep_last
-    )
-    summary = {"steps": step, "skipped_steps": bad_steps, "stopped_by": stopped_by, "checkpoint": str(checkpoint)}
-    if stopped_by is None and recipe.output.save_model:
+def restore(run: Run, accelerator, checkpoint: Path, changes: dict) -> None:
+    """Weights, optimizer and RNG states, step counters, LR schedule, objective and reward state."""
+    state = load_checkpoint(accelerator, checkpoint)
+    run.step, run.bad_steps = state["step"], state["bad_steps"]
+    scheduler = run.scheduler
+    scheduler.load_state_dict(state["scheduler"])
+    if "train.lr" in changes:  # applied from this step on, not silently replaced by the saved one
+        scheduler.base_lrs = [run.recipe.train.lr for _ in scheduler.base_lrs]
+        for group, base, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    run.objective.load_state_dict(state["objective"])
+    if run.reward is not None:
+        run.reward.load_state_dict(state.get("reward", {}))
+
+
+def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, on_end, run_dir: Path) -> dict:
+    """final/ (a plain HF directory), the on_end hook, summary.json."""
+    summary = {
+        "steps": run.step,
+        "skipped_steps": run.bad_steps,
+        "stopped_by": stopped_by,
+        "checkpoint": str(checkpoint),
+    }
+    if stopped_by is None and run.recipe.output.save_model:
         final = run_dir / "final"
-        unwrapped = accelerator.unwrap_model(models.policy)
         if accelerator.is_main_process:
-            import shutil
-
             shutil.rmtree(final, ignore_errors=True)
             shutil.copytree(checkpoint / "model", final)
         summary["final_model"] = str(final)
-        del unwrapped
     if stopped_by is None and on_end is not None and accelerator.is_main_process:
-        summary.update(on_end(FinishedRun(recipe, models, dataset if online else None, reward, run_dir, accelerator)))
+        prompts = run.dataset if run.recipe.objective.online else None
+        summary.update(on_end(FinishedRun(run.recipe, run.models, prompts, run.reward, run_dir, accelerator)))
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

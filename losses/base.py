@@ -127,7 +127,6 @@ class Objective(ABC):
     paired: ClassVar[bool] = False  # the batch must carry ``pairs`` (or groups to build them from)
     preference: ClassVar[bool] = False  # pairs are (preferred, dispreferred), ordered before the loss
     min_k: ClassVar[int] = 1  # online: samples per prompt the estimator needs (a baseline, a pair)
-    uses_reference: ClassVar[bool] = True  # the frozen reference is loaded (loss, KL, diagnostics)
     fixed_point: ClassVar[FixedPoint | None] = "reward"
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -137,6 +136,13 @@ class Objective(ABC):
             if not cls.feeds or bad:
                 raise TypeError(f"{cls.__name__}.feeds: expected a tuple of 'online'/'offline', got {cls.feeds}")
             cls.online = cls.feeds[0] == "online"
+
+    @property
+    def uses_reference(self) -> bool:
+        """The loss reads the frozen reference: it needs ``ref_logprobs``, or it has a KL term with
+        β > 0 (every objective with one keeps its KL coefficient as ``self.beta``). When it does
+        not, the trainer loads no reference and logs no KL."""
+        return "ref_logprobs" in self.needs or float(getattr(self, "beta", 0.0) or 0.0) > 0
 
     def count_units(self, batch: LossBatch) -> int:
         """How many units this batch holds (sum these over micro-batches/processes for ``num_units``)."""

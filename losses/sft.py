@@ -17,7 +17,6 @@ class SFT(Objective):
     name = "sft"
     unit = "token"
     feeds = ("offline",)
-    uses_reference = False
     fixed_point = None  # trained on demonstrations, not on a reward
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import losses
 from align import data as data_lib
 from align.logprobs import completion_logprobs
 from align.metrics_log import read_metrics
-from align.models import reference_model
+from align.models import load_reference, reference_model
 from align.rollout import decode_completions, generate_with, sample_keys
 
 EVAL_SEED_OFFSET = 10_007  # evaluation samples never reuse a training step's keys
@@ -98,6 +99,8 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) ->
     prompts = eval_prompts(recipe, dataset)
     if prompts and recipe.objective.online:
         policy = accelerator.unwrap_model(models.policy)
+        if not models.has_reference:  # β = 0: the run loaded none; before/after needs the start
+            models = dataclasses.replace(models, reference=load_reference(recipe, accelerator.device))
         with models_in_eval(policy):
             with reference_model(models, accelerator) as reference:
                 before = evaluate_policy(recipe, models, reference, prompts, reward, accelerator.device)

@@ -423,11 +423,6 @@ def test_lora_reference_runs_in_eval_mode_when_the_policy_trains_with_dropout(ti
 
     from align.models import Models, reference_model
 
-    class NoAccelerator:
-        @staticmethod
-        def unwrap_model(model):
-            return model
-
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     with torch.no_grad():
@@ -436,9 +431,9 @@ def test_lora_reference_runs_in_eval_mode_when_the_policy_trains_with_dropout(ti
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["c_attn"], task_type="CAUSAL_LM"),
     ).train()
-    models = Models(policy, None, None, None, 0)
+    models = Models(policy, None, None, None, 0, adapters=True)
     torch.manual_seed(0)
-    with torch.no_grad(), reference_model(models, NoAccelerator()) as ref:
+    with torch.no_grad(), reference_model(models) as ref:
         first, second = ref(input_ids=ids).logits, ref(input_ids=ids).logits
     assert torch.equal(first, second)
     assert (first - expected).abs().max() < 1e-5
@@ -786,3 +781,44 @@ def test_dpo_on_scored_rows_orders_each_pair_by_reward_and_drops_ties(tiny_model
         train(recipe)
         finals[name] = final_params(tmp_path / name)
     assert max_diff(finals["rows"], finals["explicit"]) < 1e-6
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_reference_is_loaded_only_when_the_objective_reads_it(
+    beta, tiny_model_dir, tiny_data_files, tmp_path, monkeypatch
+):
+    """β = 0 (RCfD's paper setting): no reference loaded, no KL logged; the report still compares
+    against the starting weights, which it loads itself."""
+    import json
+
+    import align.jobs.report as report
+    from align import models as models_lib
+    from align.jobs import train as train_job
+    from align.metrics_log import read_metrics
+
+    loads = []
+
+    def counted(*args, **kwargs):
+        loads.append(1)
+        return models_lib.load_reference.__wrapped__(*args, **kwargs)
+
+    counted.__wrapped__ = models_lib.load_reference
+    monkeypatch.setattr(models_lib, "load_reference", counted)
+    monkeypatch.setattr(report, "load_reference", counted)
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rcfd")
+    recipe = validate(
+        Recipe,
+        {
+            **recipe.model_dump(mode="json"),
+            "objective": {"name": "rcfd", "beta": beta, "k": 2},
+            "data": {"train": str(tiny_data_files["demos"]), "eval_prompts": str(tiny_data_files["eval_prompts"])},
+            "output": {"dir": str(tmp_path / "run"), "report": True, "sample_every": 0},
+        },
+    )
+    train_job.run(recipe)
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 2
+    assert all(("kl_k1" in r) == (beta > 0) for r in records)
+    assert len(loads) == 1  # by the trainer when β > 0, by the report when β = 0
+    out = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert abs(out["before"]["kl_k1"]) < 1e-5 and out["after"]["kl_k1"] != 0.0  # the start is the reference
