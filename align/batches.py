@@ -13,6 +13,7 @@ from torch import Tensor
 
 import losses
 from align import data as data_lib
+from align.distributed import gathered_for_generation
 from align.logprobs import completion_logprobs, fused_head_weight
 from align.models import Models, reference_model
 from align.recipe import Recipe
@@ -136,15 +137,16 @@ def rollout_batch(
     )
     keys = sample_keys(recipe.train.seed, step, torch.tensor(rows), k)
     chunk = gen.batch_size or len(rows)
-    policy = accelerator.unwrap_model(models.policy)
     keep_probs = reuse_sampler_probs(recipe, models, n_chunks=-(-len(rows) // chunk), rows=len(rows) * k)
     parts: list[Rollout] = []
     start = time.perf_counter()
-    for lo in range(0, len(rows), chunk):
-        sel = slice(lo, lo + chunk)
-        # re-pad the chunk so its prompts are as short as they can be
-        ids, mask = _trim_left(prompt_ids[sel], prompt_mask[sel])
-        parts.append(generate_with(policy, ids, mask, keys[lo * k : (lo + chunk) * k], k, gen, models, keep_probs))
+    with gathered_for_generation(models.policy, accelerator) as policy:  # whole weights once per rollout
+        for lo in range(0, len(rows), chunk):
+            sel = slice(lo, lo + chunk)
+            # re-pad the chunk so its prompts are as short as they can be
+            ids, mask = _trim_left(prompt_ids[sel], prompt_mask[sel])
+            keys_chunk = keys[lo * k : (lo + chunk) * k]
+            parts.append(generate_with(policy, ids, mask, keys_chunk, k, gen, models, keep_probs))
     rollout = _concat_rollouts(parts, models.pad_token_id)
     texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
     generation_seconds = time.perf_counter() - start
@@ -295,7 +297,12 @@ def cache_reference_logprobs(recipe: Recipe, models: Models, dataset: OfflineDat
     """Offline data: reference log-probs computed once per row, in canonical chunks (dataset order,
     ``batch_size`` rows) so the values do not depend on step, resume or process count."""
     n, chunk = len(dataset), recipe.train.batch_size
-    starts = list(range(0, n, chunk))[accelerator.process_index :: accelerator.num_processes]
+    all_starts = list(range(0, n, chunk))
+    starts = all_starts[accelerator.process_index :: accelerator.num_processes]
+    # a sharded reference makes every forward a collective call: every process runs as many
+    # (the last one repeated, its result discarded)
+    rounds = -(-len(all_starts) // accelerator.num_processes)
+    starts = starts + [starts[-1] if starts else 0] * (rounds - len(starts))
     n_texts = len(dataset.completion_ids)
     local: dict[int, list[Tensor]] = {}
     with reference_model(models, accelerator) as ref:
@@ -314,6 +321,8 @@ def cache_reference_logprobs(recipe: Recipe, models: Models, dataset: OfflineDat
                 accelerator.device,
             )
             lp = completion_logprobs(ref, p_ids, p_mask, c_ids, c_mask).cpu()
+            if rows[0] in local:  # a repeated round
+                continue
             for j, i in enumerate(rows):
                 local[i] = [lp[t * len(rows) + j, : len(dataset.completion_ids[t][i])] for t in range(n_texts)]
     if accelerator.num_processes > 1:

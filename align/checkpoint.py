@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from align.distributed import full_state_dict
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -64,33 +66,35 @@ def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, run_dir:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    failure = None
     try:
-        accelerator.save_state(str(tmp / "state"))
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(
-            tmp / "model",
-            is_main_process=accelerator.is_main_process,
-            save_function=accelerator.save,
-            state_dict=accelerator.get_state_dict(model),
-        )
+        accelerator.save_state(str(tmp / "state"))  # sharded where the launch config shards
+        state_dict = full_state_dict(accelerator, model)  # collective: every process takes part
         if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp / "model")
             torch.save(trainer_state, tmp / "trainer_state.pt")
-            _fsync_tree(tmp)
     except (OSError, RuntimeError) as err:
         # torch's zip writer reports a full disk as "unexpected pos ..." (a RuntimeError)
+        failure = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
+    # every process learns whether any failed, so none waits forever for a rank that gave up
+    failures = [f for f in _all_ranks(accelerator, failure) if f is not None]
+    if failures:
         written = _tree_bytes(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(run_dir)
         needed = max(written, _tree_bytes(previous[-1]) if previous else 0)
         free = shutil.disk_usage(root).free
-        reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
         kept = f"; {previous[-1].name} is intact" if previous else ""
         raise CheckpointError(
-            f"checkpoint: writing {tmp} failed ({reason}); {free / 2**20:.0f} MiB free on that disk, "
+            f"checkpoint: writing {tmp} failed ({failures[0]}); {free / 2**20:.0f} MiB free on that disk, "
             f"a checkpoint needs about {needed / 2**20:.0f} MiB{kept}"
-        ) from None
+        )
     if accelerator.is_main_process:
+        _fsync_tree(tmp)  # every process's shards are written (the agreement above was a barrier)
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
@@ -98,6 +102,14 @@ def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, run_dir:
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _all_ranks(accelerator, value):
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
 
 
 def _remove(path: Path) -> None:

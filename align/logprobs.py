@@ -253,6 +253,14 @@ def fused_head_weight(model) -> Tensor | None:
     return _base_model(model).get_output_embeddings().weight if decided else None
 
 
+def _is_dtensor(tensor: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor) or isinstance(getattr(tensor, "data", None), DTensor)
+
+
 def _check_fused_head(model) -> bool:
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if hasattr(inner, "module"):  # FSDP, DeepSpeed or another wrapper: weights may be sharded
@@ -265,6 +273,10 @@ def _check_fused_head(model) -> bool:
         return False
     weight = head.weight
     if type(weight) is not torch.nn.Parameter or weight.numel() == 0 or weight.is_meta:
+        return False
+    # sharded weights (FSDP2 DTensors, ZeRO-3 partitions) are whole only inside the module's own
+    # forward: the plain path there (align/distributed.py states the rule)
+    if _is_dtensor(weight) or hasattr(weight, "ds_id"):
         return False
     device = weight.device
     ids = torch.arange(3, device=device)[None] % weight.shape[0]

@@ -118,6 +118,21 @@ def load_reference(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     return reference.requires_grad_(False).eval().to(device)
 
 
+def load_saved_policy(recipe: Recipe, path: str | Path, device) -> torch.nn.Module:
+    """A checkpoint's ``model/`` (or ``final/``) in eval mode: whole weights, or the recipe's base
+    model with the saved LoRA adapters."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = recipe.model
+    load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype))
+    if cfg.lora is not None:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(cfg.path, **load)
+        return PeftModel.from_pretrained(base, str(path)).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=load["dtype"]).to(device).eval()
+
+
 def torch_dtype(name: str) -> torch.dtype | str:
     """A recipe's ``model.dtype`` as ``from_pretrained`` takes it ("auto" stays a string)."""
     return name if name == "auto" else getattr(torch, name)

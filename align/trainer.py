@@ -37,6 +37,7 @@ from align.batches import (
 )
 from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
+from align.distributed import configure_deepspeed, make_accelerator, params_sharded, prepare_reference, run_info
 from align.metrics_log import MetricsLog, postfix, progress_bar
 from align.models import Models, check_positions, load_models, load_tokenizer
 from align.recipe import Recipe
@@ -90,16 +91,6 @@ def _fused_optimizer_ok(params: list[Tensor]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
-def make_accelerator(recipe: Recipe):
-    """Accelerate picks the backend from the launch config (CPU, DDP, DeepSpeed, FSDP).
-
-    It is told the number of micro-batches per step so DeepSpeed's engine steps on the last one.
-    """
-    from accelerate import Accelerator
-
-    return Accelerator(gradient_accumulation_steps=recipe.train.gradient_accumulation_steps)
-
-
 @dataclass
 class FinishedRun:
     """What an ``on_end`` hook sees of a run that reached its last step (the end-of-run report)."""
@@ -110,6 +101,8 @@ class FinishedRun:
     reward: RewardFunction | None
     run_dir: Path
     accelerator: Any
+    checkpoint: Path  # the last checkpoint (its model/ is a whole HF directory)
+    sharded: bool  # the live models hold shards: call them from every process or not at all
 
 
 def train(
@@ -127,7 +120,7 @@ def train(
     from accelerate.utils import set_seed
 
     tune_allocator()  # reuse the step's large buffers instead of page-faulting them in every step
-    accelerator = accelerator or make_accelerator(recipe)
+    accelerator = accelerator or make_accelerator(recipe.train.gradient_accumulation_steps)
     set_seed(recipe.train.seed)
     run_dir = Path(recipe.output.dir)
     resume_from = resolve_resume(recipe.resume, run_dir)
@@ -261,7 +254,9 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
     )
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
+    models.reference = prepare_reference(models.reference, accelerator)  # placed like the policy
     # the scheduler is not prepared: accelerate's wrapper steps once per process, which would make
     # the schedule depend on the process count; its state goes into trainer_state.pt (plain types,
     # loaded with weights_only=True) rather than accelerate's pickle of custom objects
@@ -291,6 +286,7 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
         "skipped_steps": run.bad_steps,
         "stopped_by": stopped_by,
         "checkpoint": str(checkpoint),
+        **run_info(accelerator),  # how it ran: distributed type, processes, mixed precision, sharding
     }
     if stopped_by is None and run.recipe.output.save_model:
         final = run_dir / "final"
@@ -300,7 +296,10 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
         summary["final_model"] = str(final)
     if stopped_by is None and on_end is not None and accelerator.is_main_process:
         prompts = run.dataset if run.recipe.objective.online else None
-        summary.update(on_end(FinishedRun(run.recipe, run.models, prompts, run.reward, run_dir, accelerator)))
+        finished = FinishedRun(
+            run.recipe, run.models, prompts, run.reward, run_dir, accelerator, checkpoint, params_sharded(accelerator)
+        )
+        summary.update(on_end(finished))
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -10,9 +10,10 @@ import torch
 
 import losses
 from align import data as data_lib
+from align.distributed import loading_whole_models
 from align.logprobs import completion_logprobs
 from align.metrics_log import read_metrics
-from align.models import load_reference, reference_model
+from align.models import load_reference, load_saved_policy, reference_model
 from align.rollout import decode_completions, generate_with, sample_keys
 
 EVAL_SEED_OFFSET = 10_007  # evaluation samples never reuse a training step's keys
@@ -84,8 +85,19 @@ def plot_metrics(records: list[dict], path: Path) -> None:
 
 
 def report_on_end(run) -> dict:
-    """The trainer's ``on_end`` hook (``align.trainer.FinishedRun``): the end-of-run report."""
-    return write_report(run.recipe, run.models, run.prompts, run.reward, run.run_dir, run.accelerator)
+    """The trainer's ``on_end`` hook (``align.trainer.FinishedRun``): the end-of-run report.
+
+    It runs on the main process alone; when the live models hold shards (FSDP2, ZeRO-3) a call
+    into them would wait for the other processes, so the report loads the saved policy (the last
+    checkpoint's whole ``model/``) and the reference itself."""
+    models = run.models
+    with loading_whole_models(run.accelerator):
+        if run.sharded:
+            device = run.accelerator.device
+            policy = load_saved_policy(run.recipe, run.checkpoint / "model", device)
+            adapters = run.recipe.model.lora is not None
+            models = dataclasses.replace(models, policy=policy, reference=None, adapters=adapters)
+        return write_report(run.recipe, models, run.prompts, run.reward, run.run_dir, run.accelerator)
 
 
 def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) -> dict:

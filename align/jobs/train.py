@@ -5,21 +5,33 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from align.config import RecipeError, bundled_recipes, load_recipe, read_yaml
 from align.recipe import Recipe
 
 
 def prepare_assets(recipe: Recipe) -> None:
-    """Build what ``prepare:`` names if missing (corpus, tokenizer, NLI model, SFT policy)."""
-    if recipe.prepare == "quickstart":
-        from align.jobs.quickstart.pipeline import prepare_quickstart
+    """Build what ``prepare:`` names if missing (corpus, tokenizer, NLI model, SFT policy).
 
-        prepare_quickstart(recipe)
-    elif recipe.prepare == "summarize":
-        from align.jobs.summarize.pipeline import prepare_summarize
+    Every process of a launch calls this; the first to take the lock builds, the others wait and
+    find the assets there."""
+    if recipe.prepare is None:
+        return
+    import fcntl
 
-        prepare_summarize(recipe)
+    root = Path(recipe.model.path).parent
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if recipe.prepare == "quickstart":
+            from align.jobs.quickstart.pipeline import prepare_quickstart
+
+            prepare_quickstart(recipe)
+        elif recipe.prepare == "summarize":
+            from align.jobs.summarize.pipeline import prepare_summarize
+
+            prepare_summarize(recipe)
 
 
 def run(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None] | None = None) -> dict:

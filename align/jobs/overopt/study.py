@@ -292,11 +292,9 @@ def quiet_trainer() -> Iterator[None]:
 
 
 def load_policy(path: Path, recipe: Recipe, device):
-    from transformers import AutoModelForCausalLM
+    from align.models import load_saved_policy
 
-    from align.models import torch_dtype
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(recipe.model.dtype)).to(device).eval()
+    return load_saved_policy(recipe, path, device)
 
 
 def train_and_evaluate(

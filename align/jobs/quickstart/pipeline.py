@@ -7,12 +7,29 @@ second run starts RL at once and an interrupted first run leaves nothing half-wr
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from align.config import load_recipe
 
+_LAUNCH_VARIABLES = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+}
 SFT_RECIPE = "quickstart_sft"  # a bundled recipe (align.config.find_recipe)
 
 
@@ -42,7 +59,18 @@ def sft_once(sft_recipe: str | Path, overrides: list[str], sft_model: Path, log:
     log(f"supervised fine-tuning ({Path(sft_recipe).name}) into {sft_model}")
 
     def build(out: Path) -> None:
-        shutil.copytree(train(recipe)["final_model"], out, dirs_exist_ok=True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # under a multi-process launch the SFT runs once, as its own single process (the
+            # launch's process group belongs to the run that asked for it)
+            env = {
+                k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("ACCELERATE_")
+            }
+            argv = ["train", str(sft_recipe), *overrides, "output.overwrite=true"]
+            subprocess.run([sys.executable, "-m", "align.cli", *argv], env=env, check=True)
+            final = Path(recipe.output.dir) / "final"
+        else:
+            final = train(recipe)["final_model"]
+        shutil.copytree(final, out, dirs_exist_ok=True)
 
     shutil.rmtree(sft_model, ignore_errors=True)
     return atomic_dir(sft_model, build)
