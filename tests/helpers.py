@@ -23,6 +23,7 @@ def make_tiny_model_dir(
     n_head: int = 2,
     n_positions: int = 64,
     seed: int = 0,
+    architecture: str = "gpt2",
 ) -> Path:
     """Train a byte-level BPE tokenizer on generated reviews and save a random tiny GPT-2 with it.
 
@@ -33,7 +34,14 @@ def make_tiny_model_dir(
     out_dir = Path(out_dir)
     tokenizer = quickstart.train_tokenizer(quickstart.generate_reviews(n_reviews, seed), out_dir, vocab_size)
     quickstart.build_tiny_model(
-        tokenizer, out_dir, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, seed=seed
+        tokenizer,
+        out_dir,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        seed=seed,
+        architecture=architecture,
     )
     return out_dir
 

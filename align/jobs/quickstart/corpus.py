@@ -343,28 +343,42 @@ def build_tiny_model(
     n_head: int = 2,
     n_positions: int = 64,
     seed: int = 0,
+    architecture: str = "gpt2",
 ) -> PreTrainedModel:
-    """A randomly initialised GPT-2 sized to ``tokenizer``, saved with it to ``out_dir``.
+    """A randomly initialised GPT-2 (or ``architecture="llama"`` / ``"qwen2"``: rotary positions,
+    RMSNorm, SwiGLU, grouped KV heads, untied head) sized to ``tokenizer``, saved with it to ``out_dir``.
 
     Special-token ids go in both the model config and the generation config, so ``generate``
     stops on ``</s>`` and pads with ``<pad>`` without any argument — the same as a hub model.
     """
     import torch
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, Qwen2Config
 
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
+    if architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head, **ids
+        )
+    elif architecture in ("llama", "qwen2"):
+        family = LlamaConfig if architecture == "llama" else Qwen2Config
+        config = family(
+            vocab_size=len(tokenizer),
+            hidden_size=n_embd,
+            intermediate_size=2 * n_embd,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=max(1, n_head // 2),
+            max_position_embeddings=n_positions,
+            tie_word_embeddings=False,
+            **ids,
+        )
+    else:
+        raise ValueError(f"architecture: expected gpt2, llama or qwen2, got {architecture!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
