@@ -2,11 +2,12 @@
 launch config, whether parameters are sharded (FSDP2, DeepSpeed ZeRO-3), gathering them once per
 rollout for generation, placing the frozen reference like the policy, and the full state dict.
 
-Rule for sharded parameters (one rule, read everywhere): a module whose weights live in shards
-(FSDP2 DTensors, ZeRO-3 partitions) is only ever called through its own forward. The fused LM head
-and the sampler-probs reuse read the head's weight outside the forward, so they are off there
-(``logprobs.fused_head_weight``); under DDP and ZeRO-2 the weights are whole on every process and
-both stay on (tested equal to the plain path).
+Rule for sharded parameters (one rule, read everywhere): a module whose weights may live in
+shards (FSDP2 DTensors, ZeRO-3 partitions) or behind an engine (DeepSpeed at any stage) is only
+ever called through its own forward. The fused LM head and the sampler-probs reuse read the
+head's weight outside the forward, so ``logprobs.fused_head_weight`` declines them there (the
+plain path: logits from the forward); they stay on for one process and DDP, where the trainer's
+tests prove them equal to the plain path.
 
 CPU processes: accelerate runs FSDP and DeepSpeed only on an accelerator device. On CPU processes
 (gloo) it would silently make every process a one-process run: FSDP becomes no sharding at all,

@@ -309,6 +309,8 @@ def log_step(recipe: Recipe, step: int, metrics: dict, batch: StepBatch, seconds
     record = {"step": step, **metrics, "step_s": seconds, "skipped_steps": bad_steps}
     if "tokens" in metrics:
         record["tokens_per_s"] = metrics["tokens"] / max(seconds, 1e-9)
+    if torch.cuda.is_available():  # peak since the run started, for benchmarks/gpu_check.sh
+        record["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     every = recipe.output.sample_every
     if every and step % every == 0 and batch.texts:
         record["samples"] = [{"prompt": p, "completion": c} for p, c in list(zip(batch.prompts, batch.texts))[:4]]

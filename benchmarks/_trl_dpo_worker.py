@@ -15,11 +15,14 @@ so the driver can prove both sides saw the same ids.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+GPU = os.environ.get("BENCH_GPU") == "1"  # benchmarks/gpu_check.py: one GPU, bf16 autocast
 
 from common import DPO_BETA, RESULT_PREFIX  # noqa: E402
 
@@ -39,10 +42,10 @@ def make_config(out_dir: str, loss_type: str, steps: int, lr: float, precompute:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        bf16=False,  # TRL's default is bf16=True, even on CPU; align trains in fp32
+        bf16=GPU,  # TRL's default is bf16=True, even on CPU; align trains in fp32 (bf16 autocast on a GPU)
         gradient_checkpointing=False,  # TRL's default is True: it would recompute activations
         precompute_ref_log_probs=precompute,
-        use_cpu=True,
+        use_cpu=not GPU,
         seed=0,
         dataloader_num_workers=0,
     )
@@ -100,6 +103,10 @@ def check(model_dir: str, pairs: str, loss_type: str, ref_dir: str, n: str, out_
 def main(argv: list[str]) -> int:
     mode, *rest = argv
     result = time_steps(*rest) if mode == "time" else check(*rest)
+    if GPU:
+        import torch
+
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(RESULT_PREFIX + json.dumps(result))
     return 0
 

@@ -10,13 +10,22 @@ constant learning rate, gradient clipping at 1.0, the same length reward.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+GPU = os.environ.get("BENCH_GPU") == "1"  # benchmarks/gpu_check.py: one GPU, bf16 autocast
+
 from common import RESULT_PREFIX, length_reward  # noqa: E402
+
+
+def peak_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if GPU and torch.cuda.is_available() else None
 
 
 def reward(prompts, completions, **kwargs) -> list[float]:
@@ -60,10 +69,10 @@ def main(argv: list[str]) -> int:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        bf16=False,  # TRL's default is bf16=True, even on CPU; align trains in fp32
+        bf16=GPU,  # TRL's default is bf16=True, even on CPU; align trains in fp32 (bf16 autocast on a GPU)
         gradient_checkpointing=False,  # TRL's default is True: it would recompute activations
         disable_dropout=True,  # align's default; TRL's RLOO default is False
-        use_cpu=True,
+        use_cpu=not GPU,
         seed=0,
         dataloader_num_workers=0,
     )
@@ -85,6 +94,7 @@ def main(argv: list[str]) -> int:
                 "setup_s": setup,
                 "loss": losses,
                 "completion_length": lengths,
+                "peak_gib": peak_gib(),
             }
         )
     )
