@@ -23,6 +23,9 @@ EXPECTED = {
     "deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, 8),
     "deepspeed_zero3.yaml": (DistributedType.DEEPSPEED, 8),
     "fsdp.yaml": (DistributedType.FSDP, 8),
+    "cpu_fsdp2.yaml": (DistributedType.FSDP, 2),  # CPU processes: see align/distributed.py
+    "cpu_zero2.yaml": (DistributedType.DEEPSPEED, 2),
+    "cpu_zero3.yaml": (DistributedType.DEEPSPEED, 2),
 }
 
 
