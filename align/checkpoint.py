@@ -76,10 +76,16 @@ def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, run_dir:
             tokenizer.save_pretrained(tmp / "model")
             torch.save(trainer_state, tmp / "trainer_state.pt")
     except (OSError, RuntimeError) as err:
-        # torch's zip writer reports a full disk as "unexpected pos ..." (a RuntimeError)
-        failure = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
+        failure = _reason(err)
     # every process learns whether any failed, so none waits forever for a rank that gave up
     failures = [f for f in _all_ranks(accelerator, failure) if f is not None]
+    if not failures:  # every process's shards are written: make them durable before the rename
+        try:
+            if accelerator.is_main_process:
+                _fsync_tree(tmp)
+        except OSError as err:
+            failure = _reason(err)
+        failures = [f for f in _all_ranks(accelerator, failure) if f is not None]
     if failures:
         written = _tree_bytes(tmp)
         accelerator.wait_for_everyone()
@@ -94,7 +100,6 @@ def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, run_dir:
             f"a checkpoint needs about {needed / 2**20:.0f} MiB{kept}"
         )
     if accelerator.is_main_process:
-        _fsync_tree(tmp)  # every process's shards are written (the agreement above was a barrier)
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
@@ -102,6 +107,13 @@ def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, run_dir:
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _reason(err: BaseException) -> str:
+    # torch's zip writer reports a full disk as "unexpected pos ..." (a RuntimeError)
+    if isinstance(err, OSError) and err.errno:
+        return os.strerror(err.errno)
+    return str(err).splitlines()[0]
 
 
 def _all_ranks(accelerator, value):
