@@ -176,7 +176,7 @@ def prompt_rows(tokenizer, columns: dict[str, list], cfg, source: str) -> tuple[
     names, budget = list(columns), cfg.max_prompt_tokens
     rows = [dict(zip(names, values)) for values in zip(*columns.values())]
     prompts = [_render(tokenizer, row, cfg, source, index) for index, row in enumerate(rows)]
-    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []  # one batched call
+    ids = encode_rendered(tokenizer, prompts)
     wrapped = cfg.prompt_template is not None or cfg.chat_template
     cut = 0
     for index, tokens in enumerate(ids):
@@ -203,7 +203,7 @@ def _cut_source(tokenizer, row: dict, column: str, cfg, source: str, index: int,
     while keep > 0:
         kept = pieces[:keep] if keep_start else pieces[len(pieces) - keep :]
         text = _render(tokenizer, {**row, column: tokenizer.decode(kept)}, cfg, source, index)
-        tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
+        tokens = encode_rendered(tokenizer, [text])[0]
         if len(tokens) <= budget:
             return text, tokens
         keep -= max(1, len(tokens) - budget)  # re-tokenising at the cut can shift a token or two
@@ -213,10 +213,27 @@ def _cut_source(tokenizer, row: dict, column: str, cfg, source: str, index: int,
     )
 
 
+def encode_rendered(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts, special tokens added once: a text that already begins with the
+    tokenizer's BOS (a chat template with ``{{ bos_token }}``: Llama 3, Gemma, Mistral) is taken as
+    it is; any other text gets the tokenizer's own special tokens, as at inference. Batched."""
+    bos = getattr(tokenizer, "bos_token", None)
+    has_bos = [bool(bos) and text.startswith(bos) for text in texts]
+    out: list[list[int] | None] = [None] * len(texts)
+    for add, group in (
+        (True, [i for i, b in enumerate(has_bos) if not b]),
+        (False, [i for i, b in enumerate(has_bos) if b]),
+    ):
+        if group:
+            encoded = tokenizer([texts[i] for i in group], add_special_tokens=add)["input_ids"]
+            for i, row in zip(group, encoded):
+                out[i] = row
+    return out  # type: ignore[return-value]
+
+
 def encode_prompts(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     """Token ids of already-rendered prompts, keeping each one's last ``max_tokens``."""
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    return [row[-max_tokens:] for row in ids]
+    return [row[-max_tokens:] for row in encode_rendered(tokenizer, texts)]
 
 
 def encode_completions(tokenizer, texts: list[str], max_tokens: int, eos_token_id: int | None) -> list[list[int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def sample_prompts(recipe, models, policy, prompts: list[str], seed: int, k: int
 
 
 @torch.no_grad()
-def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) -> dict:
+def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device, columns: dict | None = None) -> dict:
     """One sample per prompt from ``policy``; its reward and its KL to the reference (k1, k3)."""
     gen = recipe.generation
     rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)
@@ -47,20 +48,26 @@ def evaluate_policy(recipe, models, policy, prompts: list[str], reward, device) 
         "texts": texts,
     }
     if reward is not None:
-        scores, components = reward.score(prompts, texts, {}, update=False)
+        scores, components = reward.score(prompts, texts, columns or {}, update=False)
         out["reward"] = float(scores.float().mean())
         out["components"] = {k: float(torch.tensor(v).mean()) for k, v in components.items()}
     return out
 
 
-def eval_prompts(recipe, dataset, limit: int = 64) -> list[str]:
-    if recipe.data.eval_prompts:
-        table = data_lib.load_table(recipe.data.eval_prompts)
-        cols = data_lib.read_columns(
-            recipe.data.eval_prompts, table, [recipe.data.prompt_column], [recipe.data.prompt_column]
-        )
-        return cols[recipe.data.prompt_column][:limit]
-    return dataset.prompts[:limit] if dataset is not None else []
+def eval_prompts(recipe, dataset, tokenizer, limit: int = 64) -> tuple[list[str], dict[str, list], str]:
+    """(prompts, their rows' other columns, what they are): the held-out ``data.eval_prompts``
+    rendered like training prompts (template, chat template), else the first training prompts."""
+    cfg = recipe.data
+    if cfg.eval_prompts:
+        table = data_lib.load_table(cfg.eval_prompts)
+        table = table.select(range(min(limit, len(table))))
+        columns = data_lib.read_columns(cfg.eval_prompts, table, list(table.column_names), [])
+        prompts, _ = data_lib.prompt_rows(tokenizer, columns, cfg, cfg.eval_prompts)
+        return prompts, columns, "held-out prompts"
+    if dataset is None:
+        return [], {}, ""
+    columns = {name: values[:limit] for name, values in dataset.columns.items()}
+    return dataset.prompts[:limit], columns, "training prompts (no data.eval_prompts)"
 
 
 def plot_metrics(records: list[dict], path: Path) -> None:
@@ -89,15 +96,22 @@ def report_on_end(run) -> dict:
 
     It runs on the main process alone; when the live models hold shards (FSDP2, ZeRO-3) a call
     into them would wait for the other processes, so the report loads the saved policy (the last
-    checkpoint's whole ``model/``) and the reference itself."""
-    models = run.models
-    with loading_whole_models(run.accelerator):
-        if run.sharded:
-            device = run.accelerator.device
-            policy = load_saved_policy(run.recipe, run.checkpoint / "model", device)
-            adapters = run.recipe.model.lora is not None
-            models = dataclasses.replace(models, policy=policy, reference=None, adapters=adapters)
-        return write_report(run.recipe, models, run.prompts, run.reward, run.run_dir, run.accelerator)
+    checkpoint's whole ``model/``) and the reference itself. A report that fails is one line on
+    stderr and in report.md: the run finished, so its exit code stays 0."""
+    try:
+        models = run.models
+        with loading_whole_models(run.accelerator):
+            if run.sharded:
+                device = run.accelerator.device
+                policy = load_saved_policy(run.recipe, run.checkpoint / "model", device)
+                adapters = run.recipe.model.lora is not None
+                models = dataclasses.replace(models, policy=policy, reference=None, adapters=adapters)
+            return write_report(run.recipe, models, run.prompts, run.reward, run.run_dir, run.accelerator)
+    except Exception as err:  # any failure here must leave the finished run intact
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        print(f"align: the end-of-run report failed ({reason}); the run and final/ are complete", file=sys.stderr)
+        (run.run_dir / "report.md").write_text(f"# align run report\n\nThe report failed: {reason}\n")
+        return {"report_error": reason}
 
 
 def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) -> dict:
@@ -108,15 +122,15 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) ->
     records = [r for r in read_metrics(run_dir) if "skipped" not in r]
     plot_metrics(records, run_dir / "metrics.png")
     out: dict = {"plot": str(run_dir / "metrics.png")}
-    prompts = eval_prompts(recipe, dataset)
+    prompts, columns, label = eval_prompts(recipe, dataset, models.tokenizer)
     if prompts and recipe.objective.online:
         policy = accelerator.unwrap_model(models.policy)
         if not models.has_reference:  # β = 0: the run loaded none; before/after needs the start
             models = dataclasses.replace(models, reference=load_reference(recipe, accelerator.device))
         with models_in_eval(policy):
             with reference_model(models, accelerator) as reference:
-                before = evaluate_policy(recipe, models, reference, prompts, reward, accelerator.device)
-            after = evaluate_policy(recipe, models, policy, prompts, reward, accelerator.device)
+                before = evaluate_policy(recipe, models, reference, prompts, reward, accelerator.device, columns)
+            after = evaluate_policy(recipe, models, policy, prompts, reward, accelerator.device, columns)
         out["before"] = {k: v for k, v in before.items() if k != "texts"}
         out["after"] = {k: v for k, v in after.items() if k != "texts"}
         out["samples"] = [
@@ -126,7 +140,8 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator) ->
     (run_dir / "report.json").write_text(json.dumps(out, indent=2))
     lines = [f"# align run report: {recipe.objective.name}", "", "![metrics](metrics.png)", ""]
     if "before" in out:
-        table = Table(title=f"{recipe.objective.name}: held-out prompts ({len(prompts)})")
+        table = Table(title=f"{recipe.objective.name}: {label} ({len(prompts)})")
+        lines += [f"Before and after on {label} ({len(prompts)}).", ""]
         for col in ("", "reward", "KL k1", "KL k3", "length"):
             table.add_column(col)
         lines += ["| | reward | KL k1 | KL k3 | length |", "|---|---|---|---|---|"]
