@@ -27,6 +27,38 @@ class Models:
         return self.reference is not None or self.adapters
 
 
+def unresolvable(field_name: str, source: str, what: str, err: BaseException) -> str:
+    """One line for a model id or path that cannot be loaded: the field, the id, and the fix."""
+    import os
+
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    line = f"{field_name}: cannot load {what} from {source!r} ({reason})"
+    if not Path(source).expanduser().exists():
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the hub or the local cache"
+        line += (
+            f"; it is not a local directory and not in {where}: download it once with network "
+            f"(`hf download {source}`) or set {field_name} to a local directory"
+        )
+    return line
+
+
+def check_loadable(recipe: Recipe) -> None:
+    """Every model id the run will load resolves (config only), before any weights load."""
+    from transformers import AutoConfig
+
+    from align.config import RecipeError
+
+    cfg = recipe.model
+    for field_name, source in (("model.path", cfg.path), ("reference", recipe.reference)):
+        if source is None:
+            continue
+        try:
+            AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise RecipeError(unresolvable(field_name, source, "a model config", err)) from None
+
+
 def load_tokenizer(recipe: Recipe):
     """The recipe's tokenizer, left-padded, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
@@ -42,8 +74,7 @@ def load_tokenizer(recipe: Recipe):
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RecipeError(f"{field_name}: cannot load a tokenizer from {source!r} ({reason})") from None
+        raise RecipeError(unresolvable(field_name, source, "a tokenizer", err)) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -39,7 +39,7 @@ from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
 from align.distributed import configure_deepspeed, make_accelerator, params_sharded, prepare_reference, run_info
 from align.metrics_log import MetricsLog, postfix, progress_bar
-from align.models import Models, check_positions, load_models, load_tokenizer
+from align.models import Models, check_loadable, check_positions, load_models, load_tokenizer
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction, build_reward
@@ -234,6 +234,7 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
         dataset = OnlineData(recipe, tokenizer)
     else:
         dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
+    check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
     check_positions(recipe, dataset)
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
     if recipe.objective.online and "demo_rewards" in recipe.objective.needs:

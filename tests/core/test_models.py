@@ -1,0 +1,35 @@
+"""A model id that cannot be resolved is one line naming the field, the id and the fix, exit 2,
+before any weights load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("field", ["model.path", "reference"])
+def test_an_unresolvable_hub_id_is_one_line_with_the_fix(field, tiny_model_dir, tiny_data_files, tmp_path):
+    overrides = [
+        f"model.path={tiny_model_dir}",
+        f"data.train={tiny_data_files['pairs']}",
+        "objective.name=dpo",
+        f"output.dir={tmp_path / 'run'}",
+        f"{field}=align-tests/not-cached-anywhere",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "align.cli", "train", "quickstart", "prepare=null", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[0].startswith(f"align train: {field}: cannot load")
+    assert "'align-tests/not-cached-anywhere'" in lines[0] and "hf download align-tests/not-cached-anywhere" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
