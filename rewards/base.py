@@ -112,7 +112,7 @@ def call_reward(
         if size != n:
             raise RewardError(f"reward {name!r}: column {key!r} has {size} values for {n} completions")
     try:
-        scores = fn(prompts, completions, **columns)
+        scores = fn(prompts=prompts, completions=completions, **columns)  # TRL's keyword convention
     except RewardError:
         raise
     except Exception as err:

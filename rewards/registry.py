@@ -16,6 +16,7 @@ from rewards.contains import Contains
 from rewards.entailment import Entailment
 from rewards.fluency import Fluency
 from rewards.length import Length
+from rewards.python import PythonReward
 from rewards.regex import Regex
 from rewards.reward_model import RewardModel
 from rewards.rouge import Rouge
@@ -24,17 +25,39 @@ from rewards.sentiment import Sentiment
 Factory = Callable[..., RewardFn]
 
 REGISTRY: dict[str, Factory] = {
-    cls.name: cls for cls in (Entailment, RewardModel, Sentiment, Length, Regex, Contains, Rouge, Fluency)
+    cls.name: cls for cls in (Entailment, RewardModel, Sentiment, Length, Regex, Contains, Rouge, Fluency, PythonReward)
 }
 
 
-def register(factory: Factory, name: str | None = None) -> Factory:
-    """Add a reward factory (a class with a ``name`` attribute, or a function and a ``name``).
+def is_reward_function(fn: Any) -> bool:
+    """A plain function written for TRL (``def f(completions, **kwargs)``): a reward itself, not a factory."""
+    if inspect.isclass(fn) or not callable(fn):
+        return False
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
-    Usable as a class decorator: ``@rewards.register`` over ``class MyReward(Reward): name = ...``.
+
+def register(factory: Factory, name: str | None = None) -> Factory:
+    """Add a reward: a factory (a class with a ``name`` attribute, or a function whose keyword
+    arguments are the options), or a plain reward function with TRL's convention
+    (``def f(prompts, completions, **kwargs)``), registered under ``name`` or its own name.
+
+    Usable as a decorator: ``@rewards.register`` over ``class MyReward(Reward): name = ...`` or over
+    ``def my_reward(completions, **kwargs)``.
     """
     key = name or getattr(factory, "name", None) or factory.__name__
-    REGISTRY[key] = factory
+    if is_reward_function(factory):
+        fn = factory
+
+        def no_options() -> RewardFn:
+            return fn
+
+        no_options.__name__ = key
+        REGISTRY[key] = no_options
+    else:
+        REGISTRY[key] = factory
     return factory
 
 
@@ -63,6 +86,9 @@ def check_options(name: str, kwargs: dict[str, Any]) -> None:
     if missing:
         raise ValueError(f"reward {name!r}: missing required option(s) {missing}")
     _check_option_types(REGISTRY[name], kwargs)
+    check = getattr(REGISTRY[name], "check_options", None)
+    if check is not None:  # the reward's own checks that need no model (e.g. a python reward resolves)
+        check(**kwargs)
 
 
 def _check_option_types(factory: Factory, kwargs: dict[str, Any]) -> None:

@@ -112,20 +112,26 @@ def test_call_reward_names_the_failing_reward():
     with pytest.raises(RewardError, match=r"reward 'boom' raised ZeroDivisionError: division by zero"):
         call_reward("boom", boom, ["a"], ["b"])
     with pytest.raises(RewardError, match=r"reward 'short' returned 3 scores for 4 completions"):
-        call_reward("short", lambda p, c, **kw: [0.0] * 3, ["p"] * 4, ["c"] * 4)
+        call_reward("short", lambda prompts, completions, **kw: [0.0] * 3, ["p"] * 4, ["c"] * 4)
     with pytest.raises(RewardError, match=r"reward 'nan' returned a non-finite score nan for completion 1"):
-        call_reward("nan", lambda p, c, **kw: [0.0, float("nan")], ["p"] * 2, ["c"] * 2)
+        call_reward("nan", lambda prompts, completions, **kw: [0.0, float("nan")], ["p"] * 2, ["c"] * 2)
     with pytest.raises(RewardError, match=r"reward 'inf' returned a non-finite score inf"):
-        call_reward("inf", lambda p, c, **kw: np.array([np.inf]), ["p"], ["c"])
+        call_reward("inf", lambda prompts, completions, **kw: np.array([np.inf]), ["p"], ["c"])
     with pytest.raises(RewardError, match=r"reward 'text' returned a non-numeric score 'high'"):
-        call_reward("text", lambda p, c, **kw: ["high"], ["p"], ["c"])
+        call_reward("text", lambda prompts, completions, **kw: ["high"], ["p"], ["c"])
     with pytest.raises(RewardError, match=r"reward 'scalar' returned float"):
-        call_reward("scalar", lambda p, c, **kw: 1.0, ["p"], ["c"])
+        call_reward("scalar", lambda prompts, completions, **kw: 1.0, ["p"], ["c"])
     with pytest.raises(RewardError, match=r"reward 'cols': column 'ref' has 1 values for 2 completions"):
-        call_reward("cols", lambda p, c, **kw: [0.0, 0.0], ["p"] * 2, ["c"] * 2, ref=["r"])
+        call_reward("cols", lambda prompts, completions, **kw: [0.0, 0.0], ["p"] * 2, ["c"] * 2, ref=["r"])
     # tensors, arrays and numpy scalars are accepted and come back as floats
-    assert call_reward("t", lambda p, c, **kw: torch.tensor([1.5, 2.0]), ["p"] * 2, ["c"] * 2) == [1.5, 2.0]
-    assert call_reward("n", lambda p, c, **kw: [np.float32(0.5), True], ["p"] * 2, ["c"] * 2) == [0.5, 1.0]
+    assert call_reward("t", lambda prompts, completions, **kw: torch.tensor([1.5, 2.0]), ["p"] * 2, ["c"] * 2) == [
+        1.5,
+        2.0,
+    ]
+    assert call_reward("n", lambda prompts, completions, **kw: [np.float32(0.5), True], ["p"] * 2, ["c"] * 2) == [
+        0.5,
+        1.0,
+    ]
 
 
 def test_composite_wraps_each_component():
@@ -163,8 +169,10 @@ def test_weighted_sum_unique_names_and_last_components():
     total = reward(prompts, completions)
     parts = reward.last_components
     assert parts["length"] == [-1.0, -1.0] and parts["length_2"] == [-6.0, -1.0] and parts["has_cat"] == [1.0, 0.0]
-    expected = [0.5 * parts["length"][i] - 2.0 * parts["length_2"][i] + parts["sentiment"][i] + parts["has_cat"][i]
-                for i in range(2)]
+    expected = [
+        0.5 * parts["length"][i] - 2.0 * parts["length_2"][i] + parts["sentiment"][i] + parts["has_cat"][i]
+        for i in range(2)
+    ]
     assert total == pytest.approx(expected)
     assert reward.score_components(prompts, completions) == parts
 
