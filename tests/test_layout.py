@@ -57,8 +57,8 @@ def import_graph() -> dict[str, set[str]]:
 def layer(module: str) -> str:
     if module.split(".")[0] in ("losses", "rewards"):
         return "leaf"
-    if module.startswith("align.jobs") or module == "align.cli":
-        return "job"
+    if module.startswith("align.jobs") or module in ("align.cli", "align.api", "align"):
+        return "job"  # the CLI, the Python API and the package root that exposes it
     return "core"
 
 
