@@ -1,4 +1,5 @@
-"""Run logging: ``metrics.jsonl`` flushed every step, a progress bar, optional wandb."""
+"""Run logging: ``metrics.jsonl`` flushed every step, a progress bar, and the trackers a recipe
+names (``output.report_to``: wandb, tensorboard, trackio), each imported only when asked for."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ from typing import Any
 class MetricsLog:
     """Appends one JSON object per step to ``metrics.jsonl``; on resume, drops steps after ``start``."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool, report_to: list[str], config: dict, project: str):
+    def __init__(
+        self,
+        run_dir: Path,
+        start_step: int,
+        enabled: bool,
+        report_to: list[str],
+        config: dict,
+        project: str,
+        run_name: str | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.wandb = None
+        self.trackers: list = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,10 +39,8 @@ class MetricsLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)  # never truncate-then-write the only copy
         self.handle = open(self.path, "a")
-        if "wandb" in report_to:
-            import wandb
-
-            self.wandb = wandb.init(project=project, config=config, dir=str(run_dir), resume="allow")
+        name = run_name or Path(run_dir).resolve().name
+        self.trackers = [TRACKERS[kind](Path(run_dir), name, project, config) for kind in report_to]
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -40,14 +48,72 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.handle.write(json.dumps(clean) + "\n")
         self.handle.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step"}
+        for tracker in self.trackers:
+            tracker.log(record["step"], scalars, record.get("samples"))
 
     def close(self) -> None:
         if self.enabled:
             self.handle.close()
-            if self.wandb is not None:
-                self.wandb.finish()
+            for tracker in self.trackers:
+                tracker.close()
+
+
+class _Wandb:
+    def __init__(self, run_dir: Path, name: str, project: str, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), resume="allow")
+
+    def log(self, step: int, scalars: dict, samples: list | None) -> None:
+        data: dict[str, Any] = dict(scalars)
+        if samples:
+            table = self.wandb.Table(columns=["prompt", "completion"])
+            for s in samples:
+                table.add_data(s["prompt"], s["completion"])
+            data["samples"] = table
+        self.run.log(data, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, name: str, project: str, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard" / name))
+        self.writer.add_text("recipe", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    def log(self, step: int, scalars: dict, samples: list | None) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        if samples:
+            rows = "\n".join(f"| {s['prompt']} | {s['completion']} |" for s in samples)
+            self.writer.add_text("samples", "| prompt | completion |\n|---|---|\n" + rows, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Trackio:
+    def __init__(self, run_dir: Path, name: str, project: str, config: dict):
+        import trackio
+
+        self.trackio = trackio
+        trackio.init(project=project, name=name, config=config)
+
+    def log(self, step: int, scalars: dict, samples: list | None) -> None:
+        self.trackio.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+TRACKERS = {"wandb": _Wandb, "tensorboard": _TensorBoard, "trackio": _Trackio}
+TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio"}
 
 
 def _parse_lines(path: Path) -> tuple[list[dict], int]:

@@ -58,6 +58,7 @@ class DataConfig(Strict):
         description="a longer prompt is cut inside its source column (the template's fixed text and special "
         "tokens stay); a templated source keeps its beginning, a bare prompt its end",
     )
+
     @field_validator("prompt_template")
     @classmethod
     def template_parses(cls, template: str | None) -> str | None:
@@ -172,8 +173,24 @@ class OutputConfig(Strict):
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, ge=1)
     sample_every: int = Field(10, ge=0, description="log sample completions every N steps (0: never)")
-    report_to: list[Literal["wandb"]] = Field(default_factory=list)
-    wandb_project: str = "align"
+    report_to: list[Literal["wandb", "tensorboard", "trackio"]] = Field(
+        default_factory=list, description="trackers, each imported only when named (a missing one: exit 2)"
+    )
+    wandb_project: str = Field("align", description="the wandb / trackio project")
+    run_name: str | None = Field(None, description="the run's name in the trackers (default: the run dir's name)")
+    merge_lora: bool = Field(False, description="LoRA: also write DIR/final_merged, the adapters merged into the base")
+    push_to_hub: str | None = Field(None, description="a hub repo id to upload final/ to at the end")
+
+    @field_validator("report_to")
+    @classmethod
+    def trackers_installed(cls, trackers: list[str]) -> list[str]:
+        import importlib.util
+
+        for tracker in trackers:
+            if importlib.util.find_spec(tracker) is None:
+                raise ValueError(f"{tracker!r} is not installed (pip install {tracker})")
+        return trackers
+
     report: bool = Field(True, description="write a summary with plots at the end")
     save_model: bool = Field(True, description="save the final policy in HF format under DIR/final")
 

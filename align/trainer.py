@@ -14,6 +14,7 @@ processes × batch 4.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -38,7 +39,8 @@ from align.batches import (
 from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
 from align.distributed import configure_deepspeed, make_accelerator, params_sharded, prepare_reference, run_info
-from align.metrics_log import MetricsLog, postfix, progress_bar
+from align.metrics_log import MetricsLog, postfix, progress_bar, read_metrics
+from align.model_card import write_model_card
 from align.models import Models, check_loadable, check_positions, load_models, load_tokenizer
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
@@ -170,7 +172,13 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
         record_changes(run_dir, run.step, changes)
     main = accelerator.is_main_process
     log = MetricsLog(
-        run_dir, run.step, main, recipe.output.report_to, recipe.model_dump(mode="json"), recipe.output.wandb_project
+        run_dir,
+        run.step,
+        main,
+        recipe.output.report_to,
+        recipe.model_dump(mode="json"),
+        recipe.output.wandb_project,
+        recipe.output.run_name,
     )
     bar = progress_bar(recipe.train.steps, run.step, main, run.objective.name)
     run.models.policy.train(not recipe.model.disable_dropout)
@@ -294,7 +302,13 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             shutil.copytree(checkpoint / "model", final)
+            records = read_metrics(run_dir)
+            write_model_card(final, run.recipe, summary, records[-1] if records else {})
         summary["final_model"] = str(final)
+        if run.recipe.output.merge_lora and run.recipe.model.lora is not None:
+            if accelerator.is_main_process:
+                merge_adapters(run.recipe, final, run_dir / "final_merged", accelerator)
+            summary["final_merged"] = str(run_dir / "final_merged")
     if stopped_by is None and on_end is not None and accelerator.is_main_process:
         prompts = run.dataset if run.recipe.objective.online else None
         finished = FinishedRun(
@@ -304,6 +318,23 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def merge_adapters(recipe: Recipe, final: Path, out: Path, accelerator) -> None:
+    """The base model with final/'s LoRA adapters merged in: a plain HF directory (written atomically)."""
+    from align.distributed import loading_whole_models
+    from align.models import load_saved_policy
+
+    with loading_whole_models(accelerator):
+        merged = load_saved_policy(recipe, final, "cpu").merge_and_unload()
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "README.md"):
+        if (final / name).is_file():
+            shutil.copy2(final / name, tmp / name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def log_step(recipe: Recipe, step: int, metrics: dict, batch: StepBatch, seconds: float, bad_steps: int) -> dict:

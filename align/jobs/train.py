@@ -39,8 +39,37 @@ def run(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None] |
     from align.jobs.report import report_on_end
     from align.trainer import train
 
+    check_push(recipe)
     prepare_assets(recipe)
-    return train(recipe, accelerator, on_step, on_end=report_on_end if recipe.output.report else None)
+    summary = train(recipe, accelerator, on_step, on_end=report_on_end if recipe.output.report else None)
+    if recipe.output.push_to_hub and summary.get("final_model") and summary.get("stopped_by") is None:
+        summary.update(push(recipe.output.push_to_hub, Path(summary["final_model"])))
+    return summary
+
+
+def check_push(recipe: Recipe) -> None:
+    """output.push_to_hub with the hub unreachable by configuration: one line now, not after the run."""
+    import os
+
+    if recipe.output.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false"):
+        raise RecipeError(
+            f"output.push_to_hub: {recipe.output.push_to_hub!r} cannot be reached with HF_HUB_OFFLINE set; "
+            "unset it, or remove push_to_hub and upload final/ later (`hf upload REPO DIR/final`)"
+        )
+
+
+def push(repo: str, folder: Path) -> dict:
+    """Upload final/ (its model card included); a failure is one line, the run stays complete."""
+    try:
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(repo, exist_ok=True)
+        upload_folder(repo_id=repo, folder_path=str(folder), commit_message="align: trained model")
+    except Exception as err:  # network, auth, permissions: the trained model is on disk either way
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"align: push to {repo!r} failed ({reason}); final/ is at {folder}", file=sys.stderr)
+        return {"push_error": reason}
+    return {"pushed_to": repo}
 
 
 def run_train(args) -> int:

@@ -1,0 +1,58 @@
+"""The model card of ``final/``: a README.md with Hugging Face metadata (library_name, base_model,
+tags) and what the run was -- recipe, objective, reward, steps, final metrics -- so a pushed or
+shared model says how it was made. LoRA adapters record an absolute (or hub) base path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from align.recipe import Recipe
+
+
+def _base_model(path: str) -> str:
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path  # a hub id stays as it is
+
+
+def write_model_card(final: Path, recipe: Recipe, summary: dict, last_metrics: dict) -> None:
+    lora = recipe.model.lora is not None
+    base = _base_model(recipe.model.path)
+    meta = {
+        "library_name": "peft" if lora else "transformers",
+        "base_model": base,
+        "tags": ["align", recipe.objective.name, "reinforcement-learning" if recipe.objective.online else "alignment"],
+        "pipeline_tag": "text-generation",
+    }
+    rewards = ", ".join(c.label or c.name for c in recipe.reward) or "none (offline data)"
+    shown = {k: last_metrics[k] for k in ("reward_mean", "kl_k1", "loss", "completion_length") if k in last_metrics}
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {Path(recipe.output.dir).name}",
+        "",
+        f"Trained with align from `{base}`: objective `{recipe.objective.name}`"
+        + (f" (β = {recipe.objective.beta})" if recipe.objective.beta is not None else "")
+        + f", reward: {rewards}, {summary.get('steps')} steps"
+        + (" (LoRA adapters)" if lora else "")
+        + ".",
+        "",
+        "Final step: " + (", ".join(f"{k} {v:.4g}" for k, v in shown.items()) if shown else "no metrics logged") + ".",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+    (final / "README.md").write_text("\n".join(lines))
+    adapter = final / "adapter_config.json"
+    if adapter.is_file():  # peft wrote the recipe's (maybe relative) path: elsewhere it would not resolve
+        config = json.loads(adapter.read_text())
+        config["base_model_name_or_path"] = base
+        adapter.write_text(json.dumps(config, indent=2))

@@ -1,0 +1,92 @@
+"""What a run leaves for the ecosystem: a model card in final/, LoRA adapters that load from
+anywhere, a merged model on request, tracker logs read back, and trackers/push checked early."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from align.config import RecipeError, validate
+from align.jobs import train as train_job
+from align.recipe import Recipe
+
+
+def _raw(model_dir, data_files, run_dir, **output) -> dict:
+    return {
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(data_files["pairs"])},
+        "objective": {"name": "dpo", "beta": 0.1},
+        "train": {"steps": 2, "batch_size": 4, "lr": 1e-2},
+        "output": {"dir": str(run_dir), "report": False, "sample_every": 0, **output},
+    }
+
+
+def test_final_has_a_model_card(tiny_model_dir, tiny_data_files, tmp_path):
+    train_job.run(validate(Recipe, _raw(tiny_model_dir, tiny_data_files, tmp_path / "run")))
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == "transformers" and header["base_model"] == str(tiny_model_dir.resolve())
+    assert "dpo" in header["tags"] and "objective `dpo` (β = 0.1)" in card and "2 steps" in card
+    assert "## Recipe" in card and "loss" in card
+
+
+def test_lora_adapters_load_from_anywhere_and_merge(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    relative = os.path.relpath(tiny_model_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    raw = _raw(relative, tiny_data_files, tmp_path / "run", merge_lora=True)
+    raw["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["c_attn"]}
+    summary = train_job.run(validate(Recipe, raw))
+    final = tmp_path / "run" / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())  # not the relative recipe path
+    assert yaml.safe_load((final / "README.md").read_text().split("---")[1])["library_name"] == "peft"
+    monkeypatch.chdir("/")
+    adapted = AutoPeftModelForCausalLM.from_pretrained(final)  # resolves the base from the adapter config
+    merged = AutoModelForCausalLM.from_pretrained(summary["final_merged"])
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+def test_tensorboard_logs_read_back(tiny_model_dir, tiny_data_files, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = _raw(tiny_model_dir, tiny_data_files, tmp_path / "run", report_to=["tensorboard"], run_name="exp-7")
+    train_job.run(validate(Recipe, raw))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "exp-7"))
+    events.Reload()
+    losses = events.Scalars("loss")
+    assert [e.step for e in losses] == [1, 2]
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in losses] == pytest.approx(logged, rel=1e-6)
+
+
+def test_a_tracker_that_is_not_installed_is_refused_early(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    with pytest.raises(RecipeError, match=r"output.report_to.*'trackio' is not installed \(pip install trackio\)"):
+        validate(Recipe, _raw(tiny_model_dir, tiny_data_files, tmp_path / "run", report_to=["trackio"]))
+
+
+def test_push_to_hub_offline_is_one_line_before_training(tiny_model_dir, tiny_data_files, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_raw(tiny_model_dir, tiny_data_files, tmp_path / "run", push_to_hub="me/model")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "align.cli", "train", str(path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert "output.push_to_hub: 'me/model' cannot be reached with HF_HUB_OFFLINE set" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
