@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("align.jobs.train", "align a language model with the recipe's objective and reward"),
     "sft": ("align.jobs.train", "supervised fine-tuning on completion tokens (objective sft)"),
     "recipes": ("align.jobs.train", "list the bundled recipes"),
+    "sample": ("align.jobs.sample", "sample from a trained policy (RUN_DIR or RECIPE) and score it: n=8 out=FILE"),
     "bandit": ("align.jobs.bandit.cli", "compare objectives on toy bandits with closed-form optima"),
     "rm": ("align.jobs.rm", "train a reward model from preference pairs (Bradley-Terry)"),
     "summarize": ("align.jobs.summarize", "summarisation with an entailment (NLI) reward: build, SFT, RL, report"),
