@@ -220,14 +220,25 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
             bar.set_postfix(postfix(record), refresh=False)
             if on_step is not None:
                 on_step(run.step, record)
-            if stop.received is not None:
-                stopped_by = signal.Signals(stop.received).name
+            received = _agreed_signal(stop.received, accelerator)
+            if received is not None:
+                stopped_by = signal.Signals(received).name
                 break
             if recipe.output.save_every and run.step % recipe.output.save_every == 0 and run.step < recipe.train.steps:
                 save()
     bar.close()
     log.close()
     return finish_run(run, accelerator, save(), stopped_by, on_end, run_dir)
+
+
+def _agreed_signal(received: int | None, accelerator) -> int | None:
+    """Every process stops after the same step: a signal one process got before the others is
+    shared (the largest number wins), so none starts a step whose collectives the others skip."""
+    if accelerator.num_processes == 1:
+        return received
+    flag = torch.tensor([float(received or 0)], device=accelerator.device)
+    agreed = int(accelerator.gather(flag).max().item())
+    return agreed or None
 
 
 def setup_run(recipe: Recipe, accelerator) -> Run:
