@@ -56,9 +56,9 @@ def train(
             table.to_parquet(str(path))
             data[key] = str(path)
     raw["data"] = data
-    components = list(raw.get("reward") or [])
-    if isinstance(components, dict):
-        components = [components]
+    section = raw.get("reward") or []
+    components = [section] if isinstance(section, (dict, str)) else list(section)
+    registered = []
     for fn in reward_funcs or []:
         if not rewards.registry.is_reward_function(fn):
             raise TypeError(
@@ -67,13 +67,18 @@ def train(
             )
         name = f"api_{getattr(fn, '__name__', 'reward')}_{id(fn):x}"
         rewards.register(fn, name=name)
+        registered.append(name)
         components.append({"name": name, "label": getattr(fn, "__name__", name)})
     raw["reward"] = components
-    validated = validate(Recipe, raw)
     from align.jobs.train import run
     from align.models import load_saved_policy, load_tokenizer
 
-    summary = run(validated, accelerator)
+    try:
+        validated = validate(Recipe, raw)
+        summary = run(validated, accelerator)
+    finally:  # the callables were this call's: leave the registry as it was
+        for name in registered:
+            rewards.REGISTRY.pop(name, None)
     model = None
     if summary.get("final_model"):
         model = load_saved_policy(validated, summary["final_model"], "cpu")

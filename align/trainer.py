@@ -38,7 +38,14 @@ from align.batches import (
 )
 from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from align.config import dump_recipe
-from align.distributed import configure_deepspeed, make_accelerator, params_sharded, prepare_reference, run_info
+from align.distributed import (
+    configure_deepspeed,
+    loading_whole_models,
+    make_accelerator,
+    params_sharded,
+    prepare_reference,
+    run_info,
+)
 from align.metrics_log import MetricsLog, postfix, progress_bar, read_metrics
 from align.model_card import write_model_card
 from align.models import Models, check_loadable, check_positions, load_models, load_tokenizer
@@ -333,7 +340,6 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
 
 def merge_adapters(recipe: Recipe, final: Path, out: Path, accelerator) -> None:
     """The base model with final/'s LoRA adapters merged in: a plain HF directory (written atomically)."""
-    from align.distributed import loading_whole_models
     from align.models import load_saved_policy
 
     with loading_whole_models(accelerator):

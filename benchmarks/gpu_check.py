@@ -89,7 +89,7 @@ def run_trl(worker: str, args: list[str], tokens_per_step: float | None) -> dict
     probe = subprocess.run([TRL_PYTHON, "-c", "import trl"], capture_output=True) if Path(TRL_PYTHON).exists() else None
     if probe is None or probe.returncode != 0:
         return None
-    env = {**os.environ, "BENCH_GPU": "1" if os.environ.get("BENCH_GPU", "1") == "1" else "0"}
+    env = {**os.environ, "BENCH_GPU": os.environ.get("BENCH_GPU", "1")}
     done = subprocess.run(
         [TRL_PYTHON, str(ROOT / "benchmarks" / worker), *args], capture_output=True, text=True, env=env, check=True
     )

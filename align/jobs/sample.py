@@ -55,12 +55,14 @@ def main(args) -> int:
     prompts, columns, label = eval_prompts(recipe, dataset, tokenizer, limit=n)
     if not prompts:
         raise RecipeError("sample: no prompts (set data.eval_prompts, or use an online recipe's data.train)")
-    if recipe.model.lora is not None or policy_path != Path(recipe.model.path):
+    if source.is_dir():  # a run's saved policy: whole weights, or its LoRA adapters on the base
         policy = load_saved_policy(recipe, policy_path, device)
-    else:
+    else:  # a recipe: its model as it stands (LoRA adapters are not trained yet)
         from transformers import AutoModelForCausalLM
 
-        policy = AutoModelForCausalLM.from_pretrained(recipe.model.path).eval()
+        from align.models import torch_dtype
+
+        policy = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch_dtype(recipe.model.dtype)).eval()
     models = Models(policy, None, tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id)
     rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)
     texts = decode_completions(rollout, tokenizer, recipe.generation.stop_strings, tokenizer.pad_token_id)

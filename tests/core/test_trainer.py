@@ -796,13 +796,12 @@ def test_reference_is_loaded_only_when_the_objective_reads_it(
     from align.jobs import train as train_job
     from align.metrics_log import read_metrics
 
-    loads = []
+    loads, real = [], models_lib.load_reference
 
     def counted(*args, **kwargs):
         loads.append(1)
-        return models_lib.load_reference.__wrapped__(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    counted.__wrapped__ = models_lib.load_reference
     monkeypatch.setattr(models_lib, "load_reference", counted)
     monkeypatch.setattr(report, "load_reference", counted)
     recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rcfd")

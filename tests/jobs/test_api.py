@@ -24,6 +24,7 @@ def test_train_from_python_with_a_dataset_and_a_reward_callable(tiny_model_dir, 
         "model": {"path": str(tiny_model_dir)},
         "data": {"train": "unused.jsonl"},
         "objective": {"name": "rloo", "k": 2, "beta": 0.05},
+        "reward": {"name": "length", "options": {"target": 8}},  # one component as a mapping, as YAML allows
         "generation": {"max_new_tokens": 6},
         "train": {"steps": 2, "batch_size": 4, "lr": 1e-3},
         "output": {"dir": str(tmp_path / "run"), "report": False, "sample_every": 0},
@@ -36,6 +37,13 @@ def test_train_from_python_with_a_dataset_and_a_reward_callable(tiny_model_dir, 
     live = result.model.state_dict()
     assert all(torch.equal(live[k], saved[k]) for k in saved)
     assert result.tokenizer("the plot")["input_ids"]
+    import yaml
+
+    import rewards
+
+    saved_rewards = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["reward"]
+    assert [c["name"] for c in saved_rewards][0] == "length" and len(saved_rewards) == 2
+    assert not any(name.startswith("api_") for name in rewards.REGISTRY)  # this call's callables are gone
     import align.recipe
 
     assert Recipe is align.recipe.Recipe
