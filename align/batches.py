@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-import losses
 from align import data as data_lib
 from align.distributed import gathered_for_generation
 from align.logprobs import completion_logprobs, fused_head_weight
@@ -19,6 +18,7 @@ from align.models import Models, reference_model
 from align.recipe import Recipe
 from align.rewards_adapter import RewardFunction
 from align.rollout import Rollout, decode_completions, generate_with, sample_keys
+from align.run_data import OfflineData, OnlineData
 
 
 @dataclass
@@ -39,72 +39,6 @@ class StepBatch:
     texts: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-class OnlineData:
-    """Prompts (plus the columns rewards read) for objectives trained on fresh samples."""
-
-    def __init__(self, recipe: Recipe, tokenizer):
-        cfg = recipe.data
-        table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
-        first = [] if cfg.prompt_template else [cfg.prompt_column]
-        wanted = first + [c for c in table.column_names if c not in first]
-        self.columns = data_lib.read_columns(cfg.train, table, wanted, non_empty=first)
-        self.prompts, self.prompt_ids = data_lib.prompt_rows(tokenizer, self.columns, cfg, cfg.train)
-        self.columns.pop(cfg.prompt_column, None)
-        if "demo_rewards" in recipe.objective.needs and cfg.demonstration_column not in self.columns:
-            raise data_lib.DataError(
-                f"data {cfg.train!r}: missing column {cfg.demonstration_column!r} (rcfd demonstrations)"
-            )
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-class OfflineData:
-    """Pairs (prompt, chosen, rejected) for dpo/ipo/copg, or (prompt, completion) rows for sft."""
-
-    def __init__(self, recipe: Recipe, tokenizer, eos_token_id: int | None):
-        cfg = recipe.data
-        declared = losses.REGISTRY[recipe.objective.name]
-        self.paired = declared.paired
-        table = data_lib.load_table(cfg.train, cfg.split, cfg.subset)
-        texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
-        if self.paired and cfg.chosen_column not in table.column_names and cfg.reward_column in table.column_names:
-            # (prompt, completion, reward) rows: every two completions of a prompt form a pair; a
-            # preference objective (DPO, IPO) learns only from each pair's order
-            ordered = declared.preference
-            table, ties = data_lib.rows_to_pairs(
-                table, cfg.prompt_column, cfg.completion_column, cfg.reward_column, ordered=ordered
-            )
-            if ties:
-                print(f"data {cfg.train!r}: {ties} pair(s) with equal rewards dropped (no preference to learn)")
-            texts = ["chosen", "rejected"]
-        reward_cols = [c for c in ("chosen_reward", "rejected_reward") if c in table.column_names]
-        prompt_cols = (
-            [cfg.prompt_column]
-            if not cfg.prompt_template
-            else [c for c in table.column_names if c not in texts + reward_cols]
-        )
-        columns = data_lib.read_columns(
-            cfg.train,
-            table,
-            [*prompt_cols, *texts, *reward_cols],
-            non_empty=[*prompt_cols[:1], *texts] if not cfg.prompt_template else texts,
-        )
-        self.prompts, self.prompt_ids = data_lib.prompt_rows(
-            tokenizer, {c: columns[c] for c in prompt_cols}, cfg, cfg.train
-        )
-        self.completion_texts = [[data_lib.message_text(v) for v in columns[c]] for c in texts]
-        self.completion_ids = [
-            data_lib.encode_completions(tokenizer, col, cfg.max_completion_tokens, eos_token_id)
-            for col in self.completion_texts
-        ]
-        self.pair_rewards = [columns[c] for c in reward_cols] if len(reward_cols) == 2 else None
-        self.ref_cache: list[Tensor] | None = None  # per dataset row: [n_texts, T] reference log-probs
-
-    def __len__(self) -> int:
-        return len(self.prompts)
 
 
 def split_micro_batches(n_units: int, rows_per_unit: int, units_per_micro: int, layout: str) -> list[Tensor]:
@@ -152,7 +86,17 @@ def rollout_batch(
     generation_seconds = time.perf_counter() - start
     prompts = [dataset.prompts[i] for i in rows for _ in range(k)]
     columns = {name: [values[i] for i in rows for _ in range(k)] for name, values in dataset.columns.items()}
-    rewards, components = reward.score(prompts, texts, columns, gather=_all_ranks(accelerator))
+    rewards, components = reward.score(
+        prompts,
+        texts,
+        columns,
+        gather=_all_ranks(accelerator),
+        messages=[dataset.messages[i] for i in rows for _ in range(k)] if dataset.conversational else None,
+        completion_ids=[ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)],
+        step=step,
+        max_steps=recipe.train.steps,
+    )
+    scored = reward.last_scored
     batch = StepBatch(
         prompt_ids=rollout.prompt_ids,
         prompt_mask=rollout.prompt_mask,
@@ -163,7 +107,7 @@ def rollout_batch(
         group=torch.arange(len(rows), device=accelerator.device).repeat_interleave(k),
         texts=texts,
         prompts=prompts,
-        metrics={f"reward/{n}": float(torch.tensor(v, dtype=torch.float64).mean()) for n, v in components.items()},
+        metrics={f"reward/{n}": float(torch.tensor(v, dtype=torch.float64).nanmean()) for n, v in components.items()},
         sampler_probs=rollout.probs,
     )
     batch.metrics["generation_s"] = generation_seconds
@@ -171,8 +115,32 @@ def rollout_batch(
         demos = columns[recipe.data.demonstration_column]
         batch.demo_rewards = reward.calibrate(reward.score_demonstrations(prompts, demos, columns))
         batch.demo_rewards = batch.demo_rewards.to(accelerator.device)
-        batch.rewards = reward.calibrate(reward.last_components_tensor()).to(accelerator.device)
+        components_tensor = reward.last_components_tensor()
+        scored = ~components_tensor.isnan().any(-1)  # RCfD calibrates every component: all must score
+        batch.rewards = reward.calibrate(components_tensor).to(accelerator.device)
+    drop_unscored(batch, scored)
     return batch
+
+
+def drop_unscored(batch: StepBatch, scored: Tensor) -> None:
+    """Samples no reward scored (a TRL reward returned None) leave the loss: they are taken out of
+    their micro-batch, so a group baseline, the unit count and the metrics see only scored samples
+    (a micro-batch left with none keeps one row, at zero weight, so every process still runs the
+    same forwards). Their reward becomes 0 so it cannot turn a loss NaN; counted as
+    ``unscored``."""
+    unscored = int((~scored).sum())
+    batch.metrics["unscored"] = float(unscored)
+    if not unscored:
+        return
+    scored = scored.to(batch.completion_ids.device)
+    zero = torch.zeros((), dtype=batch.rewards.dtype, device=batch.rewards.device)
+    missing = ~scored.to(batch.rewards.device)
+    batch.rewards = torch.where(missing[:, None] if batch.rewards.dim() == 2 else missing, zero, batch.rewards)
+    if batch.demo_rewards is not None:
+        where = missing[:, None] if batch.demo_rewards.dim() == 2 else missing
+        batch.demo_rewards = torch.where(where, zero, batch.demo_rewards)
+    batch.micro_batches = [rows[scored[rows]] for rows in batch.micro_batches]
+    batch.sampler_probs = None  # kept for every row in order; the training forward computes its own
 
 
 def _all_ranks(accelerator) -> Callable[[list[float]], list[float]] | None:
@@ -288,7 +256,8 @@ def pair_rewards(
     if reward is not None:
         prompts = [dataset.prompts[i] for _ in range(2) for i in rows]
         texts = [dataset.completion_texts[t][i] for t in range(2) for i in rows]
-        return reward.score(prompts, texts, {}, gather=gather)[0]
+        messages = [dataset.messages[i] for _ in range(2) for i in rows] if dataset.conversational else None
+        return reward.score(prompts, texts, {}, gather=gather, messages=messages)[0]
     return torch.cat([torch.full((len(rows),), 0.5), torch.zeros(len(rows))])
 
 

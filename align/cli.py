@@ -1,4 +1,4 @@
-"""``align`` command line: one subcommand per job; each module parses its own arguments.
+"""``align``: align language models with RL and direct-alignment objectives; one subcommand per job.
 
 Recipe errors print one line and exit with code 2, no traceback.
 """
@@ -11,26 +11,68 @@ import sys
 
 from align.config import RecipeError
 
-# subcommand -> (module with ``main(args)``, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("align.jobs.train", "align a language model with the recipe's objective and reward"),
-    "sft": ("align.jobs.train", "supervised fine-tuning on completion tokens (objective sft)"),
-    "recipes": ("align.jobs.train", "list the bundled recipes"),
-    "sample": ("align.jobs.sample", "sample from a trained policy (RUN_DIR or RECIPE) and score it: n=8 out=FILE"),
-    "bandit": ("align.jobs.bandit.cli", "compare objectives on toy bandits with closed-form optima"),
-    "rm": ("align.jobs.rm", "train a reward model from preference pairs (Bradley-Terry)"),
-    "summarize": ("align.jobs.summarize", "summarisation with an entailment (NLI) reward: build, SFT, RL, report"),
-    "overopt": ("align.jobs.overopt.study", "measure reward over-optimization (gold vs proxy reward against KL)"),
+# subcommand -> (module with ``main(args)``, one-line help, what its arguments are)
+RECIPE_ARGS = (
+    "RECIPE is a YAML file or a bundled recipe name (`align recipes`); OVERRIDES are dotted key=value "
+    "pairs that replace recipe fields (train.steps=50 objective.beta=0.1 output.dir=runs/x). Every "
+    "field, its default and meaning: `align schema [SECTION]`."
+)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": (
+        "align.jobs.train",
+        "align a language model with the recipe's objective and reward",
+        "Builds the recipe's assets (prepare:), trains, then writes report.md, final/ and summary.json "
+        "in output.dir. " + RECIPE_ARGS + " Multi-process: accelerate launch -m align.cli train RECIPE.",
+    ),
+    "sft": (
+        "align.jobs.train",
+        "supervised fine-tuning on completion tokens (objective sft)",
+        "The same as `align train` with objective.name=sft. " + RECIPE_ARGS,
+    ),
+    "recipes": ("align.jobs.train", "list the bundled recipes", "Their names work wherever a RECIPE is asked for."),
+    "schema": (
+        "align.jobs.schema",
+        "every recipe field: type, default, meaning",
+        "RECIPE here is an optional section name (model, data, objective, reward, generation, train, output).",
+    ),
+    "sample": (
+        "align.jobs.sample",
+        "sample from a trained policy (RUN_DIR or RECIPE) and score it: n=8 out=FILE",
+        "RECIPE is a run directory (its saved policy) or a recipe (its model as it is); completions on "
+        "data.eval_prompts (else the training prompts), scored by the recipe's rewards, written as JSONL "
+        "(out=FILE) and shown as a table. n=COUNT prompts; other OVERRIDES change the recipe (fields: "
+        "`align schema`).",
+    ),
+    "bandit": (
+        "align.jobs.bandit.cli",
+        "compare objectives on toy bandits with closed-form optima",
+        "RECIPE: a bandit recipe (default: recipes/bandit/). " + RECIPE_ARGS,
+    ),
+    "rm": ("align.jobs.rm", "train a reward model from preference pairs (Bradley-Terry)", RECIPE_ARGS),
+    "summarize": (
+        "align.jobs.summarize",
+        "summarisation with an entailment (NLI) reward: build, SFT, RL, report",
+        RECIPE_ARGS,
+    ),
+    "overopt": (
+        "align.jobs.overopt.study",
+        "measure reward over-optimization (gold vs proxy reward against KL)",
+        RECIPE_ARGS,
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description=__doc__.splitlines()[0],
+        epilog="Recipe fields: `align schema`. Per command: `align COMMAND --help`. Recipe errors exit with code 2.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("recipe", nargs="?", help="recipe YAML (bundled default if omitted)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections")
+    for name, (module, help_text, details) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=f"{help_text}. {details}")
+        p.add_argument("recipe", nargs="?", metavar="RECIPE", help="recipe YAML or bundled name (see below)")
+        p.add_argument("overrides", nargs="*", metavar="OVERRIDES", help="key=value, dotted for sections")
         p.set_defaults(module=module)
     return parser
 

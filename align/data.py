@@ -130,7 +130,16 @@ def format_prompts(tokenizer, columns: dict[str, list], cfg, source: str) -> lis
     return [_render(tokenizer, dict(zip(names, row)), cfg, source, i) for i, row in enumerate(zip(*columns.values()))]
 
 
-def _render(tokenizer, row: dict, cfg, source: str, index: int) -> str:
+def is_conversational(columns: dict[str, list], cfg) -> bool:
+    """TRL's test: the data's own prompts are chat messages. Rewards written for TRL then get
+    message lists; prompts that are text in the data (even wrapped by ``chat_template``) stay text."""
+    return cfg.prompt_template is None and any(isinstance(v, list) for v in columns.get(cfg.prompt_column, []))
+
+
+def prompt_messages(row: dict, cfg, source: str, index: int) -> str | list[dict]:
+    """A row's prompt before rendering: its text (a column, or the ``prompt_template`` filled), or
+    chat messages -- the column's own, or the text as one user turn (``chat_template``) -- led by
+    ``system_prompt`` unless they open with a system turn of their own."""
     if cfg.prompt_template is not None:
         try:
             prompt = cfg.prompt_template.format(**row)
@@ -142,11 +151,63 @@ def _render(tokenizer, row: dict, cfg, source: str, index: int) -> str:
         prompt = row[cfg.prompt_column]
     if isinstance(prompt, str) and cfg.chat_template:
         prompt = [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError(f"data {source!r} row {index}: chat messages, but the tokenizer has no chat template")
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if isinstance(prompt, list) and cfg.system_prompt is not None:
+        if not (prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
+            prompt = [{"role": "system", "content": cfg.system_prompt}, *prompt]
     return prompt
+
+
+def apply_template(tokenizer, messages: list[dict], cfg, source: str, index: int, generation_prompt: bool) -> str:
+    """Chat messages rendered by the tokenizer's template, with ``chat_template_kwargs``."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"data {source!r} row {index}: chat messages, but the tokenizer has no chat template")
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **cfg.chat_template_kwargs
+        )
+    except Exception as err:  # a template that raises on these messages (roles it does not allow, ...)
+        raise DataError(f"data {source!r} row {index}: the chat template cannot render this row ({err})") from None
+
+
+def _render(tokenizer, row: dict, cfg, source: str, index: int) -> str:
+    prompt = prompt_messages(row, cfg, source, index)
+    if isinstance(prompt, list):
+        prompt = apply_template(tokenizer, prompt, cfg, source, index, generation_prompt=True)
+    return prompt
+
+
+def chat_completion_ids(
+    tokenizer,
+    prompts: list,
+    completions: list,
+    cfg,
+    source: str,
+    eos_token_id: int | None,
+    rows: list[int] | None = None,
+) -> list[list[int]]:
+    """Completions of chat prompts as the template renders the assistant turn: the text after the
+    rendered prompt (``add_generation_prompt``) in the rendering of prompt + reply, end-of-turn
+    included. It is cut after its first EOS (where generation stops, so a newline the template
+    writes after the turn is not trained on); a rendering with no EOS gets one, so the policy
+    learns to stop. A completion is a reply string or a list of assistant messages."""
+    texts = []
+    for position, (prompt, completion) in enumerate(zip(prompts, completions)):
+        index = position if rows is None else rows[position]
+        reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+        head = apply_template(tokenizer, prompt, cfg, source, index, generation_prompt=True)
+        whole = apply_template(tokenizer, [*prompt, *reply], cfg, source, index, generation_prompt=False)
+        if not whole.startswith(head):
+            raise DataError(
+                f"data {source!r} row {index}: the chat template renders the prompt differently once the "
+                "reply follows, so the reply's tokens cannot be told apart; give text completions instead"
+            )
+        texts.append(whole[len(head) :])
+    out = []
+    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        if eos_token_id is not None:
+            row = row[: row.index(eos_token_id) + 1] if eos_token_id in row else [*row, eos_token_id]
+        out.append(row[: cfg.max_completion_tokens])
+    return out
 
 
 def _source_column(row: dict, cfg) -> str | None:
@@ -161,8 +222,9 @@ def _source_column(row: dict, cfg) -> str | None:
     return cfg.prompt_column if isinstance(row.get(cfg.prompt_column), str) else None
 
 
-def prompt_rows(tokenizer, columns: dict[str, list], cfg, source: str) -> tuple[list[str], list[list[int]]]:
-    """Rendered prompts and their token ids, each at most ``cfg.max_prompt_tokens`` long.
+def prompt_rows(tokenizer, columns: dict[str, list], cfg, source: str) -> tuple[list[str], list[list[int]], list]:
+    """Rendered prompts, their token ids (each at most ``cfg.max_prompt_tokens`` long) and each
+    row's chat messages (None for a text prompt).
 
     A prompt over budget is cut *inside* its source column, so the template's fixed text, the chat
     header and the special tokens stay whole. A source wrapped by a template keeps its beginning
@@ -175,7 +237,12 @@ def prompt_rows(tokenizer, columns: dict[str, list], cfg, source: str) -> tuple[
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     names, budget = list(columns), cfg.max_prompt_tokens
     rows = [dict(zip(names, values)) for values in zip(*columns.values())]
-    prompts = [_render(tokenizer, row, cfg, source, index) for index, row in enumerate(rows)]
+    messages = [prompt_messages(row, cfg, source, index) for index, row in enumerate(rows)]
+    prompts = [
+        apply_template(tokenizer, m, cfg, source, index, generation_prompt=True) if isinstance(m, list) else m
+        for index, m in enumerate(messages)
+    ]
+    messages = [m if isinstance(m, list) else None for m in messages]
     ids = encode_rendered(tokenizer, prompts)
     wrapped = cfg.prompt_template is not None or cfg.chat_template
     cut = 0
@@ -191,7 +258,7 @@ def prompt_rows(tokenizer, columns: dict[str, list], cfg, source: str) -> tuple[
             prompts[index], ids[index] = _cut_source(tokenizer, rows[index], column, cfg, source, index, wrapped)
     if cut:
         print(f"data {source!r}: {cut} prompt(s) longer than data.max_prompt_tokens={budget} cut inside their source")
-    return prompts, ids
+    return prompts, ids, messages
 
 
 def _cut_source(tokenizer, row: dict, column: str, cfg, source: str, index: int, keep_start: bool):
@@ -234,6 +301,26 @@ def encode_rendered(tokenizer, texts: list[str]) -> list[list[int]]:
 def encode_prompts(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     """Token ids of already-rendered prompts, keeping each one's last ``max_tokens``."""
     return [row[-max_tokens:] for row in encode_rendered(tokenizer, texts)]
+
+
+def completion_token_ids(
+    tokenizer, messages: list, completions: list, cfg, source: str, eos_token_id: int | None
+) -> list[list[int]]:
+    """Token ids of offline completions: rendered by the chat template after a chat prompt
+    (``messages[i]`` not None), else the text + EOS, as ``encode_completions``."""
+    chat = [i for i, m in enumerate(messages) if m is not None]
+    out = (
+        encode_completions(tokenizer, [message_text(c) for c in completions], cfg.max_completion_tokens, eos_token_id)
+        if len(chat) < len(completions)
+        else [[] for _ in completions]
+    )
+    if chat:
+        rendered = chat_completion_ids(
+            tokenizer, [messages[i] for i in chat], [completions[i] for i in chat], cfg, source, eos_token_id, chat
+        )
+        for i, ids in zip(chat, rendered):
+            out[i] = ids
+    return out
 
 
 def encode_completions(tokenizer, texts: list[str], max_tokens: int, eos_token_id: int | None) -> list[list[int]]:

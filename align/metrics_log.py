@@ -106,7 +106,12 @@ class _Trackio:
         trackio.init(project=project, name=name, config=config)
 
     def log(self, step: int, scalars: dict, samples: list | None) -> None:
-        self.trackio.log(scalars, step=step)
+        data: dict[str, Any] = dict(scalars)
+        if samples:
+            data["samples"] = self.trackio.Table(
+                columns=["prompt", "completion"], data=[[s["prompt"], s["completion"]] for s in samples]
+            )
+        self.trackio.log(data, step=step)
 
     def close(self) -> None:
         self.trackio.finish()

@@ -49,8 +49,20 @@ class DataConfig(Strict):
     prompt_template: str | None = Field(
         None, description="build the prompt from row columns, e.g. '{document}\\n\\nTL;DR:' (else prompt_column)"
     )
+    messages_column: str = Field(
+        "messages", description="TRL's conversational SFT column: the last assistant turn is the completion"
+    )
+    label_column: str = Field(
+        "label", description="TRL's unpaired preference rows (prompt, completion, label): the label is the reward"
+    )
     chat_template: bool = Field(
         False, description="wrap each prompt as a user message and apply the tokenizer's chat template"
+    )
+    system_prompt: str | None = Field(
+        None, description="a system turn put before every chat prompt that has none of its own"
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keywords of apply_chat_template, e.g. {enable_thinking: false}"
     )
     max_prompt_tokens: int = Field(
         256,
@@ -76,6 +88,18 @@ class DataConfig(Strict):
     )
     max_completion_tokens: int = Field(256, gt=0, description="offline completions are truncated to this")
     eval_prompts: str | None = Field(None, description="held-out prompts for the before/after report")
+    eval_pairs: str | None = Field(
+        None, description="offline pair objectives: held-out pairs the report scores (margin, accuracy)"
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="offline pair objectives: hold out this fraction of the prompts' pairs instead"
+    )
+
+    @model_validator(mode="after")
+    def one_held_out_set(self) -> DataConfig:
+        if self.eval_pairs and self.eval_fraction:
+            raise ValueError("give data.eval_pairs (a file) or data.eval_fraction (a split), not both")
+        return self
 
 
 class ObjectiveConfig(Strict):
@@ -233,6 +257,14 @@ class Recipe(Strict):
             raise ValueError(f"objective.k: {name!r} needs k >= {declared.min_k} samples per prompt")
         if self.objective.online:
             self._no_sampling_filters()
+        held_out = (
+            "data.eval_pairs" if self.data.eval_pairs else "data.eval_fraction" if self.data.eval_fraction else None
+        )
+        if held_out and (self.objective.online or not declared.paired):
+            raise ValueError(
+                f"{held_out}: held-out pairs are for offline pair objectives (dpo, ipo, offline copg); "
+                f"{name!r} is measured on data.eval_prompts"
+            )
         if self.prepare is not None and PurePath(self.model.path).name != "sft_model":
             raise ValueError(
                 f"model.path: prepare: {self.prepare} builds its policy at <dir>/sft_model (default "

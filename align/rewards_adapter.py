@@ -19,8 +19,10 @@ class RewardFunction:
         specs = [c.model_dump(exclude_none=True) for c in components]
         self.combined = rewards_lib.build_combined(specs, device=str(device))
         self.combined.allow_non_finite = True  # a NaN/inf score skips the step (counted) rather than ending the run
+        self.combined.allow_none = True  # None: the reward does not score that sample (dropped from the loss)
         self.demo_cache = rewards_lib.DemoRewardCache(self.combined)
         self._last: Tensor | None = None
+        self.last_scored: Tensor | None = None  # [N] bool: some component scored the sample
         self.calibration: tuple[Tensor, Tensor] | None = None  # RCfD: demonstrations' (mean, std) [C]
 
     def score(
@@ -30,14 +32,29 @@ class RewardFunction:
         columns: dict[str, list],
         gather: Callable[[list[float]], list[float]] | None = None,
         update: bool = True,
+        messages: list | None = None,
+        completion_ids: list[list[int]] | None = None,
+        step: int | None = None,
+        max_steps: int | None = None,
     ) -> tuple[Tensor, dict[str, list[float]]]:
-        """Weighted total per sample [N] and each component's raw scores. ``gather``: every
-        process's scores concatenated, so whitening moments stay equal on all ranks; ``update=False``
-        (evaluation) leaves the moments as training left them."""
-        components = self.combined.score_components(prompts, completions, **columns)
+        """Weighted total per sample [N] and each component's raw scores, NaN where a reward
+        returned None (``last_scored`` says which samples some component scored). ``gather``:
+        every process's scores concatenated, so whitening moments stay equal on all ranks;
+        ``update=False`` (evaluation) leaves the moments as training left them.
+
+        What rewards written for TRL receive besides: ``messages`` (each sample's prompt as chat
+        messages, None for a text prompt) makes their ``prompts`` those messages and their
+        ``completions`` one assistant message each; ``completion_ids`` and, with ``step``,
+        ``trainer_state`` (a ``transformers.TrainerState``) are passed when they take them."""
+        components = self.combined.score_components(
+            prompts, completions, trl=trl_view(completions, messages, completion_ids, step, max_steps), **columns
+        )
         total = self.combined.combine(components, update=update, gather=gather)
+        nan = float("nan")
+        components = {name: [nan if v is None else v for v in values] for name, values in components.items()}
+        self.last_scored = torch.tensor([t is not None for t in total], dtype=torch.bool)
         self._last = torch.tensor([components[name] for name in components], dtype=torch.float32).T
-        return torch.tensor(total, dtype=torch.float32), components
+        return torch.tensor([nan if t is None else t for t in total], dtype=torch.float32), components
 
     def last_components_tensor(self) -> Tensor:
         """[N, C] raw component scores of the last ``score`` call (RCfD calibrates each one)."""
@@ -75,6 +92,30 @@ class RewardFunction:
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.combined.load_state_dict(state)
+
+
+def trl_view(
+    completions: list[str],
+    messages: list | None,
+    completion_ids: list[list[int]] | None,
+    step: int | None,
+    max_steps: int | None,
+):
+    """The ``rewards.TRLView`` of a batch: conversational when any prompt is a message list."""
+    import rewards as rewards_lib
+
+    conversational = messages is not None and any(isinstance(m, list) for m in messages)
+    state = None
+    if step is not None:
+        from transformers import TrainerState
+
+        state = TrainerState(global_step=step, max_steps=max_steps or 0)
+    return rewards_lib.TRLView(
+        prompts=list(messages) if conversational else None,
+        completions=[[{"role": "assistant", "content": text}] for text in completions] if conversational else None,
+        completion_ids=completion_ids,
+        trainer_state=state,
+    )
 
 
 def build_reward(components: list, device: torch.device) -> RewardFunction:

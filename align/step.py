@@ -29,17 +29,26 @@ def optimizer_step(
     Returns the step metrics, or None when the step was skipped (non-finite loss or gradient).
     """
     temperature = recipe.generation.temperature if recipe.objective.online else 1.0
-    full = _loss_batch(batch, logprobs=torch.zeros_like(batch.completion_mask, dtype=torch.float32))
+    live = torch.cat(batch.micro_batches)  # every row unless unscored samples were dropped
+    whole = live.numel() == batch.completion_ids.shape[0]
+    width = batch.completion_mask.shape[1]
+    zeros = torch.zeros(len(live), width, device=batch.completion_mask.device)
+    full = _loss_batch(batch, logprobs=zeros, rows=None if whole else live)
     local_units = torch.tensor(float(objective.count_units(full)), device=accelerator.device)
     global_units = (
         float(accelerator.reduce(local_units, reduction="sum")) if accelerator.num_processes > 1 else float(local_units)
     )
+    global_units = max(global_units, 1.0)  # a step whose samples all went unscored trains on nothing
     scale = accelerator.num_processes  # DDP averages gradients over processes; our loss is already global
     totals: dict[str, float] = {}
     policy_lp, ref_lp = [], []
     finite = True
     for i, rows in enumerate(batch.micro_batches):
         last = i == len(batch.micro_batches) - 1
+        # a micro-batch emptied by unscored samples still runs (a sharded forward is collective), at zero weight
+        placeholder = rows.numel() == 0
+        if placeholder:
+            rows = torch.zeros(1, dtype=torch.long, device=rows.device)
         # gradients are all-reduced (DDP) / the DeepSpeed engine steps only on the last micro-batch
         accelerator.gradient_state._set_sync_gradients(last)
         sync = contextlib.nullcontext() if last else accelerator.no_sync(models.policy)
@@ -61,12 +70,16 @@ def optimizer_step(
                 ref = None
             micro = _loss_batch(batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref)
             loss, metrics = objective(micro, num_units=global_units)
+            if placeholder:
+                loss = loss * 0.0
             loss_value = float(loss.detach())
             if not torch.isfinite(loss) or not torch.isfinite(logprobs.detach()).all():
                 finite = False
             # accelerate (and DeepSpeed) divide by the accumulation count; our loss is already
             # normalised by the global unit count, so undo it
             accelerator.backward(loss * scale * accelerator.gradient_accumulation_steps)
+        if placeholder:
+            continue
         weight = objective.count_units(micro) / max(global_units / accelerator.num_processes, 1)
         for key, value in {"loss": loss_value * scale, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + (value if key == "loss" else value * weight)
@@ -86,12 +99,13 @@ def optimizer_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    order = torch.cat(batch.micro_batches)
-    full = _loss_batch(
-        batch,
-        logprobs=torch.cat(policy_lp)[_inverse(order)],
-        ref=torch.cat(ref_lp)[_inverse(order)] if ref_lp else None,
-    )
+    if whole:  # back in the batch's row order
+        order = _inverse(live)
+        full = _loss_batch(
+            batch, logprobs=torch.cat(policy_lp)[order], ref=torch.cat(ref_lp)[order] if ref_lp else None
+        )
+    elif policy_lp:
+        full = _loss_batch(batch, logprobs=torch.cat(policy_lp), rows=live, ref=torch.cat(ref_lp) if ref_lp else None)
     objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
     totals["grad_norm"] = grad_norm
     totals["lr"] = scheduler.get_last_lr()[0]

@@ -28,8 +28,6 @@ from torch import Tensor
 
 from align.allocator import tune_allocator
 from align.batches import (
-    OfflineData,
-    OnlineData,
     StepBatch,
     cache_reference_logprobs,
     fit_demo_calibration,
@@ -52,6 +50,7 @@ from align.models import Models, check_loadable, check_positions, load_models, l
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction, build_reward
+from align.run_data import OfflineData, OnlineData
 from align.rundir import claim_run_dir
 from align.step import optimizer_step
 
@@ -112,6 +111,7 @@ class FinishedRun:
     accelerator: Any
     checkpoint: Path  # the last checkpoint (its model/ is a whole HF directory)
     sharded: bool  # the live models hold shards: call them from every process or not at all
+    held_out: OfflineData | None = None  # offline pair objectives: the held-out pairs (data.eval_*)
 
 
 def train(
@@ -329,8 +329,17 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
             summary["final_merged"] = str(run_dir / "final_merged")
     if stopped_by is None and on_end is not None and accelerator.is_main_process:
         prompts = run.dataset if run.recipe.objective.online else None
+        held_out = None if run.recipe.objective.online else run.dataset.held_out
         finished = FinishedRun(
-            run.recipe, run.models, prompts, run.reward, run_dir, accelerator, checkpoint, params_sharded(accelerator)
+            run.recipe,
+            run.models,
+            prompts,
+            run.reward,
+            run_dir,
+            accelerator,
+            checkpoint,
+            params_sharded(accelerator),
+            held_out,
         )
         summary.update(on_end(finished))
     if accelerator.is_main_process:

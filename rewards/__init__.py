@@ -17,7 +17,7 @@ in ``rewards/registry.py``, the composite in ``rewards/combined.py``, RCfD's dem
 scores in ``rewards/demo.py``, and ``call_reward``/``RewardError`` in ``rewards/base.py``.
 """
 
-from rewards.base import Reward, RewardError, call_reward, resolve_device
+from rewards.base import Reward, RewardError, TRLView, call_reward, resolve_device
 from rewards.combined import CombinedReward, Component, RunningMoments, build_combined
 from rewards.contains import Contains
 from rewards.demo import DemoRewardCache
@@ -44,6 +44,7 @@ __all__ = [
     "Rouge",
     "RunningMoments",
     "Sentiment",
+    "TRLView",
     "build",
     "check_options",
     "build_combined",

@@ -13,9 +13,11 @@ wrong inside (an exception, the wrong number of scores, a string, a NaN) comes o
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 RewardFn = Callable[..., Sequence[float]]
@@ -25,15 +27,31 @@ class RewardError(RuntimeError):
     """A reward failed or returned something that is not one finite number per completion."""
 
 
+@dataclass
+class TRLView:
+    """What a reward written for TRL is called with besides the columns: ``prompts`` and
+    ``completions`` as message lists for conversational data (strings otherwise),
+    ``completion_ids`` (the sampled token ids, no padding) and ``trainer_state`` (an object with
+    ``global_step`` and ``max_steps``). A field left None is not passed."""
+
+    prompts: list | None = None
+    completions: list | None = None
+    completion_ids: list[list[int]] | None = None
+    trainer_state: Any = None
+
+
 class Reward:
     """Base class of the bundled rewards: a ``name`` for the registry and the call signature.
 
     Subclasses take their options as keyword arguments of ``__init__`` (that signature is what
     ``rewards.options(name)`` reports and what ``rewards.build`` checks) and implement
-    ``__call__``.
+    ``__call__``. Bundled rewards read text: they get ``prompts`` and ``completions`` as strings
+    even for conversational data. A subclass that sets ``trl_convention = True`` is called like
+    a TRL reward function instead (see ``TRLView``).
     """
 
     name: ClassVar[str] = "reward"
+    trl_convention: ClassVar[bool] = False
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         raise RewardError(f"reward {self.name!r} does not implement __call__")
@@ -82,6 +100,20 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
+def trl_convention(fn: Any) -> bool:
+    """Whether ``fn`` is called as TRL calls a reward function (message lists for conversational
+    data, ``completion_ids=``, ``trainer_state=``): any callable that is not a bundled text reward."""
+    return bool(getattr(fn, "trl_convention", not isinstance(fn, Reward)))
+
+
+def _accepts(fn: Any, keyword: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == keyword for p in params)
+
+
 def call_reward(
     name: str,
     fn: RewardFn,
@@ -89,14 +121,19 @@ def call_reward(
     completions: Sequence[str],
     *,
     allow_non_finite: bool = False,
+    allow_none: bool = False,
+    trl: TRLView | None = None,
     **columns: Any,
-) -> list[float]:
+) -> list[float | None]:
     """Call ``fn`` and check it returned one finite number per completion.
 
     Raises ``RewardError`` naming ``name`` if the reward raises, returns a different number of
     scores than completions, or returns a non-numeric or non-finite (NaN, ±inf) value. With
     ``allow_non_finite`` NaN/±inf pass through: the trainer skips and counts such steps instead
-    of stopping the run (one bad score should not end a long job).
+    of stopping the run (one bad score should not end a long job). With ``allow_none`` a None
+    score passes through as None: TRL's "this reward does not score this sample". ``trl``: what a
+    TRL-convention function (``trl_convention(fn)``) gets instead of the text prompts and
+    completions, and the extra keywords it accepts.
     """
     prompts, completions = list(prompts), list(completions)
     n = len(completions)
@@ -106,13 +143,20 @@ def call_reward(
         try:
             size = len(values)
         except TypeError:
-            raise RewardError(
-                f"reward {name!r}: column {key!r} is not a list (one value per sample)"
-            ) from None
+            raise RewardError(f"reward {name!r}: column {key!r} is not a list (one value per sample)") from None
         if size != n:
             raise RewardError(f"reward {name!r}: column {key!r} has {size} values for {n} completions")
+    call_prompts, call_completions, extra = prompts, completions, {}
+    if trl is not None and trl_convention(fn):
+        call_prompts = trl.prompts if trl.prompts is not None else prompts
+        call_completions = trl.completions if trl.completions is not None else completions
+        for key in ("completion_ids", "trainer_state"):
+            value = getattr(trl, key)
+            if value is not None and key not in columns and _accepts(fn, key):
+                extra[key] = value
     try:
-        scores = fn(prompts=prompts, completions=completions, **columns)  # TRL's keyword convention
+        # TRL's keyword convention
+        scores = fn(prompts=call_prompts, completions=call_completions, **columns, **extra)
     except RewardError:
         raise
     except Exception as err:
@@ -123,8 +167,11 @@ def call_reward(
         raise RewardError(f"reward {name!r} returned {type(scores).__name__}, expected a list of {n} floats")
     if len(scores) != n:
         raise RewardError(f"reward {name!r} returned {len(scores)} scores for {n} completions")
-    out: list[float] = []
+    out: list[float | None] = []
     for i, value in enumerate(scores):
+        if value is None and allow_none:
+            out.append(None)
+            continue
         number = _as_float(value)
         if number is None:
             raise RewardError(f"reward {name!r} returned a non-numeric score {value!r} for completion {i}")

@@ -7,6 +7,10 @@ component raises a ``RewardError`` naming it):
     z_c   = clip(z_c, lo_c, hi_c)               if the component has ``clip: [lo, hi]``
     total = clip(Σ_c w_c · z_c, lo, hi)         (the composite's own ``clip``, if any)
 
+A component may return None for a sample (TRL's "not mine to score", with ``allow_none``): the
+sum runs over the components that scored it, as TRL's ``nansum`` does, and a sample no
+component scored has total None.
+
 μ_c, σ²_c are running statistics over every sample seen so far (population variance, merged
 batch by batch with Chan's formula); a batch updates them *before* it is normalised, so the
 first batch is whitened by its own mean and variance. ``combine(..., update=False)`` normalises
@@ -26,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards.base import RewardFn, call_reward
+from rewards.base import RewardFn, TRLView, call_reward
 from rewards.registry import build, options
 
 # keys of a component spec that belong to the composite, not to the reward's own options
@@ -117,6 +121,7 @@ class CombinedReward:
         self.clip = _bounds(clip, "combined reward")
         self.eps = float(eps)
         self.allow_non_finite = allow_non_finite  # the trainer sets it: it skips steps with NaN/inf rewards
+        self.allow_none = False  # the trainer sets it: a None score drops that sample from the loss
         self.moments = {c.name: RunningMoments() for c in self.components if c.normalize}
         self.last_components: dict[str, list[float]] = {}
         self.last_total: list[float] = []
@@ -131,19 +136,28 @@ class CombinedReward:
         return [c.weight for c in self.components]
 
     def raw_scores(
-        self, prompts: Sequence[str], completions: Sequence[str], **columns: Any
-    ) -> dict[str, list[float]]:
+        self, prompts: Sequence[str], completions: Sequence[str], trl: TRLView | None = None, **columns: Any
+    ) -> dict[str, list[float | None]]:
         """Every component's raw scores, without recording them (see ``score_components``)."""
         return {
-            c.name: call_reward(c.name, c.fn, prompts, completions, allow_non_finite=self.allow_non_finite, **columns)
+            c.name: call_reward(
+                c.name,
+                c.fn,
+                prompts,
+                completions,
+                allow_non_finite=self.allow_non_finite,
+                allow_none=self.allow_none,
+                trl=trl,
+                **columns,
+            )
             for c in self.components
         }
 
     def score_components(
-        self, prompts: Sequence[str], completions: Sequence[str], **columns: Any
-    ) -> dict[str, list[float]]:
+        self, prompts: Sequence[str], completions: Sequence[str], trl: TRLView | None = None, **columns: Any
+    ) -> dict[str, list[float | None]]:
         """Raw scores by component name; also kept in ``last_components``."""
-        self.last_components = self.raw_scores(prompts, completions, **columns)
+        self.last_components = self.raw_scores(prompts, completions, trl=trl, **columns)
         return self.last_components
 
     def combine(
@@ -158,17 +172,19 @@ class CombinedReward:
         batch -- all processes' scores when ``gather`` (every rank's list, concatenated) is given,
         so each rank keeps the same moments and 2 processes whiten as 1 does."""
         n = len(components[self.components[0].name])
-        total = [0.0] * n
+        total: list[float | None] = [None] * n
         for c in self.components:
             values = list(components[c.name])
+            scored = [i for i, v in enumerate(values) if v is not None]
+            present = [values[i] for i in scored]
             if c.normalize:
-                raw = values
-                values = self.moments[c.name].normalize(values, self.eps)
+                raw = present
+                present = self.moments[c.name].normalize(present, self.eps)
                 if update:
                     self.moments[c.name].update(gather(raw) if gather is not None else raw)
-            values = _clip(values, c.clip)
-            total = [t + c.weight * v for t, v in zip(total, values)]
-        self.last_total = _clip(total, self.clip)
+            for i, v in zip(scored, _clip(present, c.clip)):
+                total[i] = (total[i] or 0.0) + c.weight * v
+        self.last_total = [None if t is None else _clip([t], self.clip)[0] for t in total]
         return self.last_total
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:

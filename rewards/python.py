@@ -7,8 +7,10 @@
         options: {module: my_pkg.rewards, function: score}  # or an importable module
 
 The function follows TRL's convention and is called with keyword arguments: ``prompts=`` and
-``completions=`` (lists of strings), plus the dataset's other columns by name; it returns one
-float per completion. The function is resolved once, and a missing file, module or function is
+``completions=`` (message lists for conversational data, strings otherwise), ``completion_ids=``
+and ``trainer_state=`` (when it takes them or ``**kwargs``), plus the dataset's other columns by
+name; it returns one float per completion, or None where it does not score a sample (in
+training: dropped from the loss and counted). The function is resolved once, and a missing file, module or function is
 one line when the recipe is checked, before any model loads.
 """
 
@@ -58,6 +60,7 @@ def _resolve(path: str | None, module: str | None, function: str):
 
 class PythonReward(Reward):
     name = "python"
+    trl_convention = True
 
     def __init__(self, path: str | None = None, module: str | None = None, function: str = "reward"):
         self.fn = _resolve(path, module, function)
@@ -67,5 +70,5 @@ class PythonReward(Reward):
     def check_options(path: str | None = None, module: str | None = None, function: str = "reward") -> None:
         _resolve(path, module, function)
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
         return self.fn(prompts=prompts, completions=completions, **columns)

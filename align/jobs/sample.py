@@ -27,12 +27,12 @@ def main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from align.batches import OnlineData
     from align.jobs.report import EVAL_SEED_OFFSET, eval_prompts, sample_prompts
     from align.models import Models, load_saved_policy, load_tokenizer
     from align.recipe import Recipe
     from align.rewards_adapter import build_reward
     from align.rollout import decode_completions
+    from align.run_data import OnlineData
 
     if args.recipe is None:
         raise RecipeError("sample: a run directory or a recipe is required")
@@ -52,7 +52,7 @@ def main(args) -> int:
     device = torch.device("cpu")
     tokenizer = load_tokenizer(recipe)
     dataset = OnlineData(recipe, tokenizer) if recipe.objective.online else None
-    prompts, columns, label = eval_prompts(recipe, dataset, tokenizer, limit=n)
+    prompts, columns, label, messages = eval_prompts(recipe, dataset, tokenizer, limit=n)
     if not prompts:
         raise RecipeError("sample: no prompts (set data.eval_prompts, or use an online recipe's data.train)")
     if source.is_dir():  # a run's saved policy: whole weights, or its LoRA adapters on the base
@@ -69,10 +69,15 @@ def main(args) -> int:
     scores, components = [None] * len(texts), {}
     if recipe.reward:
         reward = build_reward(recipe.reward, device)
-        total, components = reward.score(prompts, texts, columns, update=False)
-        scores = [float(s) for s in total]
+        total, components = reward.score(prompts, texts, columns, update=False, messages=messages)
+        scores = [None if s != s else float(s) for s in total.tolist()]  # NaN: no reward scored it
     rows = [
-        {"prompt": p, "completion": c, "reward": s, **{k: float(v[i]) for k, v in components.items()}}
+        {
+            "prompt": p,
+            "completion": c,
+            "reward": s,
+            **{k: None if v[i] != v[i] else float(v[i]) for k, v in components.items()},
+        }
         for i, (p, c, s) in enumerate(zip(prompts, texts, scores))
     ]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,10 +24,10 @@ def test_chat_prompts_carry_one_bos(template, tiny_model_dir):
     tokenizer.chat_template = template
     messages = [[{"role": "user", "content": "the plot was"}]]
     cfg = DataConfig(train="x.jsonl")
-    prompts, ids = prompt_rows(tokenizer, {"prompt": messages}, cfg, "x.jsonl")
+    prompts, ids, _ = prompt_rows(tokenizer, {"prompt": messages}, cfg, "x.jsonl")
     bos = tokenizer.bos_token_id
     assert ids[0][0] == bos and ids[0][1] != bos, ids[0][:4]
     assert ids[0].count(bos) == 1
     assert encode_prompts(tokenizer, prompts, 256) == ids  # the report and samplers encode the same way
-    plain, plain_ids = prompt_rows(tokenizer, {"prompt": ["the plot was"]}, cfg, "x.jsonl")
+    plain, plain_ids, _ = prompt_rows(tokenizer, {"prompt": ["the plot was"]}, cfg, "x.jsonl")
     assert plain_ids[0].count(bos) == 1 and plain_ids[0][0] == bos  # a bare prompt still gets its BOS

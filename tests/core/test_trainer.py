@@ -515,6 +515,8 @@ def test_prompt_template_builds_prompts_from_columns(tiny_model_dir, tmp_path):
         prompt_template = "Summarize: {document}\nTL;DR:"
         prompt_column = "prompt"
         chat_template = False
+        system_prompt = None
+        chat_template_kwargs: dict = {}
 
     assert format_prompts(None, {"document": ["a b", "c"]}, Cfg, "x") == [
         "Summarize: a b\nTL;DR:",
@@ -544,7 +546,7 @@ def test_long_prompts_are_cut_inside_their_source_column(tiny_model_dir, capsys)
     )
     long_doc = " ".join(f"the film number {i} was good ." for i in range(60))
     documents = [long_doc, "the cast was great ."]
-    prompts, ids = prompt_rows(tokenizer, {"document": documents, "summary": ["a", "b"]}, cfg, "x.jsonl")
+    prompts, ids, _ = prompt_rows(tokenizer, {"document": documents, "summary": ["a", "b"]}, cfg, "x.jsonl")
     head = "<|user|>\nSummarize the article in one sentence.\n\n"
     assert prompts[1] == head + documents[1] + "\n<|assistant|>"  # a short row is untouched
     assert 110 <= len(ids[0]) <= 120  # cut to fit, not far below the budget
@@ -556,7 +558,7 @@ def test_long_prompts_are_cut_inside_their_source_column(tiny_model_dir, capsys)
 
     # a bare prompt (continued as is) keeps its end, and its BOS
     bare = DataConfig(train="x.jsonl", max_prompt_tokens=40)
-    prompts, ids = prompt_rows(tokenizer, {"prompt": [long_doc]}, bare, "x.jsonl")
+    prompts, ids, _ = prompt_rows(tokenizer, {"prompt": [long_doc]}, bare, "x.jsonl")
     assert len(ids[0]) <= 40 and ids[0][0] == tokenizer.bos_token_id
     assert long_doc.endswith(prompts[0].strip()) and prompts[0].strip().endswith("number 59 was good .")
 

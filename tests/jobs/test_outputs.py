@@ -90,3 +90,24 @@ def test_push_to_hub_offline_is_one_line_before_training(tiny_model_dir, tiny_da
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
     assert "output.push_to_hub: 'me/model' cannot be reached with HF_HUB_OFFLINE set" in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_trackio_logs_read_back_from_its_local_store(tiny_model_dir, tiny_data_files, tmp_path):
+    """trackio writes a local SQLite store (TRACKIO_DIR); the run's scalars are read back from it."""
+    pytest.importorskip("trackio")
+    import sqlite3
+
+    raw = _raw(tiny_model_dir, tiny_data_files, tmp_path / "run", report_to=["trackio"], run_name="exp-9")
+    raw["output"]["wandb_project"] = "align-test"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRACKIO_DIR": str(tmp_path / "trackio")}
+    done = subprocess.run(
+        [sys.executable, "-m", "align.cli", "train", str(path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with sqlite3.connect(tmp_path / "trackio" / "align-test.db") as db:
+        rows = db.execute("select run_name, step, metrics from metrics order by step").fetchall()
+    assert {r[0] for r in rows} == {"exp-9"} and [r[1] for r in rows] == [1, 2]
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(r[2])["loss"] for r in rows] == pytest.approx(logged, rel=1e-6)

@@ -199,8 +199,8 @@ def label_pairs(
 
 def train_proxy(study: OveroptRecipe, recipe: Recipe, models, gold, device) -> dict[str, Any]:
     """Gold-labelled pairs of SFT samples → ``align rm`` → the proxy reward model."""
-    from align.batches import OnlineData
     from align.jobs.rm import RMRecipe, train_reward_model
+    from align.run_data import OnlineData
 
     root = proxy_dir(study).parent
     root.mkdir(parents=True, exist_ok=True)

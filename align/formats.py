@@ -1,0 +1,125 @@
+"""TRL's dataset formats, read unchanged: each is turned into the columns the loaders read.
+
+Standard (text) and conversational (lists of ``{"role", "content"}`` messages) alike:
+
+- prompt-only: ``prompt`` -- as is (online objectives);
+- prompt-completion: ``prompt``, ``completion`` -- as is (SFT);
+- conversational language modeling: ``messages`` -- ``prompt`` = the turns before the last
+  assistant turn, ``completion`` = that turn (online: the conversation is the prompt);
+- preference, explicit prompt: ``prompt``, ``chosen``, ``rejected`` -- as is (DPO, IPO, CoPG);
+- preference, implicit prompt: ``chosen``, ``rejected`` -- ``prompt`` = their longest common
+  beginning (TRL's ``extract_prompt``), the rest of each side its completion;
+- unpaired preference: ``prompt``, ``completion``, ``label`` -- ``reward`` = the label (1 / 0),
+  so the rows of one prompt pair up by it.
+
+Rows that do not fit (messages with no assistant turn, two identical sides of a pair) are one
+line naming the row, raised while the data is read -- before any model loads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from align.data import DataError
+
+Use = Literal["online", "rows", "pairs"]
+
+
+def normalise(table, cfg, use: Use, source: str):
+    """``table`` (a ``datasets.Dataset``) in the columns the loader for ``use`` reads: prompts for
+    an online objective, (prompt, completion) rows for SFT, pairs for a paired objective."""
+    names = table.column_names
+    if cfg.prompt_column not in names and cfg.messages_column in names and not cfg.prompt_template:
+        table = _split_messages(table, cfg, use, source)
+    names = table.column_names
+    if use == "pairs" and cfg.prompt_column not in names and {cfg.chosen_column, cfg.rejected_column} <= set(names):
+        table = _extract_prompt(table, cfg, source)
+    names = table.column_names
+    if (
+        use == "pairs"
+        and cfg.chosen_column not in names
+        and cfg.reward_column not in names
+        and cfg.label_column in names
+        and cfg.completion_column in names
+    ):
+        labels = table[cfg.label_column]
+        bad = next((i for i, v in enumerate(labels) if not isinstance(v, (bool, int, float)) or v is None), None)
+        if bad is not None:
+            raise DataError(
+                f"data {source!r} row {bad}: column {cfg.label_column!r} must be true/false, got {labels[bad]!r}"
+            )
+        table = table.add_column(cfg.reward_column, [float(v) for v in labels])
+    return table
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _split_messages(table, cfg, use: Use, source: str):
+    import datasets
+
+    column = cfg.messages_column
+    rows = table.to_dict()
+    prompts, completions = [], []
+    for index, messages in enumerate(rows.pop(column)):
+        if not _is_messages(messages) or not messages:
+            raise DataError(f"data {source!r} row {index}: column {column!r} is not a list of chat messages")
+        roles = [m["role"] for m in messages]
+        last = max((i for i, r in enumerate(roles) if r == "assistant"), default=None)
+        if use == "online":  # the conversation so far is the prompt; a closing assistant turn is dropped
+            prompts.append(messages[:last] if last == len(messages) - 1 else messages)
+            continue
+        if last is None:
+            raise DataError(
+                f"data {source!r} row {index}: column {column!r} has no assistant turn (roles {roles}); "
+                "SFT trains on the last one"
+            )
+        if last == 0:
+            raise DataError(f"data {source!r} row {index}: column {column!r} opens with the assistant turn: no prompt")
+        prompts.append(messages[:last])
+        completions.append([messages[last]])
+    rows[cfg.prompt_column] = prompts
+    if use != "online":
+        rows[cfg.completion_column] = completions
+    return datasets.Dataset.from_dict(rows)
+
+
+def _extract_prompt(table, cfg, source: str):
+    """TRL's implicit prompt: the longest shared beginning of chosen and rejected (messages, or
+    text cut back to before a space), the rest of each is its completion."""
+    import datasets
+
+    rows = table.to_dict()
+    chosen, rejected = rows.pop(cfg.chosen_column), rows.pop(cfg.rejected_column)
+    prompts, chosen_out, rejected_out = [], [], []
+    for index, (a, b) in enumerate(zip(chosen, rejected)):
+        if _is_messages(a) and _is_messages(b):
+            shared = 0
+            while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+                shared += 1
+            prompt, rest_a, rest_b = a[:shared], a[shared:], b[shared:]
+        elif isinstance(a, str) and isinstance(b, str):
+            shared = 0
+            while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+                shared += 1
+            if 0 < shared < min(len(a), len(b)) and a[shared - 1] != " ":
+                shared = a.rfind(" ", 0, shared) + 1  # do not split a word between prompt and reply
+            prompt, rest_a, rest_b = a[:shared], a[shared:], b[shared:]
+        else:
+            raise DataError(f"data {source!r} row {index}: chosen and rejected must both be text or both chat messages")
+        if not prompt:
+            raise DataError(
+                f"data {source!r} row {index}: chosen and rejected share no prompt; "
+                f"give a {cfg.prompt_column!r} column (TRL's explicit-prompt format)"
+            )
+        if not rest_a or not rest_b:
+            raise DataError(
+                f"data {source!r} row {index}: one of chosen and rejected is the beginning of the other, so no "
+                f"prompt can be split off; give a {cfg.prompt_column!r} column"
+            )
+        prompts.append(prompt)
+        chosen_out.append(rest_a)
+        rejected_out.append(rest_b)
+    rows.update({cfg.prompt_column: prompts, cfg.chosen_column: chosen_out, cfg.rejected_column: rejected_out})
+    return datasets.Dataset.from_dict(rows)

@@ -1,0 +1,41 @@
+"""``align --help`` and each command's ``--help`` say what every command takes and point at the
+recipe schema; ``align schema`` lists every recipe field from the validating models."""
+
+from __future__ import annotations
+
+import pytest
+
+from align import cli
+from align.jobs.schema import field_rows
+from align.recipe import Recipe
+
+
+def test_top_level_help_lists_every_command_and_the_schema(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for name, (_, help_text, _) in cli.COMMANDS.items():
+        assert name in text and help_text.split()[0] in text
+    assert "align schema" in text
+
+
+@pytest.mark.parametrize("command", ["train", "sft", "sample", "rm", "overopt"])
+def test_command_help_points_at_the_recipe_schema(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "RECIPE" in text and "align schema" in text
+    assert "OVERRIDES" in text
+
+
+def test_schema_lists_every_field_and_refuses_an_unknown_section(capsys):
+    keys = [row[0] for row in field_rows(Recipe)]
+    for key in ("data.system_prompt", "data.chat_template_kwargs", "data.eval_fraction", "train.steps", "output.dir"):
+        assert key in keys
+    assert {k.split(".")[0] for k in keys} >= set(Recipe.model_fields)
+    assert cli.main(["schema", "generation"]) == 0
+    assert "max_new_tokens" in capsys.readouterr().out
+    assert cli.main(["schema", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no recipe section 'nope'" in err[0]
