@@ -34,7 +34,8 @@ class StepBatch:
     group: Tensor | None = None
     pairs: Tensor | None = None
     demo_rewards: Tensor | None = None
-    ref_logprobs: Tensor | None = None  # precomputed (offline cache)
+    ref_logprobs: Tensor | None = None  # precomputed (offline cache; online: kept by the first update)
+    old_logprobs: Tensor | None = None  # π_old, kept by the first of several updates on this batch
     sampler_probs: Tensor | None = None  # [T, B, V] the rollout's softmax, for the policy's log-probs
     texts: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
@@ -178,6 +179,7 @@ def reuse_sampler_probs(recipe: Recipe, models: Models, n_chunks: int, rows: int
     weight = fused_head_weight(models.policy)
     return (
         recipe.objective.online
+        and recipe.train.updates_per_batch == 1
         and n_chunks == 1
         and recipe.train.gradient_accumulation_steps == 1
         and not models.policy.training

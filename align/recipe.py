@@ -180,6 +180,12 @@ class TrainConfig(Strict):
     steps: int = Field(100, gt=0, description="optimizer steps")
     batch_size: int = Field(8, gt=0, description="per micro-batch: prompts (online), pairs or rows (offline)")
     gradient_accumulation_steps: int = Field(1, gt=0)
+    updates_per_batch: int = Field(
+        1,
+        ge=1,
+        description="online: optimizer updates on each rollout batch (GRPO's μ, PPO's epochs); π_old's log-probs "
+        "are kept from before the first, for the objectives' importance ratios and clipping",
+    )
     lr: float = Field(1e-5, gt=0)
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd: plain lr·gradient steps (tests, ablations)")
     weight_decay: float = Field(0.0, ge=0)
@@ -257,6 +263,10 @@ class Recipe(Strict):
             raise ValueError(f"objective.k: {name!r} needs k >= {declared.min_k} samples per prompt")
         if self.objective.online:
             self._no_sampling_filters()
+        elif self.train.updates_per_batch > 1:
+            raise ValueError(
+                f"train.updates_per_batch: {name!r} is trained on a fixed dataset (fresh rows every step); expected 1"
+            )
         held_out = (
             "data.eval_pairs" if self.data.eval_pairs else "data.eval_fraction" if self.data.eval_fraction else None
         )
@@ -291,10 +301,16 @@ class Recipe(Strict):
         return "demo_rewards" in cls.needs and "weights" in losses.options(self.objective.name)
 
     def build_objective(self) -> losses.Objective:
-        """The objective, with the reward section's per-component weights where it compares components."""
-        if not self._calibrated() or not self.reward:
+        """The objective, with what the recipe knows and the objective asks for by option name: the
+        reward section's per-component weights where it compares components, and the generation
+        budget as the constant length normaliser (``norm_length``, Dr. GRPO) unless set."""
+        opts = dict(self.objective.options)
+        if self._calibrated() and self.reward:
+            opts["weights"] = [c.weight for c in self.reward]
+        if "norm_length" in losses.options(self.objective.name) and opts.get("norm_length") is None:
+            opts["norm_length"] = self.generation.max_new_tokens
+        if opts == self.objective.options:
             return self.objective.build()
-        opts = {**self.objective.options, "weights": [c.weight for c in self.reward]}
         if self.objective.beta is not None:
             opts["beta"] = self.objective.beta
         return losses.build(self.objective.name, **opts)

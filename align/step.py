@@ -22,12 +22,24 @@ from losses.base import select_pairs
 
 
 def optimizer_step(
-    recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch, optimizer, scheduler, accelerator
+    recipe: Recipe,
+    models: Models,
+    objective: losses.Objective,
+    batch: StepBatch,
+    optimizer,
+    scheduler,
+    accelerator,
+    update: int = 0,
 ) -> dict[str, float] | None:
     """logprobs → objective → backward for each micro-batch, then one clipped optimizer step.
 
-    Returns the step metrics, or None when the step was skipped (non-finite loss or gradient).
+    ``update`` counts the optimizer steps taken on this batch (``train.updates_per_batch``): the
+    first keeps the policy's log-probs as π_old (``batch.old_logprobs``) and the reference's, so
+    later updates read their importance ratios against the sampling policy and skip the reference
+    forward. Returns the step metrics, or None when the step was skipped (non-finite loss or
+    gradient).
     """
+    updates = recipe.train.updates_per_batch
     temperature = recipe.generation.temperature if recipe.objective.online else 1.0
     live = torch.cat(batch.micro_batches)  # every row unless unscored samples were dropped
     whole = live.numel() == batch.completion_ids.shape[0]
@@ -68,7 +80,8 @@ def optimizer_step(
                     ref = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, temperature)
             else:
                 ref = None
-            micro = _loss_batch(batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref)
+            old = None if batch.old_logprobs is None else batch.old_logprobs[rows][:, :width]
+            micro = _loss_batch(batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref, old=old)
             loss, metrics = objective(micro, num_units=global_units)
             if placeholder:
                 loss = loss * 0.0
@@ -96,6 +109,13 @@ def optimizer_step(
     if not finite or (grad_norm is not None and not math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return None
+    if update == 0 and updates > 1 and policy_lp:  # π_old and the reference, for the updates that follow
+        kept = torch.cat(policy_lp)  # rows in ``live`` order, padded to the batch's width
+        batch.old_logprobs = kept.new_zeros(batch.completion_mask.shape[0], kept.shape[1])
+        batch.old_logprobs[live] = kept
+        if ref_lp and batch.ref_logprobs is None:
+            batch.ref_logprobs = torch.zeros_like(batch.old_logprobs)
+            batch.ref_logprobs[live] = torch.cat(ref_lp)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -106,7 +126,8 @@ def optimizer_step(
         )
     elif policy_lp:
         full = _loss_batch(batch, logprobs=torch.cat(policy_lp), rows=live, ref=torch.cat(ref_lp) if ref_lp else None)
-    objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
+    if update == updates - 1:  # once per batch: a moving baseline absorbs each batch once
+        objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
     totals["grad_norm"] = grad_norm
     totals["lr"] = scheduler.get_last_lr()[0]
     totals.update(sequence_stats(full, batch))
@@ -133,6 +154,7 @@ def _loss_batch(
     rows: Tensor | None = None,
     mask: Tensor | None = None,
     ref: Tensor | None = None,
+    old: Tensor | None = None,
 ) -> LossBatch:
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     pairs = batch.pairs
@@ -146,6 +168,7 @@ def _loss_batch(
         group=None if batch.group is None else pick(batch.group),
         pairs=pairs,
         demo_rewards=None if batch.demo_rewards is None else pick(batch.demo_rewards),
+        old_logprobs=old,
     )
 
 

@@ -201,9 +201,13 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
             started = time.perf_counter()
             make_batch = rollout_batch if recipe.objective.online else offline_batch
             batch = make_batch(recipe, run.models, run.dataset, run.reward, run.step, accelerator)
-            metrics = optimizer_step(
-                recipe, run.models, run.objective, batch, run.optimizer, run.scheduler, accelerator
-            )
+            updates = recipe.train.updates_per_batch
+            for update in range(updates):  # each an optimizer step on the same rollout batch
+                metrics = optimizer_step(
+                    recipe, run.models, run.objective, batch, run.optimizer, run.scheduler, accelerator, update
+                )
+                if metrics is None:
+                    break
             run.step += 1
             if metrics is None:
                 run.bad_steps += 1
@@ -279,7 +283,8 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
             fused=_fused_optimizer_ok(trainable),
         )
     scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * cfg.updates_per_batch,
+        num_training_steps=cfg.steps * cfg.updates_per_batch,
     )
     configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     models.policy, optimizer = accelerator.prepare(models.policy, optimizer)

@@ -13,14 +13,18 @@ from losses.base import LossBatch, Objective, sequence_logprobs
 from losses.bradley_terry import bradley_terry_loss
 from losses.copg import CoPG
 from losses.dpo import DPO
+from losses.grpo import GRPO, DrGRPO
 from losses.ipo import IPO
 from losses.kl import regularised_reward, sequence_kl, token_kl
 from losses.rcfd import RCfD
 from losses.reinforce import Reinforce
 from losses.rloo import RLOO
 from losses.sft import SFT
+from losses.vanilla_pg import VanillaPG
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (Reinforce, RLOO, CoPG, DPO, IPO, RCfD, SFT)}
+REGISTRY: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Reinforce, RLOO, VanillaPG, GRPO, DrGRPO, CoPG, DPO, IPO, RCfD, SFT)
+}
 
 
 def register(cls: type[Objective]) -> type[Objective]:

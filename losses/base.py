@@ -11,6 +11,8 @@ An objective sees a batch of B sequences of up to T completion tokens (a bandit 
 - ``demo_rewards[B]``     reward of the prompt's demonstration (RCfD), same shape as ``rewards``
 - ``stream[B]``           independent runs sharing one call (the bandit's seeds); only stateful
                           objectives (REINFORCE's moving baseline) look at it
+- ``old_logprobs[B, T]``  log-probs of the policy that sampled (π_old), for importance ratios;
+                          None means the batch is on-policy (ratio 1)
 
 Normalisation belongs to the contract, not to each loss. An objective declares its ``unit``
 (``"sequence"``, ``"pair"`` or ``"token"``) and returns ``sum(per-unit terms) / num_units``.
@@ -46,6 +48,7 @@ class LossBatch:
     pairs: Tensor | None = None
     demo_rewards: Tensor | None = None
     stream: Tensor | None = None
+    old_logprobs: Tensor | None = None  # the sampling policy's log-probs (importance ratios); None: on-policy
 
     def __post_init__(self) -> None:
         if self.logprobs.dim() != 2 or self.mask.shape != self.logprobs.shape:

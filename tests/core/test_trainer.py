@@ -30,6 +30,10 @@ SGD_LR = {
     "reinforce": 0.05,
     "copg": 0.05,
     "rcfd": 0.005,
+    "vanilla_pg": 0.02,
+    "grpo": 1.0,
+    "grpo_token": 1.0,
+    "dr_grpo": 0.2,
 }
 LENGTH = [{"name": "length", "options": {"target": 12, "unit": "chars"}}]
 WHITENED = [{"name": "length", "options": {"target": 12, "unit": "chars"}, "normalize": True}]
@@ -46,6 +50,14 @@ OBJECTIVES = {
     "reinforce": ({"name": "reinforce", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
     "copg": ({"name": "copg", "beta": 0.5, "k": 2}, "prompts", {"reward": LENGTH}),
     "rcfd": ({"name": "rcfd", "beta": 0.05, "k": 2}, "demos", {"reward": LENGTH}),
+    "vanilla_pg": ({"name": "vanilla_pg", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
+    "grpo": ({"name": "grpo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
+    "grpo_token": (
+        {"name": "grpo", "beta": 0.04, "k": 2, "options": {"aggregation": "token_mean", "clip_high": 0.28}},
+        "prompts",
+        {"reward": LENGTH},
+    ),
+    "dr_grpo": ({"name": "dr_grpo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
 }
 GENERATION = {"max_new_tokens": 8, "stop_strings": ["e"]}  # "e" cuts completions at unequal lengths
 
@@ -270,7 +282,7 @@ def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
     assert clean[0] == clean[1]
 
 
-@pytest.mark.parametrize("key", ["dpo", "rloo", "rloo_whitened"])
+@pytest.mark.parametrize("key", ["dpo", "rloo", "rloo_whitened", "grpo_token"])
 def test_two_process_ddp_equals_one_process(key, tiny_model_dir, tiny_data_files, tmp_path):
     """accelerate launch --cpu --num_processes 2 (batch 4 each) == 1 process (batch 8)."""
     import yaml
@@ -823,3 +835,77 @@ def test_reference_is_loaded_only_when_the_objective_reads_it(
     assert len(loads) == 1  # by the trainer when β > 0, by the report when β = 0
     out = json.loads((tmp_path / "run" / "report.json").read_text())
     assert abs(out["before"]["kl_k1"]) < 1e-5 and out["after"]["kl_k1"] != 0.0  # the start is the reference
+
+
+def test_several_updates_per_batch_keep_pi_old(tiny_model_dir, tiny_data_files, tmp_path):
+    """train.updates_per_batch: 3 on GRPO with a tight clip: the later updates read their ratios
+    against the sampling policy's log-probs (kept from the first), so they clip; were π_old taken
+    from the current weights, every ratio would be 1 and nothing would clip. The scheduler counts
+    every update, and 8 × 1 == 2 × 4 still holds with several updates."""
+    grpo = (
+        {"name": "grpo", "beta": 0.04, "k": 2, "options": {"clip_low": 0.01, "clip_high": 0.01}},
+        "prompts",
+        {"reward": LENGTH},
+    )
+    OBJECTIVES["grpo_tight"] = grpo
+    try:
+        results, clip = {}, {}
+        for batch, accumulation in [(8, 1), (2, 4)]:
+            run = tmp_path / f"b{batch}x{accumulation}"
+            summary = train(
+                make_recipe(
+                    tiny_model_dir,
+                    tiny_data_files,
+                    run,
+                    "grpo_tight",
+                    batch_size=batch,
+                    gradient_accumulation_steps=accumulation,
+                    updates_per_batch=3,
+                    optimizer="sgd",
+                    lr=3.0,
+                    max_grad_norm=None,
+                    lr_scheduler="constant",
+                )
+            )
+            assert summary["skipped_steps"] == 0 and summary["steps"] == 2
+            results[(batch, accumulation)] = final_params(run)
+            clip[(batch, accumulation)] = [r["clip_fraction"] for r in _metrics(run)]
+        assert max_diff(results[(8, 1)], results[(2, 4)]) < 2e-5
+        assert all(c > 0 for c in clip[(8, 1)]), clip  # the last update of each batch clips
+        one = train(
+            make_recipe(
+                tiny_model_dir,
+                tiny_data_files,
+                tmp_path / "one",
+                "grpo_tight",
+                batch_size=8,
+                optimizer="sgd",
+                lr=3.0,
+                max_grad_norm=None,
+                lr_scheduler="constant",
+            )
+        )
+        assert one["steps"] == 2 and all(r["clip_fraction"] == 0 for r in _metrics(tmp_path / "one"))
+    finally:
+        OBJECTIVES.pop("grpo_tight")
+
+
+def test_resume_is_exact_with_several_updates_per_batch(tiny_model_dir, tiny_data_files, tmp_path):
+    """GRPO, 2 updates per batch, a linear schedule over all 8 updates: SIGTERM at step 2 and a
+    resume to 4 equal the uninterrupted run bit for bit (the scheduler's count included)."""
+    fields = {"steps": 4, "batch_size": 4, "updates_per_batch": 2}
+    straight = tmp_path / "straight"
+    train(make_recipe(tiny_model_dir, tiny_data_files, straight, "grpo", **fields))
+    interrupted = tmp_path / "interrupted"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, "grpo", **fields)
+
+    def stop_at_two(step: int, record: dict) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train(recipe, on_step=stop_at_two)["steps"] == 2
+    assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == 4
+    a, b = final_params(straight), final_params(interrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = [r["lr"] for r in _metrics(straight)]
+    assert lrs == [r["lr"] for r in _metrics(interrupted)] and lrs[-1] == 0.0  # 8 updates scheduled, 8 taken
