@@ -207,6 +207,7 @@ def run_align(recipe: dict, workdir: Path, timing: Timing | None = None) -> dict
     return {
         "step_s": [r["step_s"] for r in records],
         "loss": [r.get("loss") for r in records],
+        "completion_length": [r.get("completion_length") for r in records],
         "wall_s": wall,
         "peak_rss_mib": rss,
     }

@@ -221,6 +221,25 @@ def test_copg_paper_bandit_reaches_pi_star_where_plain_pg_does_not() -> None:
     assert final_mean(runs["pg_offpolicy"], "kl_to_target") > 0.5
 
 
+def test_copg_from_a_replay_buffer_reaches_pi_star() -> None:
+    """The CoPG paper's bandit with the policy's own stale samples: each element of a pair from the
+    policy of one of the last 50 steps (per objective), no importance weights."""
+    recipe = load_recipe(
+        BanditRecipe,
+        RECIPES / "copg_offpolicy.yaml",
+        ["seeds=2", "steps=1500", "lr=0.003", "sampler={replay_steps: 50, mix: 0.25}", "objectives=[copg]"],
+    )
+    result = run(recipe)["objectives"]["copg"]
+    assert result["data"] == "sampler"
+    assert final_mean(result, "kl_to_target") < 0.01
+
+
+def test_replay_sampler_errors_are_one_line(capsys) -> None:
+    code = cli.main(["bandit", str(RECIPES / "copg_offpolicy.yaml"), "sampler={replay_steps: 0}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "replay_steps" in err[0]
+
+
 # ---------------------------------------------------------------- sequence mode
 
 

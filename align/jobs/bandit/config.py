@@ -101,6 +101,14 @@ class PairSampler(Strict):
         return value
 
 
+class ReplaySampler(Strict):
+    """Pairs of the policy's own past samples: each element of a pair comes from the policy as it
+    was at one of the last ``replay_steps`` steps (drawn uniformly), used with no importance weights."""
+
+    replay_steps: int = Field(..., ge=1, description="how many past steps' policies the buffer spans")
+    mix: float = Field(0.0, ge=0, le=1, description="fraction of pairs whose first element is a fresh sample")
+
+
 class SequenceConfig(Strict):
     """A tabular autoregressive policy: logits[position, previous token, token], token 0 is EOS."""
 
@@ -129,7 +137,7 @@ class BanditRecipe(Strict):
     )
     beta: float = Field(0.25, gt=0, description="KL coefficient, passed to every objective")
     demo_reward: float = Field(0.5, description="RCfD: the demonstration's reward r_d")
-    sampler: Literal["uniform", "ref", "policy"] | PairSampler = Field(
+    sampler: Literal["uniform", "ref", "policy"] | PairSampler | ReplaySampler = Field(
         "uniform",
         description="pairs for copg, dpo, ipo: uniform, ref, policy, or {mu1, mu2, dataset_size}",
     )
@@ -167,14 +175,17 @@ class BanditRecipe(Strict):
     @field_validator("sampler", mode="before")
     @classmethod
     def one_sampler(cls, value: Any) -> Any:
-        """A name or a {mu1, mu2, dataset_size} mapping, with one error line for either."""
+        """A name, a {mu1, mu2, dataset_size} or a {replay_steps, mix} mapping, with one error line."""
         if isinstance(value, dict):
+            model = ReplaySampler if "replay_steps" in value else PairSampler
             try:
-                return PairSampler.model_validate(value)
+                return model.model_validate(value)
             except ValidationError as err:
                 raise ValueError(format_validation_error(err)) from None
         if value not in SAMPLERS:
-            raise ValueError(f"expected one of {list(SAMPLERS)} or a mapping {{mu1, mu2, dataset_size}}")
+            raise ValueError(
+                f"expected one of {list(SAMPLERS)} or a mapping {{mu1, mu2, dataset_size}} or {{replay_steps, mix}}"
+            )
         return value
 
     @field_validator("sampler")

@@ -10,6 +10,8 @@ gradient. Adam is elementwise, so the seeds stay independent.
 
 from __future__ import annotations
 
+import copy
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 import losses
-from align.jobs.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler
+from align.jobs.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler, ReplaySampler
 from align.jobs.bandit.targets import kl_to_tilt, target_tilt, tilt_law
 from align.jobs.bandit.worlds import Bandit, Sample, SequenceWorld
 from align.schedule import lr_scheduler
@@ -54,6 +56,10 @@ class PairSource:
             self.logits = tuple(law.log().float() for law in self.laws)
             if spec.dataset_size is not None:
                 self.dataset = self._fresh(None, spec.dataset_size, generator)
+        elif isinstance(spec, ReplaySampler):  # the policy's own past samples
+            self.laws, self.logits = None, None
+            self.replay: deque[Tensor] = deque(maxlen=spec.replay_steps)
+            self.mix = spec.mix
         elif spec == "policy":
             self.laws, self.logits = None, None
         else:
@@ -61,6 +67,14 @@ class PairSource:
             self.logits = (table, table)
             law = world.outcome_law(table[None])[0]
             self.laws = (law, law)
+
+    def for_objective(self) -> PairSource:
+        """This source for one objective: a replay buffer holds that objective's own past policies."""
+        if getattr(self, "replay", None) is None:
+            return self
+        out = copy.copy(self)
+        out.replay = deque(maxlen=self.replay.maxlen)
+        return out
 
     def _fresh(
         self, policy_logits: Tensor | None, n: int, generator: torch.Generator
@@ -83,7 +97,29 @@ class PairSource:
             y, y2, first = self.dataset
             index = torch.randint(first.shape[1], (self.seeds, n), generator=generator)
             return y.take(index), y2.take(index), first[torch.arange(self.seeds)[:, None], index]
+        if getattr(self, "replay", None) is not None:
+            return self._replayed(policy_logits, n, generator)
         return self._fresh(policy_logits, n, generator)
+
+    def _replayed(self, policy_logits: Tensor, n: int, generator: torch.Generator) -> tuple[Sample, Sample, Tensor]:
+        """Each element of a pair from the policy of a random step among the last ``replay_steps``
+        (this one included); with ``mix``, that fraction of first elements fresh from this step's."""
+        self.replay.append(policy_logits.detach().clone())
+
+        def pick() -> tuple[Sample, Sample]:  # (a buffered sample, this step's) per row
+            draws = [self.world.sample(table, self.seeds, n, generator) for table in self.replay]
+            which = torch.randint(len(draws), (self.seeds, n), generator=generator)
+            out = draws[0]
+            for i, draw in enumerate(draws[1:], start=1):
+                out = draw.where(which == i, out)
+            return out, draws[-1]
+
+        (y, fresh_y), (y2, _) = pick(), pick()
+        if self.mix:
+            fresh = torch.rand(self.seeds, n, generator=generator) < self.mix
+            y = fresh_y.where(fresh, y)
+        p_first = torch.sigmoid(self.world.reward(y) - self.world.reward(y2))
+        return y, y2, torch.rand(p_first.shape, generator=generator) < p_first
 
 
 def make_batch(
@@ -249,5 +285,5 @@ def _run(recipe: BanditRecipe, progress: Any) -> dict[str, Any]:
     for index, entry in enumerate(recipe.objectives):
         if progress is not None:
             progress(entry.label)
-        results["objectives"][entry.label] = train_objective(entry, recipe, world, pairs, index)
+        results["objectives"][entry.label] = train_objective(entry, recipe, world, pairs.for_objective(), index)
     return results
