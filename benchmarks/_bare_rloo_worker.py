@@ -1,6 +1,6 @@
 """The machine's floor for an RLOO step: a bare PyTorch loop, no framework (floor.py's other side).
 
-    /work/venv/bin/python benchmarks/_bare_rloo_worker.py MODEL_DIR PROMPTS.jsonl NEW_TOKENS STEPS LR
+    .venv/bin/python benchmarks/_bare_rloo_worker.py MODEL_DIR PROMPTS.jsonl NEW_TOKENS STEPS LR
 
 Per step, the same compute as align's RLOO step: 4 prompts encoded once, their KV cache
 repeated for k = 4 samples, exactly NEW_TOKENS sampled tokens (EOS masked), decode, length

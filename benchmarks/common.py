@@ -14,7 +14,7 @@ Assets, built once under ``benchmarks/.cache/`` (``ensure_assets``; needs the al
   ``align.jobs.quickstart.build_corpus``.
 
 Both trainers run in their own interpreter (TRL lives in a side venv and is never a dependency
-of align): ``ALIGN_PYTHON`` (default /work/venv/bin/python) and ``TRL_PYTHON`` (default
+of align): ``ALIGN_PYTHON`` (default: the python running the benchmark) and ``TRL_PYTHON`` (default
 /work/trl-venv/bin/python). Drivers alternate the two sides, run after run, and compare medians.
 
 This module is imported by the TRL workers too, so it imports nothing from align at top level.
@@ -37,7 +37,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 CACHE = BENCH / ".cache"
-ALIGN_PYTHON = os.environ.get("ALIGN_PYTHON", "/work/venv/bin/python")
+ALIGN_PYTHON = os.environ.get("ALIGN_PYTHON", sys.executable)  # the python running the benchmark
 TRL_PYTHON = os.environ.get("TRL_PYTHON", "/work/trl-venv/bin/python")
 
 VOCAB_SIZE = 30_000

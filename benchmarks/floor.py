@@ -1,6 +1,6 @@
 """align's RLOO step against the same compute as a bare PyTorch loop: the framework's overhead.
 
-    /work/venv/bin/python benchmarks/floor.py [--medium] [--rounds N] [--steps N]
+    .venv/bin/python benchmarks/floor.py [--medium] [--rounds N] [--steps N]
         [--threads N] [--cpu-time] [--same-allocator]
 
 The align side is the recipe of vs_trl_rloo.py (`align train`, step_s from metrics.jsonl); the

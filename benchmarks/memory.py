@@ -1,6 +1,6 @@
 """Peak RSS of align's RLOO step: full fine-tuning against LoRA with the shared reference.
 
-    /work/venv/bin/python benchmarks/memory.py [--model tiny|medium] [--steps N] [--rounds N]
+    .venv/bin/python benchmarks/memory.py [--model tiny|medium] [--steps N] [--rounds N]
 
 Each configuration runs in a fresh process (`align train`, a few steps); its peak RSS is the
 child's own ``ru_maxrss`` (``os.wait4``). A third process only imports align's trainer and

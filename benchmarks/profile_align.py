@@ -1,6 +1,6 @@
 """Where align's step time goes: cProfile over the steady-state steps of an RLOO or DPO run.
 
-    /work/venv/bin/python benchmarks/profile_align.py rloo|dpo [--medium] [--steps N] [--top N]
+    .venv/bin/python benchmarks/profile_align.py rloo|dpo [--medium] [--steps N] [--top N]
 
 Runs ``align.trainer.train`` in this process on the recipe of vs_trl_rloo.py / vs_trl_dpo.py,
 switches the profiler on after WARMUP_STEPS steps (start-up and warm-up are left out) and

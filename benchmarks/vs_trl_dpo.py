@@ -1,7 +1,7 @@
 """align DPO against TRL's DPOTrainer on the same work, seconds per optimizer step, and the
 step-0 loss of both on the same batch.
 
-    /work/venv/bin/python benchmarks/vs_trl_dpo.py [--medium] [--rounds N] [--steps N] [--trl-precompute-ref]
+    .venv/bin/python benchmarks/vs_trl_dpo.py [--medium] [--rounds N] [--steps N] [--trl-precompute-ref]
         [--threads N] [--cpu-time] [--same-allocator]
 
 Two variants, each timed alternately (align run, TRL run, TRL run, align run, ...):

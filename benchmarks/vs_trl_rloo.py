@@ -1,6 +1,6 @@
 """align RLOO against TRL's RLOOTrainer on the same work, seconds per optimizer step.
 
-    /work/venv/bin/python benchmarks/vs_trl_rloo.py [--medium] [--rounds N] [--steps N]
+    .venv/bin/python benchmarks/vs_trl_rloo.py [--medium] [--rounds N] [--steps N]
         [--threads N] [--cpu-time] [--same-allocator]
 
 The same locally built policy (benchmarks/common.py), the same prompts, k = 4 completions of
