@@ -93,7 +93,9 @@ def rollout_batch(
         columns,
         gather=_all_ranks(accelerator),
         messages=[dataset.messages[i] for i in rows for _ in range(k)] if dataset.conversational else None,
-        completion_ids=[ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)],
+        completion_ids=[ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
+        if reward.takes_trl_inputs
+        else None,
         step=step,
         max_steps=recipe.train.steps,
     )

@@ -94,20 +94,15 @@ def _extract_prompt(table, cfg, source: str):
     chosen, rejected = rows.pop(cfg.chosen_column), rows.pop(cfg.rejected_column)
     prompts, chosen_out, rejected_out = [], [], []
     for index, (a, b) in enumerate(zip(chosen, rejected)):
-        if _is_messages(a) and _is_messages(b):
-            shared = 0
-            while shared < min(len(a), len(b)) and a[shared] == b[shared]:
-                shared += 1
-            prompt, rest_a, rest_b = a[:shared], a[shared:], b[shared:]
-        elif isinstance(a, str) and isinstance(b, str):
-            shared = 0
-            while shared < min(len(a), len(b)) and a[shared] == b[shared]:
-                shared += 1
-            if 0 < shared < min(len(a), len(b)) and a[shared - 1] != " ":
-                shared = a.rfind(" ", 0, shared) + 1  # do not split a word between prompt and reply
-            prompt, rest_a, rest_b = a[:shared], a[shared:], b[shared:]
-        else:
+        text = isinstance(a, str) and isinstance(b, str)
+        if not text and not (_is_messages(a) and _is_messages(b)):
             raise DataError(f"data {source!r} row {index}: chosen and rejected must both be text or both chat messages")
+        shared = 0  # messages, or characters, in common
+        while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+            shared += 1
+        if text and 0 < shared < min(len(a), len(b)) and a[shared - 1] != " ":
+            shared = a.rfind(" ", 0, shared) + 1  # do not split a word between prompt and reply
+        prompt, rest_a, rest_b = a[:shared], a[shared:], b[shared:]
         if not prompt:
             raise DataError(
                 f"data {source!r} row {index}: chosen and rejected share no prompt; "

@@ -20,6 +20,8 @@ class RewardFunction:
         self.combined = rewards_lib.build_combined(specs, device=str(device))
         self.combined.allow_non_finite = True  # a NaN/inf score skips the step (counted) rather than ending the run
         self.combined.allow_none = True  # None: the reward does not score that sample (dropped from the loss)
+        # a component written for TRL reads message lists, completion ids and the trainer state
+        self.takes_trl_inputs = any(rewards_lib.base.trl_convention(c.fn) for c in self.combined.components)
         self.demo_cache = rewards_lib.DemoRewardCache(self.combined)
         self._last: Tensor | None = None
         self.last_scored: Tensor | None = None  # [N] bool: some component scored the sample

@@ -119,12 +119,7 @@ def optimizer_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    if whole:  # back in the batch's row order
-        order = _inverse(live)
-        full = _loss_batch(
-            batch, logprobs=torch.cat(policy_lp)[order], ref=torch.cat(ref_lp)[order] if ref_lp else None
-        )
-    elif policy_lp:
+    if policy_lp:  # the step's rows in micro-batch order (``live``)
         full = _loss_batch(batch, logprobs=torch.cat(policy_lp), rows=live, ref=torch.cat(ref_lp) if ref_lp else None)
     if update == updates - 1:  # once per batch: a moving baseline absorbs each batch once
         objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
@@ -136,12 +131,6 @@ def optimizer_step(
 
 def _stateful(objective: losses.Objective) -> bool:
     return bool(objective.state_dict())
-
-
-def _inverse(order: Tensor) -> Tensor:
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(len(order), device=order.device)
-    return inv
 
 
 def _pad_to(x: Tensor, width: int) -> Tensor:

@@ -10,15 +10,20 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("field", ["model.path", "reference"])
-def test_an_unresolvable_hub_id_is_one_line_with_the_fix(field, tiny_model_dir, tiny_data_files, tmp_path):
-    overrides = [
-        f"model.path={tiny_model_dir}",
-        f"data.train={tiny_data_files['pairs']}",
+def _overrides(field: str, model_dir, data_files, tmp_path) -> list[str]:
+    """A DPO run whose ``field`` names a hub id that is nowhere."""
+    return [
+        f"model.path={model_dir}",
+        f"data.train={data_files['pairs']}",
         "objective.name=dpo",
         f"output.dir={tmp_path / 'run'}",
         f"{field}=align-tests/not-cached-anywhere",
     ]
+
+
+@pytest.mark.parametrize("field", ["model.path", "reference"])
+def test_an_unresolvable_hub_id_is_one_line_with_the_fix(field, tiny_model_dir, tiny_data_files, tmp_path):
+    overrides = _overrides(field, tiny_model_dir, tiny_data_files, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "align.cli", "train", "quickstart", "prepare=null", *overrides],
@@ -39,13 +44,7 @@ def test_an_unresolvable_hub_id_is_one_line_with_the_fix(field, tiny_model_dir, 
 def test_an_unreachable_hub_is_one_line_without_retries(field, tiny_model_dir, tiny_data_files, tmp_path):
     """Without HF_HUB_OFFLINE and with the hub unreachable (here: an endpoint nobody listens on),
     the run probes the hub once, goes offline, and fails in one line -- not after ~50 s of retries."""
-    overrides = [
-        f"model.path={tiny_model_dir}",
-        f"data.train={tiny_data_files['pairs']}",
-        "objective.name=dpo",
-        f"output.dir={tmp_path / 'run'}",
-        f"{field}=align-tests/not-cached-anywhere",
-    ]
+    overrides = _overrides(field, tiny_model_dir, tiny_data_files, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: connection refused at once
     done = subprocess.run(
