@@ -34,8 +34,10 @@ Unit = Literal["sequence", "pair", "token"]
 Feed = Literal["online", "offline"]
 # the tilt f of the KL-regularised fixed point π* ∝ π_ref·exp(f/β) that the bandit lab checks:
 # "reward" f = r; "demo_gap" f = −(r − r_demo)²; "preference" f from the Bradley–Terry preference
-# probabilities of the pairs (IPO's least-squares solution); None: no closed form
-FixedPoint = Literal["reward", "demo_gap", "preference"]
+# probabilities of the pairs (IPO's least-squares solution); "reverse_kl": the stationary point of
+# (k−1)/k·E[r] − β·KL(π_ref ‖ π) (mean-centred group advantages with a k3 KL loss term, T = 1);
+# None: no closed form
+FixedPoint = Literal["reward", "demo_gap", "preference", "reverse_kl"]
 
 
 @dataclass

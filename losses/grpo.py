@@ -18,9 +18,10 @@ KL as a loss term uses k3 = π_ref/π − 1 − log(π_ref/π) per token: its on
 
 Fixed point (declared per instance): with kl = "reward" and scale_rewards = false, A_i is
 (k−1)/k times RLOO's advantage, so the expected gradient is (k−1)/k·∇(E[r] − β·KL) and the fixed
-point is π_ref·exp(r/β) (``reward``; bandit-tested). Dividing by the group's std, or the KL as a
-loss term (a stationary point of E[r]·(k−1)/k − β·KL(π_ref ‖ π), no exponential tilt), has no
-closed form the lab checks (None).
+point is π_ref·exp(r/β) (``reward``; bandit-tested). With the k3 KL as a loss term and no std
+scaling (Dr. GRPO's default) the expected gradient is (k−1)/k·∇E[r] − β·∇KL(π_ref ‖ π), whose
+stationary point π = β·π_ref/(λ − (k−1)/k·r) is no exponential tilt (``reverse_kl``; bandit-tested,
+align/jobs/bandit/targets.py). Dividing by the group's std has no closed form (None).
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ class GRPO(Objective):
 
     @property
     def fixed_point(self):  # type: ignore[override]
-        return "reward" if self.kl == "reward" and not self.scale_rewards else None
+        if self.scale_rewards:
+            return None
+        return "reward" if self.kl == "reward" else "reverse_kl"
 
     def advantages(self, batch: LossBatch) -> tuple[Tensor, Tensor, Tensor]:
         beta = self.beta if self.kl == "reward" else 0.0

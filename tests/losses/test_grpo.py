@@ -105,6 +105,7 @@ def test_dr_grpo_with_kl_in_the_reward_is_scaled_rloo():
     beta = 0.1
     objective = losses.build("dr_grpo", beta=beta, kl="reward", kl_estimator="k1")
     assert objective.fixed_point == "reward" and losses.build("grpo").fixed_point is None
+    assert losses.build("dr_grpo").fixed_point == "reverse_kl"
     adv_grpo, _, _ = objective.advantages(batch)
     rloo = losses.build("rloo", beta=beta)
     _, metrics_rloo = rloo.terms(batch)
@@ -168,3 +169,37 @@ def test_vanilla_pg_and_dr_grpo_reach_their_fixed_point(K_arms, beta, instance):
     )
     for label, result in run(recipe)["objectives"].items():
         assert statistics.fmean(result["final"]["kl_to_target"]) < 0.01, label
+
+
+@pytest.mark.parametrize("K_arms,beta,k,instance", [(4, 0.1, 2, 0), (8, 0.3, 4, 1)])
+def test_dr_grpo_with_a_k3_loss_reaches_its_own_fixed_point(K_arms, beta, k, instance):
+    """Mean-centred advantages and a k3 KL loss term: π = β·π_ref/(λ − (k−1)/k·r), which is not
+    π_ref·exp(r/β) -- the lab's KL to the declared point is tiny, to the exponential tilt it is not."""
+    from align.jobs.bandit import BanditRecipe, run
+    from align.jobs.bandit.targets import kl_to_tilt, reverse_kl_tilt
+
+    g = torch.Generator().manual_seed(200 + instance)
+    rewards = torch.rand(K_arms, generator=g)
+    ref_logits = 0.5 * torch.randn(K_arms, generator=g)
+    recipe = BanditRecipe(
+        rewards=rewards.tolist(),
+        ref_logits=ref_logits.tolist(),
+        beta=beta,
+        k=k,
+        seeds=2,
+        seed=instance,
+        log_every=100,
+        objectives=["dr_grpo", {"name": "grpo", "scale_rewards": False, "aggregation": "token_mean"}],
+    )
+    ref_law = torch.softmax(ref_logits.double(), -1)
+    f = reverse_kl_tilt(rewards, ref_law, beta, (k - 1) / k)
+    law = ref_law * torch.exp(f / beta)
+    # the stationarity condition by hand: c·r + β·π_ref/π is the same constant on every arm
+    condition = (k - 1) / k * rewards.double() + beta * ref_law / law
+    assert float(law.sum()) == pytest.approx(1, abs=1e-9) and float(condition.std()) < 1e-8
+    for label, result in run(recipe)["objectives"].items():
+        assert statistics.fmean(result["final"]["kl_to_target"]) < 0.01, label
+        final = torch.tensor(result["final_policy"], dtype=torch.float64)
+        kl_ref = (final * (final.log() - ref_law.log())).sum(-1)
+        to_exp_tilt = kl_to_tilt(kl_ref, final, ref_law, rewards.double(), beta)
+        assert float(to_exp_tilt.mean()) > 3 * statistics.fmean(result["final"]["kl_to_target"]), label

@@ -209,6 +209,7 @@ def train_objective(
         beta,
         recipe.demo_reward,
         None if from_policy else pairs.laws,
+        entry.k or recipe.k,
     )
     evaluate = Evaluator(world, beta, tilt)
 

@@ -6,6 +6,7 @@
 | ipo, pairs y ~ μ1, y′ ~ μ2, Bradley–Terry    | β·g(y), g the least-squares solution below |
 |   ... with μ1 = μ2 = μ                       | p(y ≻ μ) = E_{y′~μ} σ(r(y) − r(y′))        |
 | rcfd with demonstration reward r_d           | −(r(y) − r_d)²                             |
+| dr_grpo / grpo (no std) with k3 KL as a loss | β·log(π/π_ref), π the reverse-KL point below |
 
 IPO: its population loss is E_{μ1⊗μ2}[(g(y) − g(y′) − t(y, y′))²] + const with g = log π/π_ref
 and t = (2σ(r(y) − r(y′)) − 1)/(2β): a weighted least-squares problem in g, whose solution for
@@ -14,6 +15,11 @@ the fixed point is self-consistent (μ = π) and is found by damped iteration.
 
 Length-averaged DPO/IPO on sequences have no closed form (``None``); on a bandit (T = 1) they
 equal the summed losses.
+
+Mean-centred group advantages (A_i = r_i − mean_g r, the sample included) have expected gradient
+c·∇E_π[r] with c = (k−1)/k, and a k3 KL loss term has on-policy gradient ∇KL(π_ref ‖ π): the
+stationary point of c·E_π[r] − β·KL(π_ref ‖ π) is π(y) = β·π_ref(y)/(λ − c·r(y)), λ > c·max r
+fixing Σπ = 1 (found by bisection) -- not an exponential tilt, so it is written as f = β·log(π/π_ref).
 
 KL to a target is exact: KL(π‖π_t) = KL(π‖π_ref) − E_π[f]/β + log E_{π_ref}[exp(f/β)].
 """
@@ -63,6 +69,24 @@ def ipo_self_consistent(rewards: Tensor, ref_law: Tensor, beta: float, iters: in
     return pref @ law
 
 
+def reverse_kl_tilt(rewards: Tensor, ref_law: Tensor, beta: float, scale: float) -> Tensor:
+    """f = β·log(π/π_ref) for π the maximiser of scale·E_π[r] − β·KL(π_ref ‖ π)."""
+    r, ref = scale * rewards.double(), ref_law.double()
+    lo = float(r.max()) + 1e-300  # Σπ decreases in λ from +∞ (λ ↓ max r) to 0
+    hi = float(r.max()) + beta * 2.0
+    while float((beta * ref / (hi - r)).sum()) > 1:
+        hi = lo + 2 * (hi - lo)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float((beta * ref / (mid - r)).sum()) > 1:
+            lo = mid
+        else:
+            hi = mid
+    law = beta * ref / (0.5 * (lo + hi) - r)
+    law = law / law.sum()
+    return beta * (law.log() - ref.log())
+
+
 def target_tilt(
     fixed_point: str | None,
     averaged: bool,
@@ -72,11 +96,13 @@ def target_tilt(
     beta: float,
     demo_reward: float,
     pair_laws: tuple[Tensor, Tensor] | None,
+    k: int = 2,
 ) -> Tensor | None:
     """The tilt f of an objective's fixed point over outcomes, or None when there is no closed form.
 
     ``fixed_point`` is the objective's declaration (``losses.base.FixedPoint``); ``pair_laws`` =
-    (law of y, law of y′) of the sampler's pairs, or None when pairs come from the policy.
+    (law of y, law of y′) of the sampler's pairs, or None when pairs come from the policy; ``k``
+    the samples per prompt (mean-centred group advantages scale the reward by (k−1)/k).
     """
     if fixed_point is None or (averaged and sequence):
         return None
@@ -89,4 +115,9 @@ def target_tilt(
         return ipo_tilt(r, pair_laws[0], pair_laws[1], beta)
     if fixed_point == "reward":
         return r
-    raise ValueError(f"fixed_point: expected 'reward', 'demo_gap', 'preference' or None, got {fixed_point!r}")
+    if fixed_point == "reverse_kl":
+        # per-token k3 averaged per sequence is not the sequence KL(π_ref ‖ π): a bandit only
+        return None if sequence else reverse_kl_tilt(r, ref_law, beta, (k - 1) / k)
+    raise ValueError(
+        f"fixed_point: expected 'reward', 'demo_gap', 'preference', 'reverse_kl' or None, got {fixed_point!r}"
+    )
