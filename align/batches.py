@@ -36,6 +36,7 @@ class StepBatch:
     demo_rewards: Tensor | None = None
     ref_logprobs: Tensor | None = None  # precomputed (offline cache; online: kept by the first update)
     old_logprobs: Tensor | None = None  # π_old, kept by the first of several updates on this batch
+    old_values: Tensor | None = None  # the critic's V_old, kept likewise (objectives that read values)
     sampler_probs: Tensor | None = None  # [T, B, V] the rollout's softmax, for the policy's log-probs
     texts: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)

@@ -54,8 +54,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (full disk, I/O error); the message names the path."""
 
 
-def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, run_dir: str | Path, keep_last: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically; every process must call this.
+def save_checkpoint(
+    accelerator, model, tokenizer, trainer_state: dict, run_dir: str | Path, keep_last: int, critic=None
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically; every process must call this. With a ``critic``
+    (align/critic.py) its whole weights go to ``critic/`` beside ``model/`` (``state/`` holds both
+    models' training state either way).
 
     A failed write (ENOSPC, EIO, ...) removes the temporary directory and raises one line that
     names the path and the space needed; the previous checkpoint is left as it was."""
@@ -75,6 +79,12 @@ def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, run_dir:
             unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp / "model")
             torch.save(trainer_state, tmp / "trainer_state.pt")
+        if critic is not None:
+            from align.critic import save_critic
+
+            critic_state = full_state_dict(accelerator, critic)
+            if accelerator.is_main_process:
+                save_critic(critic_state, accelerator.unwrap_model(critic).backbone.config, tmp / "critic")
     except (OSError, RuntimeError) as err:
         failure = _reason(err)
     # every process learns whether any failed, so none waits forever for a rank that gave up

@@ -21,6 +21,7 @@ class Models:
     eos_token_id: int | None
     pad_token_id: int
     adapters: bool = False  # LoRA: the reference is the policy with its adapters off
+    critic: torch.nn.Module | None = None  # objectives that read values (align/critic.py)
 
     @property
     def has_reference(self) -> bool:
@@ -77,7 +78,8 @@ def check_loadable(recipe: Recipe) -> None:
     from align.config import RecipeError
 
     cfg = recipe.model
-    for field_name, source in (("model.path", cfg.path), ("reference", recipe.reference)):
+    critic = recipe.critic.path if recipe.critic is not None else None
+    for field_name, source in (("model.path", cfg.path), ("reference", recipe.reference), ("critic.path", critic)):
         if source is None:
             continue
         go_offline_if_hub_unreachable(source)
@@ -135,8 +137,10 @@ def check_positions(recipe: Recipe, dataset) -> None:
         )
 
 
-def load_models(recipe: Recipe, device: torch.device, need_reference: bool, tokenizer=None) -> Models:
-    """Policy (and frozen reference) from a hub id or a local directory: the same code path."""
+def load_models(
+    recipe: Recipe, device: torch.device, need_reference: bool, tokenizer=None, need_critic: bool = False
+) -> Models:
+    """Policy (and frozen reference, and critic) from a hub id or a local directory: the same code path."""
     from transformers import AutoModelForCausalLM
 
     cfg = recipe.model
@@ -164,8 +168,16 @@ def load_models(recipe: Recipe, device: torch.device, need_reference: bool, toke
         for module in policy.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    critic = None
+    if need_critic:
+        from align.critic import load_critic
+
+        source = recipe.critic.path if recipe.critic is not None and recipe.critic.path else cfg.path
+        critic = load_critic(source, dtype, cfg.revision, cfg.trust_remote_code, cfg.disable_dropout)
     eos = tokenizer.eos_token_id
-    return Models(policy, reference, tokenizer, eos, tokenizer.pad_token_id, adapters=cfg.lora is not None)
+    return Models(
+        policy, reference, tokenizer, eos, tokenizer.pad_token_id, adapters=cfg.lora is not None, critic=critic
+    )
 
 
 def load_reference(recipe: Recipe, device: torch.device) -> torch.nn.Module:

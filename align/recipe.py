@@ -142,6 +142,13 @@ class ObjectiveConfig(Strict):
         return losses.build(self.name, **opts)
 
 
+class CriticConfig(Strict):
+    path: str | None = Field(
+        None, description="the critic's backbone: hub id or directory (default: model.path, the SFT policy)"
+    )
+    lr: float | None = Field(None, gt=0, description="the critic's learning rate (default: train.lr)")
+
+
 class RewardComponent(Strict):
     name: str = Field(..., description="a name in rewards.REGISTRY")
     weight: float = 1.0
@@ -237,6 +244,9 @@ class Recipe(Strict):
     data: DataConfig
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     reward: list[RewardComponent] = Field(default_factory=list)
+    critic: CriticConfig | None = Field(
+        None, description="objectives that read values (ppo): the value model trained beside the policy"
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -267,6 +277,8 @@ class Recipe(Strict):
             raise ValueError(
                 f"train.updates_per_batch: {name!r} is trained on a fixed dataset (fresh rows every step); expected 1"
             )
+        if self.critic is not None and "values" not in declared.needs:
+            raise ValueError(f"critic: {name!r} reads no values (ppo does); remove the critic section")
         held_out = (
             "data.eval_pairs" if self.data.eval_pairs else "data.eval_fraction" if self.data.eval_fraction else None
         )

@@ -14,6 +14,7 @@ from torch import Tensor
 
 import losses
 from align.batches import StepBatch, _trim_left
+from align.critic import completion_values
 from align.logprobs import completion_logprobs
 from align.models import Models, reference_model
 from align.recipe import Recipe
@@ -53,7 +54,8 @@ def optimizer_step(
     global_units = max(global_units, 1.0)  # a step whose samples all went unscored trains on nothing
     scale = accelerator.num_processes  # DDP averages gradients over processes; our loss is already global
     totals: dict[str, float] = {}
-    policy_lp, ref_lp = [], []
+    policy_lp, ref_lp, value_lp = [], [], []
+    critic = models.critic
     finite = True
     for i, rows in enumerate(batch.micro_batches):
         last = i == len(batch.micro_batches) - 1
@@ -63,8 +65,7 @@ def optimizer_step(
             rows = torch.zeros(1, dtype=torch.long, device=rows.device)
         # gradients are all-reduced (DDP) / the DeepSpeed engine steps only on the last micro-batch
         accelerator.gradient_state._set_sync_gradients(last)
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(models.policy)
-        with sync:
+        with _no_sync_unless(last, accelerator, models.policy, critic):
             p_ids, p_mask = _trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
             c_ids, c_mask = batch.completion_ids[rows], batch.completion_mask[rows]
             width = max(int(c_mask.sum(-1).max()), 1)
@@ -81,7 +82,13 @@ def optimizer_step(
             else:
                 ref = None
             old = None if batch.old_logprobs is None else batch.old_logprobs[rows][:, :width]
-            micro = _loss_batch(batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref, old=old)
+            values = old_values = None
+            if critic is not None:
+                values = completion_values(critic, p_ids, p_mask, c_ids, c_mask.to(logprobs.dtype))
+                old_values = None if batch.old_values is None else batch.old_values[rows][:, :width]
+            micro = _loss_batch(
+                batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref, old=old, values=values, old_values=old_values
+            )
             loss, metrics = objective(micro, num_units=global_units)
             if placeholder:
                 loss = loss * 0.0
@@ -99,11 +106,14 @@ def optimizer_step(
         policy_lp.append(_pad_to(logprobs.detach(), batch.completion_mask.shape[1]))
         if ref is not None:
             ref_lp.append(_pad_to(ref.detach(), batch.completion_mask.shape[1]))
+        if values is not None:
+            value_lp.append(_pad_to(values.detach(), batch.completion_mask.shape[1]))
     batch.sampler_probs = None  # the backward has consumed it in place
-    if recipe.train.max_grad_norm is not None:
-        norm = accelerator.clip_grad_norm_(models.policy.parameters(), recipe.train.max_grad_norm)
+    params = list(models.policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
+    if recipe.train.max_grad_norm is not None:  # policy and critic clipped together, as TRL's PPO does
+        norm = accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
     else:
-        grads = [p.grad.norm() for p in models.policy.parameters() if p.grad is not None]
+        grads = [p.grad.norm() for p in params if p.grad is not None]
         norm = torch.norm(torch.stack(grads)) if grads else None
     grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
     if not finite or (grad_norm is not None and not math.isfinite(grad_norm)):
@@ -116,6 +126,9 @@ def optimizer_step(
         if ref_lp and batch.ref_logprobs is None:
             batch.ref_logprobs = torch.zeros_like(batch.old_logprobs)
             batch.ref_logprobs[live] = torch.cat(ref_lp)
+        if value_lp:  # V_old: the advantages and value clip of later updates read the rollout's critic
+            batch.old_values = torch.zeros_like(batch.old_logprobs)
+            batch.old_values[live] = torch.cat(value_lp)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -127,6 +140,16 @@ def optimizer_step(
     totals["lr"] = scheduler.get_last_lr()[0]
     totals.update(sequence_stats(full, batch))
     return totals
+
+
+def _no_sync_unless(last: bool, accelerator, *models) -> contextlib.AbstractContextManager:
+    """Gradients are all-reduced only on a step's last micro-batch, for every trained model."""
+    stack = contextlib.ExitStack()
+    if not last:
+        for model in models:
+            if model is not None:
+                stack.enter_context(accelerator.no_sync(model))
+    return stack
 
 
 def _stateful(objective: losses.Objective) -> bool:
@@ -144,6 +167,8 @@ def _loss_batch(
     mask: Tensor | None = None,
     ref: Tensor | None = None,
     old: Tensor | None = None,
+    values: Tensor | None = None,
+    old_values: Tensor | None = None,
 ) -> LossBatch:
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     pairs = batch.pairs
@@ -158,6 +183,8 @@ def _loss_batch(
         pairs=pairs,
         demo_rewards=None if batch.demo_rewards is None else pick(batch.demo_rewards),
         old_logprobs=old,
+        values=values,
+        old_values=old_values,
     )
 
 

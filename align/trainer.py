@@ -35,7 +35,7 @@ from align.batches import (
     rollout_batch,
 )
 from align.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from align.config import dump_recipe
+from align.config import RecipeError, dump_recipe
 from align.distributed import (
     configure_deepspeed,
     loading_whole_models,
@@ -43,6 +43,7 @@ from align.distributed import (
     params_sharded,
     prepare_reference,
     run_info,
+    sharding,
 )
 from align.metrics_log import MetricsLog, postfix, progress_bar, read_metrics
 from align.model_card import write_model_card
@@ -189,10 +190,18 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
     )
     bar = progress_bar(recipe.train.steps, run.step, main, run.objective.name)
     run.models.policy.train(not recipe.model.disable_dropout)
+    if run.models.critic is not None:
+        run.models.critic.train(not recipe.model.disable_dropout)
 
     def save() -> Path:
         return save_checkpoint(
-            accelerator, run.models.policy, run.models.tokenizer, run.state(), run_dir, recipe.output.keep_last
+            accelerator,
+            run.models.policy,
+            run.models.tokenizer,
+            run.state(),
+            run_dir,
+            recipe.output.keep_last,
+            critic=run.models.critic,
         )
 
     stopped_by = None
@@ -266,17 +275,30 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
         dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
     check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
     check_positions(recipe, dataset)
+    need_critic = "values" in objective.needs
+    if need_critic and sharding(accelerator) in ("zero2", "zero3", "fsdp2"):
+        # accelerate prepares one trained model under FSDP2 and one per DeepSpeed engine
+        raise RecipeError(
+            f"critic: {objective.name!r} trains a critic beside the policy, and accelerate prepares only "
+            f"one trained model under {sharding(accelerator)}; launch with DDP (one or more processes)"
+        )
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
     if recipe.objective.online and "demo_rewards" in recipe.objective.needs:
         fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
-    models = load_models(recipe, accelerator.device, need_reference=objective.uses_reference, tokenizer=tokenizer)
-    trainable = [p for p in models.policy.parameters() if p.requires_grad]
+    models = load_models(
+        recipe, accelerator.device, need_reference=objective.uses_reference, tokenizer=tokenizer, need_critic=need_critic
+    )
     cfg = recipe.train
+    groups = [[p for p in models.policy.parameters() if p.requires_grad]]
+    if models.critic is not None:
+        groups.append([p for p in models.critic.parameters() if p.requires_grad])
+    param_groups = [{"params": params, "lr": lr} for params, lr in zip(groups, base_lrs(recipe))]
+    trainable = [p for params in groups for p in params]
     if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(
-            trainable,
+            param_groups,
             lr=cfg.lr,
             betas=cfg.adam_betas,
             weight_decay=cfg.weight_decay,
@@ -287,12 +309,21 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
         num_training_steps=cfg.steps * cfg.updates_per_batch,
     )
     configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
-    models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
+    if models.critic is not None:
+        models.policy, models.critic, optimizer = accelerator.prepare(models.policy, models.critic, optimizer)
+    else:
+        models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
     models.reference = prepare_reference(models.reference, accelerator)  # placed like the policy
     # the scheduler is not prepared: accelerate's wrapper steps once per process, which would make
     # the schedule depend on the process count; its state goes into trainer_state.pt (plain types,
     # loaded with weights_only=True) rather than accelerate's pickle of custom objects
     return Run(recipe, objective, dataset, reward, models, optimizer, scheduler)
+
+
+def base_lrs(recipe: Recipe) -> list[float]:
+    """The learning rate of each optimizer parameter group: the policy's, then the critic's."""
+    critic = recipe.critic.lr if recipe.critic is not None and recipe.critic.lr is not None else None
+    return [recipe.train.lr, critic if critic is not None else recipe.train.lr]
 
 
 def restore(run: Run, accelerator, checkpoint: Path, changes: dict) -> None:
@@ -301,8 +332,8 @@ def restore(run: Run, accelerator, checkpoint: Path, changes: dict) -> None:
     run.step, run.bad_steps = state["step"], state["bad_steps"]
     scheduler = run.scheduler
     scheduler.load_state_dict(state["scheduler"])
-    if "train.lr" in changes:  # applied from this step on, not silently replaced by the saved one
-        scheduler.base_lrs = [run.recipe.train.lr for _ in scheduler.base_lrs]
+    if "train.lr" in changes or "critic.lr" in changes:  # applied from this step on, not replaced by the saved one
+        scheduler.base_lrs = base_lrs(run.recipe)[: len(scheduler.base_lrs)]
         for group, base, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
@@ -328,6 +359,11 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
             records = read_metrics(run_dir)
             write_model_card(final, run.recipe, summary, records[-1] if records else {})
         summary["final_model"] = str(final)
+        if (checkpoint / "critic").is_dir():
+            if accelerator.is_main_process:
+                shutil.rmtree(run_dir / "final_critic", ignore_errors=True)
+                shutil.copytree(checkpoint / "critic", run_dir / "final_critic")
+            summary["final_critic"] = str(run_dir / "final_critic")
         if run.recipe.output.merge_lora and run.recipe.model.lora is not None:
             if accelerator.is_main_process:
                 merge_adapters(run.recipe, final, run_dir / "final_merged", accelerator)

@@ -16,6 +16,7 @@ from losses.dpo import DPO
 from losses.grpo import GRPO, DrGRPO
 from losses.ipo import IPO
 from losses.kl import regularised_reward, sequence_kl, token_kl
+from losses.ppo import PPO
 from losses.rcfd import RCfD
 from losses.reinforce import Reinforce
 from losses.rloo import RLOO
@@ -23,7 +24,7 @@ from losses.sft import SFT
 from losses.vanilla_pg import VanillaPG
 
 REGISTRY: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Reinforce, RLOO, VanillaPG, GRPO, DrGRPO, CoPG, DPO, IPO, RCfD, SFT)
+    cls.name: cls for cls in (Reinforce, RLOO, VanillaPG, PPO, GRPO, DrGRPO, CoPG, DPO, IPO, RCfD, SFT)
 }
 
 

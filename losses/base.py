@@ -13,6 +13,9 @@ An objective sees a batch of B sequences of up to T completion tokens (a bandit 
                           objectives (REINFORCE's moving baseline) look at it
 - ``old_logprobs[B, T]``  log-probs of the policy that sampled (π_old), for importance ratios;
                           None means the batch is on-policy (ratio 1)
+- ``values[B, T]``        a critic's value of the state before each completion token, with grad
+                          (objectives that need it get a critic from the trainer, a table in the lab)
+- ``old_values[B, T]``    the critic's values when the batch was sampled; None: the current ones
 
 Normalisation belongs to the contract, not to each loss. An objective declares its ``unit``
 (``"sequence"``, ``"pair"`` or ``"token"``) and returns ``sum(per-unit terms) / num_units``.
@@ -51,6 +54,8 @@ class LossBatch:
     demo_rewards: Tensor | None = None
     stream: Tensor | None = None
     old_logprobs: Tensor | None = None  # the sampling policy's log-probs (importance ratios); None: on-policy
+    values: Tensor | None = None  # the critic's per-token state values, with grad
+    old_values: Tensor | None = None  # the critic's values at sampling time; None: ``values`` detached
 
     def __post_init__(self) -> None:
         if self.logprobs.dim() != 2 or self.mask.shape != self.logprobs.shape:

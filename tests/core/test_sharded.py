@@ -29,7 +29,8 @@ pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
-SGD_LR = {"rloo": 0.05, "dpo": 2.0}
+SGD_LR = {"rloo": 0.05, "dpo": 2.0, "ppo": 0.5}
+ONLINE = {"rloo": {"name": "rloo", "beta": 0.05, "k": 2}, "ppo": {"name": "ppo", "beta": 0.05, "k": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def _recipe(model_dir, data_files, run_dir, objective: str, batch_size: int, **extra) -> dict:
-    online = objective == "rloo"
+    online = objective in ONLINE
     raw = {
         "model": {"path": str(model_dir), **extra.pop("model", {})},
         "data": {"train": str(data_files["prompts" if online else "pairs"])},
-        "objective": {"name": "rloo", "beta": 0.05, "k": 2} if online else {"name": "dpo", "beta": 0.1},
+        "objective": ONLINE[objective] if online else {"name": "dpo", "beta": 0.1},
         "generation": {"max_new_tokens": 8, "stop_strings": ["e"]},
         "train": {
             "steps": 2,
@@ -130,6 +131,19 @@ def test_two_sharded_processes_equal_one(
     moved = _max_diff(one, start)
     assert moved > 1e-3, moved  # the runs did train
     assert _max_diff(one, two) < 2e-5 * max(1.0, moved / 1e-2), (_max_diff(one, two), moved)
+
+
+@pytest.mark.parametrize("config", ["cpu_zero2", "cpu_fsdp2"])
+def test_ppo_under_sharding_is_refused_in_one_line(config, tiny_llama, tiny_data_files, tmp_path):
+    """accelerate prepares one trained model under FSDP2 and DeepSpeed: PPO's critic is refused
+    there with one line and exit code 2, before any weights load (DDP runs it: test_trainer.py)."""
+    raw = _recipe(tiny_llama, tiny_data_files, tmp_path / "run", "ppo", 4)
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(_launch_cmd(config, path), capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode != 0  # the launcher's own report follows the workers' exit code 2
+    assert "align train: critic: 'ppo' trains a critic beside the policy" in done.stderr
+    assert "align/trainer.py" not in done.stderr and "Loading weights" not in done.stderr
 
 
 def test_fsdp2_resume_after_sigterm_equals_the_uninterrupted_run(tiny_llama, tiny_data_files, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import losses
 from align.config import RecipeError, validate
 from align.recipe import Recipe
 from align.trainer import TrainingError, train
@@ -34,6 +35,7 @@ SGD_LR = {
     "grpo": 1.0,
     "grpo_token": 1.0,
     "dr_grpo": 0.2,
+    "ppo": 0.5,
 }
 LENGTH = [{"name": "length", "options": {"target": 12, "unit": "chars"}}]
 WHITENED = [{"name": "length", "options": {"target": 12, "unit": "chars"}, "normalize": True}]
@@ -58,6 +60,7 @@ OBJECTIVES = {
         {"reward": LENGTH},
     ),
     "dr_grpo": ({"name": "dr_grpo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
+    "ppo": ({"name": "ppo", "beta": 0.05, "k": 2, "options": {"lam": 0.9}}, "prompts", {"reward": LENGTH}),
 }
 GENERATION = {"max_new_tokens": 8, "stop_strings": ["e"]}  # "e" cuts completions at unequal lengths
 
@@ -80,7 +83,12 @@ def make_recipe(
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
+    """The final policy's weights, and the critic's (``critic.*``) where the objective trains one."""
+    params = load_file(str(run_dir / "final" / "model.safetensors"))
+    if (run_dir / "final_critic").is_dir():
+        critic = load_file(str(run_dir / "final_critic" / "model.safetensors"))
+        params.update({f"critic.{k}": v for k, v in critic.items()})
+    return params
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -134,8 +142,12 @@ def test_gradient_accumulation_equivalence(key, tiny_model_dir, tiny_data_files,
         reused.clear()
         results[(batch, accumulation)] = final_params(run)
     reference = results[(8, 1)]
-    moved = max_diff(reference, {k: v for k, v in initial.items() if k in reference})
+    shared = reference.keys() & initial.keys()
+    moved = max_diff({k: reference[k] for k in shared}, {k: initial[k] for k in shared})
     assert moved > 1e-4, "nothing trained"
+    if "values" in losses.REGISTRY[OBJECTIVES[key][0]["name"]].needs:  # the critic trained too
+        head = reference["critic.value_head.weight"]
+        assert float(head.abs().max()) > 1e-4 and any(k.startswith("critic.backbone.") for k in reference)
     for config, params in results.items():
         assert max_diff(reference, params) < 2e-5, f"{key}: {config} differs from 8x1"
     if OBJECTIVES[key][1] == "prompts":
@@ -250,13 +262,13 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("key", ["dpo", "rloo", "reinforce", "rloo_whitened"])
+@pytest.mark.parametrize("key", ["dpo", "rloo", "reinforce", "rloo_whitened", "ppo"])
 def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
     """SIGTERM at step 2 saves a checkpoint; resuming to step 4 equals the uninterrupted run bit for bit.
 
     Dropout stays on (the tiny GPT-2 has p = 0.1), so the training forward draws random numbers
     and a resume that did not restore the RNG states would diverge; REINFORCE's running baseline
-    is objective state that must round-trip too."""
+    is objective state that must round-trip too, and PPO's critic (weights and optimizer state)."""
     dropout = {"disable_dropout": False}
     straight = tmp_path / "straight"
     train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, model=dropout, steps=4, batch_size=4))
@@ -282,7 +294,7 @@ def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
     assert clean[0] == clean[1]
 
 
-@pytest.mark.parametrize("key", ["dpo", "rloo", "rloo_whitened", "grpo_token"])
+@pytest.mark.parametrize("key", ["dpo", "rloo", "rloo_whitened", "grpo_token", "ppo"])
 def test_two_process_ddp_equals_one_process(key, tiny_model_dir, tiny_data_files, tmp_path):
     """accelerate launch --cpu --num_processes 2 (batch 4 each) == 1 process (batch 8)."""
     import yaml
@@ -393,7 +405,7 @@ def _write_recipe(tmp_path: Path, model_dir, data: Path) -> str:
     [
         ("train.stepz=3", "field 'train.stepz': unknown key"),
         ("train.steps=many", "field 'train.steps'"),
-        ("objective.name=ppo", "field 'objective.name'"),
+        ("objective.name=trpo", "field 'objective.name'"),
         ("objective.options.gamma=1", "unknown option(s) ['gamma'] for 'rloo'"),
         ("generation.min_new_tokens=99", "min_new_tokens (99) > max_new_tokens (32)"),
         ("objective.k=1", "objective.k"),
@@ -837,17 +849,21 @@ def test_reference_is_loaded_only_when_the_objective_reads_it(
     assert abs(out["before"]["kl_k1"]) < 1e-5 and out["after"]["kl_k1"] != 0.0  # the start is the reference
 
 
-def test_several_updates_per_batch_keep_pi_old(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
+TIGHT = {  # the objective with a tight clip, and an SGD step size that makes later updates clip
+    "grpo_tight": ({"name": "grpo", "beta": 0.04, "k": 2, "options": {"clip_low": 0.01, "clip_high": 0.01}}, 3.0),
+    "ppo_tight": ({"name": "ppo", "beta": 0.04, "k": 2, "options": {"clip": 0.01, "value_clip": 0.01}}, 0.5),
+}
+
+
+@pytest.mark.parametrize("tight", list(TIGHT))
+def test_several_updates_per_batch_keep_pi_old(tight, tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
     """train.updates_per_batch: 3 on GRPO with a tight clip: the later updates read their ratios
     against the sampling policy's log-probs (kept from the first), so they clip; were π_old taken
     from the current weights, every ratio would be 1 and nothing would clip. The scheduler counts
-    every update, and 8 × 1 == 2 × 4 still holds with several updates."""
-    grpo = (
-        {"name": "grpo", "beta": 0.04, "k": 2, "options": {"clip_low": 0.01, "clip_high": 0.01}},
-        "prompts",
-        {"reward": LENGTH},
-    )
-    monkeypatch.setitem(OBJECTIVES, "grpo_tight", grpo)
+    every update, and 8 × 1 == 2 × 4 still holds with several updates. PPO's critic keeps V_old
+    the same way (its value clip reads it)."""
+    objective, lr = TIGHT[tight]
+    monkeypatch.setitem(OBJECTIVES, tight, (objective, "prompts", {"reward": LENGTH}))
     results, clip = {}, {}
     for batch, accumulation in [(8, 1), (2, 4)]:
         run = tmp_path / f"b{batch}x{accumulation}"
@@ -856,12 +872,12 @@ def test_several_updates_per_batch_keep_pi_old(tiny_model_dir, tiny_data_files, 
                 tiny_model_dir,
                 tiny_data_files,
                 run,
-                "grpo_tight",
+                tight,
                 batch_size=batch,
                 gradient_accumulation_steps=accumulation,
                 updates_per_batch=3,
                 optimizer="sgd",
-                lr=3.0,
+                lr=lr,
                 max_grad_norm=None,
                 lr_scheduler="constant",
             )
@@ -876,10 +892,10 @@ def test_several_updates_per_batch_keep_pi_old(tiny_model_dir, tiny_data_files, 
             tiny_model_dir,
             tiny_data_files,
             tmp_path / "one",
-            "grpo_tight",
+            tight,
             batch_size=8,
             optimizer="sgd",
-            lr=3.0,
+            lr=lr,
             max_grad_norm=None,
             lr_scheduler="constant",
         )
@@ -887,14 +903,16 @@ def test_several_updates_per_batch_keep_pi_old(tiny_model_dir, tiny_data_files, 
     assert one["steps"] == 2 and all(r["clip_fraction"] == 0 for r in _metrics(tmp_path / "one"))
 
 
-def test_resume_is_exact_with_several_updates_per_batch(tiny_model_dir, tiny_data_files, tmp_path):
-    """GRPO, 2 updates per batch, a linear schedule over all 8 updates: SIGTERM at step 2 and a
-    resume to 4 equal the uninterrupted run bit for bit (the scheduler's count included)."""
+@pytest.mark.parametrize("key", ["grpo", "ppo"])
+def test_resume_is_exact_with_several_updates_per_batch(key, tiny_model_dir, tiny_data_files, tmp_path):
+    """GRPO and PPO (with its critic), 2 updates per batch, a linear schedule over all 8 updates:
+    SIGTERM at step 2 and a resume to 4 equal the uninterrupted run bit for bit (the scheduler's
+    count included)."""
     fields = {"steps": 4, "batch_size": 4, "updates_per_batch": 2}
     straight = tmp_path / "straight"
-    train(make_recipe(tiny_model_dir, tiny_data_files, straight, "grpo", **fields))
+    train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, **fields))
     interrupted = tmp_path / "interrupted"
-    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, "grpo", **fields)
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, key, **fields)
 
     def stop_at_two(step: int, record: dict) -> None:
         if step == 2:

@@ -130,8 +130,10 @@ def make_batch(
     logits: Tensor,
     pairs: PairSource,
     generator: torch.Generator,
+    value_table: Tensor | None = None,
 ) -> tuple[losses.LossBatch, int]:
-    """One step's batch for all seeds, and the number of loss units of one seed."""
+    """One step's batch for all seeds, and the number of loss units of one seed. ``value_table``
+    [S, T]: the critic of objectives that need ``values``, one learned value per seed and position."""
     S, k = recipe.seeds, entry.k or recipe.k
     from_policy = entry.source(recipe.sampler) == "policy"
     pair_local = None
@@ -168,6 +170,7 @@ def make_batch(
         pairs=None if pair_local is None else (pair_local[None] + seed[:, None, None] * n).reshape(-1, 2),
         demo_rewards=torch.full((S * n,), recipe.demo_reward),
         stream=seed.repeat_interleave(n),
+        values=None if value_table is None else value_table.repeat_interleave(n, 0)[:, :T],
     )
     return batch, objective.count_units(batch) // S
 
@@ -214,7 +217,10 @@ def train_objective(
     evaluate = Evaluator(world, beta, tilt)
 
     logits = world.init_logits(recipe.seeds).requires_grad_(True)
-    optimizer = torch.optim.Adam([logits], lr=recipe.lr)
+    value_table = None
+    if "values" in objective.needs:  # a tabular critic: a value per seed and position, trained by the loss
+        value_table = torch.zeros(recipe.seeds, world.L if sequence else 1, requires_grad=True)
+    optimizer = torch.optim.Adam([logits] + ([value_table] if value_table is not None else []), lr=recipe.lr)
     schedule = lr_scheduler(optimizer, recipe.steps, recipe.lr_schedule, final_ratio=recipe.final_lr_ratio)
     curves: dict[str, list[float]] = {"step": []}
 
@@ -226,7 +232,7 @@ def train_objective(
 
     log(0)
     for step in range(1, recipe.steps + 1):
-        batch, units = make_batch(entry, objective, recipe, world, logits, pairs, generator)
+        batch, units = make_batch(entry, objective, recipe, world, logits, pairs, generator, value_table)
         loss, _ = objective(batch, num_units=units)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
