@@ -286,7 +286,11 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
     if recipe.objective.online and "demo_rewards" in recipe.objective.needs:
         fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
     models = load_models(
-        recipe, accelerator.device, need_reference=objective.uses_reference, tokenizer=tokenizer, need_critic=need_critic
+        recipe,
+        accelerator.device,
+        need_reference=objective.uses_reference,
+        tokenizer=tokenizer,
+        need_critic=need_critic,
     )
     cfg = recipe.train
     groups = [[p for p in models.policy.parameters() if p.requires_grad]]
@@ -305,7 +309,9 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
             fused=_fused_optimizer_ok(trainable),
         )
     scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * cfg.updates_per_batch,
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps * cfg.updates_per_batch,
         num_training_steps=cfg.steps * cfg.updates_per_batch,
     )
     configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
