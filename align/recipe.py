@@ -183,6 +183,13 @@ class GenerationConfig(Strict):
         return self
 
 
+class ReplayConfig(Strict):
+    capacity_steps: int = Field(..., ge=1, description="keep the groups of the last N steps, this one included")
+    mix: float = Field(
+        0.0, ge=0, le=1, description="fraction of each step's groups trained fresh; the rest are drawn from the buffer"
+    )
+
+
 class TrainConfig(Strict):
     steps: int = Field(100, gt=0, description="optimizer steps")
     batch_size: int = Field(8, gt=0, description="per micro-batch: prompts (online), pairs or rows (offline)")
@@ -192,6 +199,11 @@ class TrainConfig(Strict):
         ge=1,
         description="online: optimizer updates on each rollout batch (GRPO's μ, PPO's epochs); π_old's log-probs "
         "are kept from before the first, for the objectives' importance ratios and clipping",
+    )
+    replay: ReplayConfig | None = Field(
+        None,
+        description="online: train on past groups of completions too (align/replay.py), no importance weights; "
+        "sound for copg, biased for policy-gradient objectives",
     )
     lr: float = Field(1e-5, gt=0)
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd: plain lr·gradient steps (tests, ablations)")
@@ -277,6 +289,8 @@ class Recipe(Strict):
             raise ValueError(
                 f"train.updates_per_batch: {name!r} is trained on a fixed dataset (fresh rows every step); expected 1"
             )
+        elif self.train.replay is not None:
+            raise ValueError(f"train.replay: {name!r} is trained on a fixed dataset, not on its own samples; remove it")
         if self.critic is not None and "values" not in declared.needs:
             raise ValueError(f"critic: {name!r} reads no values (ppo does); remove the critic section")
         held_out = (

@@ -49,6 +49,7 @@ from align.metrics_log import MetricsLog, postfix, progress_bar, read_metrics
 from align.model_card import write_model_card
 from align.models import Models, check_loadable, check_positions, load_models, load_tokenizer
 from align.recipe import Recipe
+from align.replay import ReplayBuffer
 from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction, build_reward
 from align.run_data import OfflineData, OnlineData
@@ -153,11 +154,13 @@ class Run:
     models: Models
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    replay: ReplayBuffer | None = None
     step: int = 0
     bad_steps: int = 0
 
     def state(self) -> dict:
         return {
+            "replay": self.replay.state_dict() if self.replay is not None else {},
             "step": self.step,
             "bad_steps": self.bad_steps,
             "scheduler": self.scheduler.state_dict(),
@@ -210,6 +213,9 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
             started = time.perf_counter()
             make_batch = rollout_batch if recipe.objective.online else offline_batch
             batch = make_batch(recipe, run.models, run.dataset, run.reward, run.step, accelerator)
+            if run.replay is not None:  # this step's groups join the buffer; the step trains on a mix
+                run.replay.add(batch, run.step)
+                batch = run.replay.mix_into(batch, run.step, accelerator.process_index)
             updates = recipe.train.updates_per_batch
             for update in range(updates):  # each an optimizer step on the same rollout batch
                 metrics = optimizer_step(
@@ -323,7 +329,12 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
     # the scheduler is not prepared: accelerate's wrapper steps once per process, which would make
     # the schedule depend on the process count; its state goes into trainer_state.pt (plain types,
     # loaded with weights_only=True) rather than accelerate's pickle of custom objects
-    return Run(recipe, objective, dataset, reward, models, optimizer, scheduler)
+    replay = None
+    if cfg.replay is not None:
+        replay = ReplayBuffer(
+            cfg.replay.capacity_steps, cfg.replay.mix, recipe.objective.k, cfg.batch_size, models.pad_token_id, cfg.seed
+        )
+    return Run(recipe, objective, dataset, reward, models, optimizer, scheduler, replay)
 
 
 def base_lrs(recipe: Recipe) -> list[float]:
@@ -344,6 +355,8 @@ def restore(run: Run, accelerator, checkpoint: Path, changes: dict) -> None:
             group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
     run.objective.load_state_dict(state["objective"])
+    if run.replay is not None:
+        run.replay.load_state_dict(state.get("replay", {}))
     if run.reward is not None:
         run.reward.load_state_dict(state.get("reward", {}))
 

@@ -1,0 +1,92 @@
+"""A replay buffer of past rollout groups (``train.replay: {capacity_steps, mix}``).
+
+Each step's fresh groups (a prompt, its k completions, their rewards) go into the buffer, which
+keeps the last ``capacity_steps`` steps, this one included. The step then trains on
+``round(mix·G)`` of its G fresh groups and G − that many groups drawn uniformly, with replacement,
+from the whole buffer: completions sampled by the policies of up to ``capacity_steps − 1`` steps
+ago, with no importance weights. CoPG's loss is zero at π* whatever distribution its pairs come
+from, so it learns from them (Flet-Berliac et al. 2024); a policy-gradient estimator such as RLOO
+is biased on them (the comparison ``align compare`` runs). Groups stay whole, so pairs and
+baselines stay within one prompt and one sampling policy.
+
+The buffer is local to each process (its own prompts), drawn with a generator seeded by (seed,
+step, process), and saved in every checkpoint: a resumed run replays exactly what the
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from align.batches import StepBatch, _concat_rollouts, split_micro_batches
+from align.rollout import Rollout
+
+_ROW_TENSORS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards", "demo_rewards")
+
+
+class ReplayBuffer:
+    def __init__(self, capacity_steps: int, mix: float, k: int, micro_batch_groups: int, pad_id: int, seed: int):
+        self.capacity_steps, self.mix, self.k = capacity_steps, mix, k
+        self.micro_batch_groups, self.pad_id, self.seed = micro_batch_groups, pad_id, seed
+        self.steps: deque[dict] = deque(maxlen=capacity_steps)
+
+    def add(self, batch: StepBatch, step: int) -> None:
+        """Keep this step's groups (CPU copies; unscored rows are remembered as such)."""
+        scored = torch.zeros(batch.completion_ids.shape[0], dtype=torch.bool)
+        scored[torch.cat(batch.micro_batches).cpu()] = True
+        entry = {"step": step, "scored": scored, "texts": list(batch.texts), "prompts": list(batch.prompts)}
+        for name in _ROW_TENSORS:
+            value = getattr(batch, name)
+            entry[name] = None if value is None else value.detach().cpu().clone()
+        self.steps.append(entry)
+
+    def mix_into(self, batch: StepBatch, step: int, process_index: int) -> StepBatch:
+        """The step's training batch: its first round(mix·G) fresh groups, the rest from the buffer."""
+        k = self.k
+        groups = batch.completion_ids.shape[0] // k
+        fresh = round(self.mix * groups)
+        pool = [(i, g) for i, entry in enumerate(self.steps) for g in range(entry["completion_ids"].shape[0] // k)]
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + process_index)
+        drawn = torch.randint(len(pool), (groups - fresh,), generator=generator).tolist()
+        picks = [(len(self.steps) - 1, g) for g in range(fresh)] + [pool[i] for i in drawn]
+        parts, ages, scored, texts, prompts = [], [], [], [], []
+        rewards, demo_rewards = [], []
+        for entry_index, g in picks:
+            entry, rows = self.steps[entry_index], torch.arange(g * k, (g + 1) * k)
+            parts.append(Rollout(*(entry[name][rows] for name in _ROW_TENSORS[:4])))
+            ages.append(step - entry["step"])
+            scored.append(entry["scored"][rows])
+            texts += [entry["texts"][i] for i in rows.tolist()]
+            prompts += [entry["prompts"][i] for i in rows.tolist()]
+            rewards.append(entry["rewards"][rows])
+            if entry["demo_rewards"] is not None:
+                demo_rewards.append(entry["demo_rewards"][rows])
+        rollout = _concat_rollouts(parts, self.pad_id)
+        device = batch.completion_ids.device
+        keep = torch.cat(scored)
+        micro = split_micro_batches(groups, k, self.micro_batch_groups, "grouped")
+        out = StepBatch(
+            prompt_ids=rollout.prompt_ids.to(device),
+            prompt_mask=rollout.prompt_mask.to(device),
+            completion_ids=rollout.completion_ids.to(device),
+            completion_mask=rollout.completion_mask.to(device),
+            micro_batches=[rows[keep[rows]].to(device) for rows in micro],
+            rewards=torch.cat(rewards).to(device),
+            group=torch.arange(groups, device=device).repeat_interleave(k),
+            demo_rewards=torch.cat(demo_rewards).to(device) if demo_rewards else None,
+            texts=texts,
+            prompts=prompts,
+            metrics=dict(batch.metrics),
+        )
+        out.metrics["replayed_fraction"] = (groups - fresh) / max(groups, 1)
+        out.metrics["replay_age"] = sum(ages) / max(len(ages), 1)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"steps": [dict(entry) for entry in self.steps]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = deque(state.get("steps", []), maxlen=self.capacity_steps)
+
