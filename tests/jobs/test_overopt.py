@@ -268,7 +268,8 @@ def test_report_has_documented_keys_and_consistent_numbers(study_run):
         assert obj["final_kl"] == obj["kl"][-1] and obj["peak_gold"] == max(obj["gold"])
         for key in ("kl", "gold", "proxy"):  # curves are the means of each seed's evaluation records
             records = {
-                seed: json.loads((out / "runs" / name / f"seed{seed}" / "eval.json").read_text()) for seed in (0, 1)
+                seed: json.loads((out / "runs" / name / f"seed{seed}" / "eval.json").read_text())["records"]
+                for seed in (0, 1)
             }
             per_seed = [[r[key] for r in records[seed]] for seed in (0, 1)]
             assert obj[key] == pytest.approx(np.mean(per_seed, axis=0).tolist())

@@ -9,10 +9,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-import losses
 from align.config import RecipeError, Strict, load_recipe, validate
 from align.jobs.rm import RMTrain
-from align.recipe import ObjectiveConfig, Recipe, RewardComponent
+from align.jobs.study import ObjectiveSpec, checkpoint_output, eval_steps  # noqa: F401 -- re-exported
+from align.recipe import Recipe, RewardComponent
 
 PAIR_SEED_OFFSET = 20_011  # proxy-pair samples never reuse a training or evaluation key
 BON_SEED_OFFSET = 30_011
@@ -53,24 +53,6 @@ class BonConfig(Strict):
         if ns and any(max(ns) % n for n in ns):
             raise ValueError(f"every n must divide the largest ({max(ns)}): one pool of samples serves all n")
         return sorted(set(ns))
-
-
-class ObjectiveSpec(ObjectiveConfig):
-    label: str | None = Field(None, description="name in the report (default: NAME_betaBETA)")
-
-    @property
-    def effective_beta(self) -> float | None:
-        if self.beta is not None:
-            return self.beta
-        beta = {**losses.options(self.name), **self.options}.get("beta")
-        return beta if isinstance(beta, (int, float)) else None
-
-    @property
-    def run_name(self) -> str:
-        if self.label:
-            return self.label
-        beta = self.effective_beta
-        return self.name if beta is None else f"{self.name}_beta{beta:g}"
 
 
 class OveroptRecipe(Strict):
@@ -131,22 +113,9 @@ def proxy_dir(study: OveroptRecipe) -> Path:
 def run_recipe(study: OveroptRecipe, spec: ObjectiveSpec, seed: int, source: str = "recipe") -> Recipe:
     """The training recipe of one (objective, seed) run: ``base`` + objective + proxy reward."""
     raw = copy.deepcopy(study.base)
-    raw["objective"] = spec.model_dump(mode="json", exclude={"label"}, exclude_none=True)
+    raw["objective"] = spec.objective_section()
     raw["reward"] = [{"name": "reward_model", "label": "proxy", "options": {"model": str(proxy_dir(study))}}]
-    raw["train"] = {**(raw.get("train") or {}), "seed": seed}
+    raw["train"] = {**(raw.get("train") or {}), **spec.train, "seed": seed}
     steps = validate(Recipe, {**raw, "output": {}}, source=f"{source}: run {spec.run_name}").train.steps
-    raw["output"] = {
-        "dir": str(run_dir(study, spec, seed)),
-        "save_every": study.eval.every,
-        "keep_last": steps // study.eval.every + 1,
-        "sample_every": 0,
-        "report": False,
-        "save_model": False,
-    }
+    raw["output"] = checkpoint_output(run_dir(study, spec, seed), steps, study.eval.every)
     return validate(Recipe, raw, source=f"{source}: run {spec.run_name}")
-
-
-def eval_steps(recipe: Recipe, every: int) -> list[int]:
-    """Step 0 (the initial policy), every ``every`` steps, and the last step."""
-    steps = list(range(0, recipe.train.steps, every))
-    return steps + [recipe.train.steps]

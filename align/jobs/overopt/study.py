@@ -29,15 +29,12 @@ Everything is written under ``out``: ``proxy/`` (pairs and reward model), ``runs
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import random
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +42,7 @@ from typing import Any
 import torch
 
 from align.config import RecipeError, dump_recipe, validate
+from align.jobs import study as engine
 from align.jobs.overopt.config import (  # noqa: F401 -- re-exported: the study's recipe API
     BON_SEED_OFFSET,
     PAIR_SEED_OFFSET,
@@ -56,6 +54,7 @@ from align.jobs.overopt.config import (  # noqa: F401 -- re-exported: the study'
     run_recipe,
 )
 from align.jobs.overopt.metrics import bon_kl, distinct_n, histogram_kl
+from align.jobs.study import load_policy, mean, read_prompts, sample  # noqa: F401 -- load_policy re-exported
 from align.recipe import Recipe
 
 # --------------------------------------------------------------------------------------------
@@ -94,10 +93,6 @@ def build_scorers(study: OveroptRecipe, recipe: Recipe, device: torch.device) ->
     return Scorers(gold=build_gold(study, device), proxy=proxy, sft_loglik=sft)
 
 
-def _mean(values: list[float]) -> float:
-    return math.fsum(values) / len(values) if values else float("nan")
-
-
 @torch.no_grad()
 def evaluate_checkpoint(
     recipe: Recipe,
@@ -117,7 +112,7 @@ def evaluate_checkpoint(
     texts = sampled["texts"]
     scores = scorers.score(prompts, texts)
     out = {"kl": sampled["kl_k1"], "kl_k3": sampled["kl_k3"], "length": sampled["length"]}
-    out.update({name: _mean(values) for name, values in scores.items()})
+    out.update({name: mean(values) for name, values in scores.items()})
     out["distinct_1"] = distinct_n(texts, 1)
     out["distinct_2"] = distinct_n(texts, 2)
     if demo_proxy:
@@ -128,14 +123,6 @@ def evaluate_checkpoint(
 
 # --------------------------------------------------------------------------------------------
 # data
-
-
-def read_prompts(source: str, column: str, limit: int | None = None) -> list[str]:
-    from align import data as data_lib
-
-    table = data_lib.load_table(source)
-    prompts = data_lib.read_columns(source, table, [column], [column])[column]
-    return prompts[:limit] if limit else prompts
 
 
 def held_out_prompts(study: OveroptRecipe, recipe: Recipe, limit: int) -> list[str]:
@@ -154,20 +141,6 @@ def demonstration_scores(recipe: Recipe, scorers: Scorers, limit: int) -> list[f
     rows = data_lib.read_columns(cfg.train, table, columns, columns)
     prompts, demos = rows[cfg.prompt_column][:limit], rows[cfg.demonstration_column][:limit]
     return list(scorers.proxy(prompts, [data_lib.message_text(d) for d in demos]))
-
-
-@torch.no_grad()
-def sample(recipe: Recipe, models, policy, prompts: list[str], seed: int, k: int, device, chunk: int = 64) -> list[str]:
-    """k samples per prompt (prompt-major: prompt i's samples at i·k … i·k+k−1), keyed by seed."""
-    from align.jobs.report import sample_prompts
-    from align.rollout import decode_completions
-
-    texts: list[str] = []
-    for lo in range(0, len(prompts), chunk):
-        rollout = sample_prompts(recipe, models, policy, prompts[lo : lo + chunk], seed, k, device, first_index=lo)
-        stops = recipe.generation.stop_strings
-        texts += decode_completions(rollout, models.tokenizer, stops, models.pad_token_id)
-    return texts
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,8 +229,8 @@ def best_of_n(ns: list[int], proxy: list[list[float]], gold: list[list[float]]) 
                 picked_gold.append(g_row[best])
                 picked_proxy.append(p_row[best])
         out["kl"].append(bon_kl(n))
-        out["gold"].append(_mean(picked_gold))
-        out["proxy"].append(_mean(picked_proxy))
+        out["gold"].append(mean(picked_gold))
+        out["proxy"].append(mean(picked_proxy))
     return out
 
 
@@ -276,27 +249,6 @@ def run_best_of_n(study: OveroptRecipe, recipe: Recipe, models, scorers: Scorers
 # the study
 
 
-@contextlib.contextmanager
-def quiet_trainer() -> Iterator[None]:
-    """The study draws one progress bar over all runs; each run's own bar is switched off."""
-    from tqdm.auto import tqdm
-
-    import align.trainer as trainer
-
-    original = trainer.progress_bar
-    trainer.progress_bar = lambda total, initial, enabled, desc: tqdm(total=total, disable=True)
-    try:
-        yield
-    finally:
-        trainer.progress_bar = original
-
-
-def load_policy(path: Path, recipe: Recipe, device):
-    from align.models import load_saved_policy
-
-    return load_saved_policy(recipe, path, device)
-
-
 def train_and_evaluate(
     study: OveroptRecipe,
     spec: ObjectiveSpec,
@@ -310,28 +262,13 @@ def train_and_evaluate(
     demo_proxy: list[float] | None = None,
 ) -> list[dict]:
     """Train one run against the proxy, then score step 0 (shared) and each of its checkpoints."""
-    from align.checkpoint import list_checkpoints
-    from align.trainer import train
-
     recipe = run_recipe(study, spec, seed)
-    out = Path(recipe.output.dir)
-    shutil.rmtree(out, ignore_errors=True)
     bar.set_description(f"{spec.run_name} seed {seed}")
-    with quiet_trainer():
-        summary = train(recipe, on_step=lambda step, record: bar.update(1))
-    if summary.get("stopped_by"):  # the trainer saved and returned on SIGINT/SIGTERM: the study stops too
-        raise KeyboardInterrupt
-    records = [{"step": 0, **initial}]
-    for checkpoint in list_checkpoints(out):
-        step = int(checkpoint.name.split("-")[1])
-        policy = load_policy(checkpoint / "model", recipe, device)
-        scores = evaluate_checkpoint(recipe, models, policy, prompts, scorers, device, demo_proxy)
-        records.append({"step": step, **scores})
-        del policy
-        bar.update(1)
-    (out / "eval.json").write_text(json.dumps(records, indent=2))
-    if not study.keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+    def evaluate(policy) -> dict:
+        return evaluate_checkpoint(recipe, models, policy, prompts, scorers, device, demo_proxy)
+
+    records, _ = engine.train_and_evaluate(recipe, evaluate, initial, device, bar, study.keep_checkpoints)
     return records
 
 
@@ -386,11 +323,7 @@ def main(args: Any) -> int:
     study = load_study(args.recipe, list(args.overrides))
     if study.threads:
         torch.set_num_threads(study.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "Removed shared tensor" per checkpoint
+    engine.quiet_libraries()
     from align.jobs.overopt.report import print_summary
 
     report = run_study(study)
