@@ -54,6 +54,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "summarisation with an entailment (NLI) reward: build, SFT, RL, report",
         RECIPE_ARGS,
     ),
+    "compare": (
+        "align.jobs.compare.study",
+        "compare objectives on one task: same SFT policy, prompts, seeds, samples per step",
+        "Every objective x seed of the recipe trains on the task's reward; its checkpoints are scored on "
+        "held-out prompts (reward, gold, KL, win-rate against the SFT policy) and its cost measured; "
+        "report.md/json and plots in out/, and one line per paper claim. " + RECIPE_ARGS,
+    ),
     "overopt": (
         "align.jobs.overopt.study",
         "measure reward over-optimization (gold vs proxy reward against KL)",

@@ -54,6 +54,7 @@ from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction, build_reward
 from align.run_data import OfflineData, OnlineData
 from align.rundir import claim_run_dir
+from align.signals import StopSignal, agreed_signal
 from align.step import optimizer_step
 
 
@@ -63,31 +64,6 @@ class TrainingError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # the run
-
-
-class StopSignal:
-    """SIGINT/SIGTERM ask the loop to save a checkpoint and stop after the current step."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self.previous = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def _fused_optimizer_ok(params: list[Tensor]) -> bool:
@@ -246,7 +222,7 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
             bar.set_postfix(postfix(record), refresh=False)
             if on_step is not None:
                 on_step(run.step, record)
-            received = _agreed_signal(stop.received, accelerator)
+            received = agreed_signal(stop.received, accelerator)
             if received is not None:
                 stopped_by = signal.Signals(received).name
                 break
@@ -255,16 +231,6 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
     bar.close()
     log.close()
     return finish_run(run, accelerator, save(), stopped_by, on_end, run_dir)
-
-
-def _agreed_signal(received: int | None, accelerator) -> int | None:
-    """Every process stops after the same step: a signal one process got before the others is
-    shared (the largest number wins), so none starts a step whose collectives the others skip."""
-    if accelerator.num_processes == 1:
-        return received
-    flag = torch.tensor([float(received or 0)], device=accelerator.device)
-    agreed = int(accelerator.gather(flag).max().item())
-    return agreed or None
 
 
 def setup_run(recipe: Recipe, accelerator) -> Run:

@@ -2,23 +2,18 @@
 trained by the one trainer from the same SFT policy on the same prompts, its checkpoints scored on
 held-out prompts by a study's own ``evaluate(recipe, policy)``, and what each run cost, measured.
 
-A run's cost is its training alone (evaluation excluded): wall seconds, tokens trained per second
-(completion tokens over the steps' own times) and peak resident memory. The peak is the process's
-high-water mark reset before the run (Linux ``/proc/self/clear_refs``), so runs one after another
-in one process each get their own; without that file it is the process's peak so far (marked
-``peak_rss_exact: false``).
+Each run trains in a process of its own (``align train`` on the run's recipe), so its cost is its
+own: the steps' seconds, completion tokens per second of step time, and the peak resident memory
+of that process (evaluation excluded; it runs in the study's process).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import re
-import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +21,14 @@ import torch
 from pydantic import Field
 
 import losses
+from align.config import Strict
 from align.recipe import ObjectiveConfig, Recipe
+
+
+class EvalConfig(Strict):
+    every: int = Field(20, gt=0, description="evaluate a checkpoint every N training steps (and step 0 and the last)")
+    prompts: str | None = Field(None, description="held-out prompt file (default: base data.eval_prompts)")
+    n_prompts: int = Field(128, gt=0, description="held-out prompts used (the first N)")
 
 
 class ObjectiveSpec(ObjectiveConfig):
@@ -79,21 +81,6 @@ def sample(recipe: Recipe, models, policy, prompts: list[str], seed: int, k: int
     return texts
 
 
-@contextlib.contextmanager
-def quiet_trainer() -> Iterator[None]:
-    """The study draws one progress bar over all runs; each run's own bar is switched off."""
-    from tqdm.auto import tqdm
-
-    import align.trainer as trainer
-
-    original = trainer.progress_bar
-    trainer.progress_bar = lambda total, initial, enabled, desc: tqdm(total=total, disable=True)
-    try:
-        yield
-    finally:
-        trainer.progress_bar = original
-
-
 def load_policy(path: Path, recipe: Recipe, device):
     from align.models import load_saved_policy
 
@@ -104,45 +91,52 @@ def load_policy(path: Path, recipe: Recipe, device):
 # cost
 
 
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+def train_measured(recipe: Recipe, threads: int | None = None) -> tuple[dict, dict]:
+    """Train one run in a process of its own (``align train``); its summary and its measured cost.
 
+    A process per run makes the peak resident memory that run's alone (``wait4``'s ru_maxrss of
+    that child), not the high-water mark of everything trained before it in the study's process.
+    ``seconds`` is the training steps' own time (metrics ``step_s``), ``wall_seconds`` includes the
+    process start and model loading."""
+    import os
+    import subprocess
+    import sys
 
-def reset_peak_rss() -> bool:
-    """Reset the process's resident-memory high-water mark; False where the OS does not allow it."""
-    try:
-        _CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def train_measured(recipe: Recipe, on_step: Callable[[int, dict], None] | None = None) -> tuple[dict, dict]:
-    """Train one run (its own progress bar off); its summary and its measured cost."""
+    from align.config import dump_recipe
     from align.metrics_log import read_metrics
-    from align.trainer import train
 
-    exact = reset_peak_rss()
+    out = Path(recipe.output.dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path, log = out.with_suffix(".yaml"), out.with_suffix(".log")
+    dump_recipe(recipe, path)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    with quiet_trainer():
-        summary = train(recipe, on_step=on_step)
-    seconds = time.perf_counter() - start
-    records = read_metrics(Path(recipe.output.dir))
+    with open(log, "w") as handle:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "align.cli", "train", str(path)], stdout=handle, stderr=subprocess.STDOUT, env=env
+        )
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except KeyboardInterrupt:  # the child got the same SIGINT: it saves a checkpoint and stops
+            child.wait()
+            raise
+        child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if child.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"run {out} failed (exit code {child.returncode}); {log}:\n" + "\n".join(tail))
+    summary = json.loads((out / "summary.json").read_text())
+    records = read_metrics(out)
     tokens = math.fsum(r.get("tokens", 0.0) for r in records)
     step_seconds = math.fsum(r.get("step_s", 0.0) for r in records)
     cost = {
-        "seconds": seconds,
+        "seconds": step_seconds,
+        "wall_seconds": wall,
         "tokens": tokens,
         "tokens_per_s": tokens / step_seconds if step_seconds else float("nan"),
-        "peak_rss_mib": peak_rss_mib(),
-        "peak_rss_exact": exact,
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # kB on Linux
     }
     return summary, cost
 
@@ -158,6 +152,7 @@ def train_and_evaluate(
     device,
     bar,
     keep_checkpoints: bool = False,
+    threads: int | None = None,
 ) -> tuple[list[dict], dict]:
     """Train one run, then score step 0 (``initial``, shared by the runs of a seed) and each of its
     checkpoints with ``evaluate(policy)``; writes ``eval.json`` beside the run's metrics."""
@@ -165,7 +160,8 @@ def train_and_evaluate(
 
     out = Path(recipe.output.dir)
     shutil.rmtree(out, ignore_errors=True)
-    summary, cost = train_measured(recipe, on_step=lambda step, record: bar.update(1))
+    summary, cost = train_measured(recipe, threads)
+    bar.update(recipe.train.steps)
     if summary.get("stopped_by"):  # the trainer saved and returned on SIGINT/SIGTERM: the study stops too
         raise KeyboardInterrupt
     records = [{"step": 0, **initial}]

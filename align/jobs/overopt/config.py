@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from align.config import RecipeError, Strict, load_recipe, validate
 from align.jobs.rm import RMTrain
-from align.jobs.study import ObjectiveSpec, checkpoint_output, eval_steps  # noqa: F401 -- re-exported
+from align.jobs.study import EvalConfig, ObjectiveSpec, checkpoint_output, eval_steps  # noqa: F401 -- re-exported
 from align.recipe import Recipe, RewardComponent
 
 PAIR_SEED_OFFSET = 20_011  # proxy-pair samples never reuse a training or evaluation key
@@ -33,12 +33,6 @@ class ProxyConfig(Strict):
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of the pairs held out for the proxy's accuracy")
     train: RMTrain = Field(default_factory=RMTrain, description="align rm's train section")
     seed: int = Field(0, description="which prompts, which samples, which labels (bradley_terry)")
-
-
-class EvalConfig(Strict):
-    every: int = Field(20, gt=0, description="evaluate a checkpoint every N training steps (and step 0 and the last)")
-    prompts: str | None = Field(None, description="held-out prompt file (default: base data.eval_prompts)")
-    n_prompts: int = Field(128, gt=0, description="held-out prompts used (the first N)")
 
 
 class BonConfig(Strict):

@@ -268,7 +268,9 @@ def train_and_evaluate(
     def evaluate(policy) -> dict:
         return evaluate_checkpoint(recipe, models, policy, prompts, scorers, device, demo_proxy)
 
-    records, _ = engine.train_and_evaluate(recipe, evaluate, initial, device, bar, study.keep_checkpoints)
+    records, _ = engine.train_and_evaluate(
+        recipe, evaluate, initial, device, bar, study.keep_checkpoints, study.threads
+    )
     return records
 
 

@@ -1,0 +1,273 @@
+"""The comparison report: ``report.json`` (every number), ``report.md``, plots, a printed table.
+
+``report.json``::
+
+    seconds, seeds, samples_per_step, initial {gold, reward, kl, ...} (mean over seeds)
+    objectives: {NAME: {objective, train, k, prompts_per_step, steps,
+                        kl, kl_k3, gold, reward, win_rate, length   (means over seeds, one per checkpoint),
+                        std {...}, per_seed {SEED: {...}},
+                        final {kl, gold, reward, win_rate, ...}, final_std {...},
+                        regularised (final reward − β·KL), cost {seconds, tokens_per_s, peak_rss_mib} (seed means)}}
+    matched_kl, gold_at_matched_kl {NAME: gold}       the frontier at the largest KL every run reached
+    claims: [{claim, reproduces: true | false | null, line}]
+
+A claim whose runs are missing is ``null`` and says which runs it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CURVE_KEYS = ("kl", "kl_k3", "gold", "reward", "win_rate", "length")
+COST_KEYS = ("seconds", "wall_seconds", "tokens_per_s", "peak_rss_mib")
+CLOSE = 0.2  # "≈": within 20 % of the on-policy run's gain in the regularised objective
+
+
+def summarize_objective(per_seed: dict[int, dict]) -> dict[str, Any]:
+    seeds = sorted(per_seed)
+    spec = per_seed[seeds[0]]["spec"]
+    steps = [r["step"] for r in per_seed[seeds[0]]["records"]]
+    values = {k: np.array([[r[k] for r in per_seed[s]["records"]] for s in seeds], dtype=float) for k in CURVE_KEYS}
+    out: dict[str, Any] = {
+        "objective": spec.objective_section(),
+        "train": dict(spec.train),
+        "k": spec.k,
+        "steps": steps,
+        "seeds": seeds,
+    }
+    for key in CURVE_KEYS:
+        out[key] = values[key].mean(0).tolist()
+    out["std"] = {key: values[key].std(0).tolist() for key in CURVE_KEYS}
+    out["per_seed"] = {str(s): {k: values[k][i].tolist() for k in CURVE_KEYS} for i, s in enumerate(seeds)}
+    out["final"] = {k: out[k][-1] for k in CURVE_KEYS}
+    out["final_std"] = {k: out["std"][k][-1] for k in CURVE_KEYS}
+    beta = spec.effective_beta or 0.0
+    out["beta"] = beta
+    out["regularised"] = out["final"]["reward"] - beta * out["final"]["kl"]
+    costs = [per_seed[s]["cost"] for s in seeds]
+    out["cost"] = {k: float(np.mean([c[k] for c in costs])) for k in COST_KEYS}
+    return out
+
+
+def gold_at_kl(summary: dict, kl: float) -> float:
+    """The mean gold-vs-KL curve (checkpoints sorted by KL) read at ``kl`` by linear interpolation."""
+    order = np.argsort(summary["kl"])
+    return float(np.interp(kl, np.array(summary["kl"])[order], np.array(summary["gold"])[order]))
+
+
+def _find(objectives: dict[str, dict], name: str, replay: bool, k: int | None = None) -> str | None:
+    """The run of objective ``name`` with (or without) a replay buffer; the largest k unless given."""
+    found = [
+        n
+        for n, o in objectives.items()
+        if o["objective"]["name"] == name and bool(o["train"].get("replay")) == replay and (k is None or o["k"] == k)
+    ]
+    return max(found, key=lambda n: objectives[n]["k"]) if found else None
+
+
+def _cheaper_line(a: dict, b: dict) -> str:
+    return (
+        f"{a['cost']['seconds']:.1f} s vs {b['cost']['seconds']:.1f} s of training per run, "
+        f"{a['cost']['peak_rss_mib']:.0f} vs {b['cost']['peak_rss_mib']:.0f} MiB peak"
+    )
+
+
+def claims(objectives: dict[str, dict], initial: dict) -> list[dict[str, Any]]:
+    out = []
+    claim = "Back to Basics: RLOO >= PPO in reward at matched KL, and cheaper"
+    rloo, ppo = _find(objectives, "rloo", False), _find(objectives, "ppo", False)
+    if rloo and ppo:
+        a, b = objectives[rloo], objectives[ppo]
+        kl = min(max(a["kl"]), max(b["kl"]))
+        ga, gb = gold_at_kl(a, kl), gold_at_kl(b, kl)
+        cheaper = a["cost"]["seconds"] < b["cost"]["seconds"]
+        holds = ga >= gb and cheaper
+        line = (
+            f"{claim}: {'reproduces' if holds else 'does not reproduce'} here -- {rloo} gold {ga:.3f} vs "
+            f"{ppo} {gb:.3f} at KL {kl:.3f}; {_cheaper_line(a, b)}"
+        )
+        out.append({"claim": claim, "reproduces": holds, "line": line, "matched_kl": kl})
+    else:
+        out.append({"claim": claim, "reproduces": None, "line": f"{claim}: not measured (needs rloo and ppo runs)"})
+    claim = "CoPG: from stale samples ~ on-policy, while RLOO on the same stale samples is not"
+    names = {
+        "copg": _find(objectives, "copg", False),
+        "copg_replay": _find(objectives, "copg", True),
+        "rloo_replay": _find(objectives, "rloo", True),
+    }
+    if names["rloo_replay"]:
+        names["rloo"] = _find(objectives, "rloo", False, objectives[names["rloo_replay"]]["k"])
+    if all(names.get(n) for n in ("copg", "copg_replay", "rloo", "rloo_replay")):
+        J0 = initial["reward"]
+
+        def close(stale: str, fresh: str) -> tuple[bool, float, float]:
+            js, jf = objectives[names[stale]]["regularised"], objectives[names[fresh]]["regularised"]
+            return abs(js - jf) <= CLOSE * abs(jf - J0), js, jf
+
+        copg_close, cs, cf = close("copg_replay", "copg")
+        rloo_close, rs, rf = close("rloo_replay", "rloo")
+        holds = copg_close and not rloo_close
+        line = (
+            f"{claim}: {'reproduces' if holds else 'does not reproduce'} here -- reward − β·KL from "
+            f"{J0:.3f} at step 0: copg {cf:.3f} on-policy vs {cs:.3f} from the buffer "
+            f"({'within' if copg_close else 'outside'} {CLOSE:.0%} of the gain); rloo {rf:.3f} vs {rs:.3f} "
+            f"({'within' if rloo_close else 'outside'})"
+        )
+        out.append({"claim": claim, "reproduces": holds, "line": line})
+    else:
+        line = f"{claim}: not measured (needs copg and rloo runs, with and without train.replay)"
+        out.append({"claim": claim, "reproduces": None, "line": line})
+    return out
+
+
+def build_report(study, results: dict[str, dict[int, dict]], seconds: float) -> dict[str, Any]:
+    objectives = {name: summarize_objective(per_seed) for name, per_seed in results.items()}
+    first = next(iter(results.values()))
+    initial = {k: float(np.mean([first[s]["records"][0][k] for s in sorted(first)])) for k in ("gold", "reward", "kl")}
+    for summary in objectives.values():
+        summary["prompts_per_step"] = study.samples_per_step // summary["k"]
+    matched = min(max(o["kl"]) for o in objectives.values())
+    return {
+        "seconds": seconds,
+        "seeds": list(study.seeds),
+        "samples_per_step": study.samples_per_step,
+        "initial": initial,
+        "objectives": objectives,
+        "matched_kl": matched,
+        "gold_at_matched_kl": {n: gold_at_kl(o, matched) for n, o in objectives.items()},
+        "claims": claims(objectives, initial),
+    }
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for name, o in report["objectives"].items():
+        f, s, c = o["final"], o["final_std"], o["cost"]
+        rows.append(
+            [
+                name,
+                str(o["k"]),
+                str(o["prompts_per_step"]),
+                _pm(f["gold"], s["gold"]),
+                _pm(f["kl"], s["kl"]),
+                _pm(f["win_rate"], s["win_rate"], 2),
+                f"{report['gold_at_matched_kl'][name]:.3f}",
+                f"{c['seconds']:.1f}",
+                f"{c['tokens_per_s']:.0f}",
+                f"{c['peak_rss_mib']:.0f}",
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "objective",
+    "k",
+    "prompts/step",
+    "final gold",
+    "final KL",
+    "win-rate vs SFT",
+    "gold at matched KL",
+    "train s/run",
+    "tokens/s",
+    "peak RSS MiB",
+]
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# align compare",
+        "",
+        f"{len(report['objectives'])} objectives × seeds {report['seeds']}, {report['samples_per_step']} samples "
+        f"per step each; {report['seconds']:.0f} s in all. Step 0 (the SFT policy): gold "
+        f"{report['initial']['gold']:.3f}. Finals are the last checkpoint, mean ± sd over seeds; "
+        f"'gold at matched KL' reads each run's gold-vs-KL curve at KL {report['matched_kl']:.3f}, the "
+        "largest every run reached; cost is training alone, each run in a process of its own (seconds of "
+        "training steps per run, completion tokens per second of them, the process's peak resident memory).",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    lines += ["", "## The papers' claims, here", ""]
+    lines += [f"- {c['line']}" for c in report["claims"]]
+    lines += ["", "![curves](curves_vs_step.png)", "", "![frontier](gold_vs_kl.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, o in report["objectives"].items():
+        for ax, key in zip(axes, ("gold", "kl", "win_rate")):
+            mean, std = np.array(o[key]), np.array(o["std"][key])
+            (line,) = ax.plot(o["steps"], mean, label=name)
+            ax.fill_between(o["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    for ax, title in zip(axes, ("gold reward", "KL(π ‖ π_ref)", "win-rate vs SFT")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "curves_vs_step.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, o in report["objectives"].items():
+        order = np.argsort(o["kl"])
+        (line,) = ax.plot(np.array(o["kl"])[order], np.array(o["gold"])[order], marker="o", ms=3, label=name)
+        for seed in o["per_seed"].values():
+            ax.scatter(seed["kl"], seed["gold"], s=6, color=line.get_color(), alpha=0.3)
+    ax.axvline(report["matched_kl"], color="grey", ls=":", lw=1)
+    ax.set_xlabel("KL(π ‖ π_ref)")
+    ax.set_ylabel("gold reward")
+    ax.set_title("reward-KL frontier (checkpoints; dots: seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "gold_vs_kl.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    def finite(x):  # JSON has no NaN
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [finite(v) for v in x]
+        return x
+
+    (out / "report.json").write_text(json.dumps(finite(report), indent=2))
+    (out / "report.md").write_text(markdown(report))
+    return [out / "report.json", out / "report.md", *plot(report, out)]
+
+
+def print_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="align compare")
+    for column in HEADER:
+        table.add_column(column)
+    for row in table_rows(report):
+        table.add_row(*row)
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    for claim in report["claims"]:
+        console.print(claim["line"], soft_wrap=True)
