@@ -217,6 +217,7 @@ def plot(report: dict, out: Path) -> list[Path]:
             mean, std = np.array(o[key]), np.array(o["std"][key])
             (line,) = ax.plot(o["steps"], mean, label=name)
             ax.fill_between(o["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    axes[1].set_yscale("symlog", linthresh=1.0)
     for ax, title in zip(axes, ("gold reward", "KL(π ‖ π_ref)", "win-rate vs SFT")):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -232,6 +233,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         for seed in o["per_seed"].values():
             ax.scatter(seed["kl"], seed["gold"], s=6, color=line.get_color(), alpha=0.3)
     ax.axvline(report["matched_kl"], color="grey", ls=":", lw=1)
+    ax.set_xscale("symlog", linthresh=1.0)  # one runaway objective must not flatten the others
     ax.set_xlabel("KL(π ‖ π_ref)")
     ax.set_ylabel("gold reward")
     ax.set_title("reward-KL frontier (checkpoints; dots: seeds)")
