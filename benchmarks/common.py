@@ -41,9 +41,17 @@ ALIGN_PYTHON = os.environ.get("ALIGN_PYTHON", sys.executable)  # the python runn
 TRL_PYTHON = os.environ.get("TRL_PYTHON", "/work/trl-venv/bin/python")
 
 VOCAB_SIZE = 30_000
+_SMALL = {"n_layer": 2, "n_embd": 64, "n_positions": 64, "new_tokens": 24}
+_MEDIUM = {"n_layer": 4, "n_embd": 256, "n_positions": 256, "new_tokens": 128}
+# Llama / Qwen2: rotary positions, RMSNorm, SwiGLU (intermediate 2·hidden), grouped KV heads
+# (n_head / 2); Llama's head untied, Qwen2's tied to the embeddings, as the released models are
 MODELS = {
-    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "new_tokens": 24},
-    "medium": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256, "new_tokens": 128},
+    "tiny": {**_SMALL, "n_head": 2},
+    "medium": {**_MEDIUM, "n_head": 4},
+    "llama_small": {**_SMALL, "n_head": 4, "architecture": "llama"},
+    "llama_medium": {**_MEDIUM, "n_head": 8, "architecture": "llama"},
+    "qwen2_small": {**_SMALL, "n_head": 4, "architecture": "qwen2", "tie_word_embeddings": True},
+    "qwen2_medium": {**_MEDIUM, "n_head": 8, "architecture": "qwen2", "tie_word_embeddings": True},
 }
 DPO_BETA = 0.1
 LENGTH_TARGET = 10  # words: the reward both sides use, align's `length` reward (linear, no tolerance)
@@ -139,6 +147,9 @@ class Timing:
 def add_comparison_args(parser, other: str) -> None:
     """The arguments every side-by-side script takes; ``other`` names the side align is compared with."""
     parser.add_argument("--medium", action="store_true", help="4 layers, 256 hidden (RLOO: 128 new tokens)")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default=None, help="a benchmark model by name (overrides --medium)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--same-allocator", action="store_true", help=f"{other} with align's glibc allocator settings")
@@ -146,6 +157,54 @@ def add_comparison_args(parser, other: str) -> None:
     parser.add_argument(
         "--cpu-time", action="store_true", help="time steps in process CPU seconds (with --threads 1: load-proof)"
     )
+
+
+def model_name(args) -> str:
+    return args.model or ("medium" if args.medium else "tiny")
+
+
+def step_shape(model_dir: Path):
+    """The model's shapes for benchmarks/flops.py (needs transformers: the align venv)."""
+    from flops import Shape
+    from transformers import AutoConfig
+
+    return Shape.of(AutoConfig.from_pretrained(model_dir))
+
+
+def padded_prompt_tokens(prompts: Path, model_dir: Path, per_batch: int) -> float:
+    """The prompt width the kernels compute on: the mean over batches of ``per_batch`` prompts
+    (file order) of the longest prompt's tokens, left padding included."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines() if line.strip()]
+    lengths = [len(tokenizer(p)["input_ids"]) for p in rows[: 64 * per_batch]]
+    widths = [max(lengths[i : i + per_batch]) for i in range(0, len(lengths) - per_batch + 1, per_batch)]
+    return statistics.fmean(widths)
+
+
+def padded_pair_tokens(pairs: Path, model_dir: Path, per_batch: int) -> tuple[float, float]:
+    """DPO batches of ``per_batch`` pairs (file order): the mean padded sequence width (longest
+    prompt + longest completion of the batch) and the mean real completion tokens per row."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()][: 32 * per_batch]
+    count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
+    widths, completions = [], []
+    for i in range(0, len(rows) - per_batch + 1, per_batch):
+        batch = rows[i : i + per_batch]
+        prompt = max(count(r["prompt"]) for r in batch)
+        sides = [count(r[side]) + 1 for r in batch for side in ("chosen", "rejected")]  # + EOS
+        widths.append(prompt + max(sides))
+        completions.append(statistics.fmean(sides))
+    return statistics.fmean(widths), statistics.fmean(completions)
+
+
+def flops_line(label: str, parts: dict[str, int], seconds: float, peak_flops: float) -> str:
+    from flops import describe
+
+    return f"{label:6s} {describe(parts, seconds, peak_flops)}"
 
 
 def timing_from(args) -> Timing:

@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     alternate,
     ensure_assets,
     load_average,
+    model_name,
     run_align,
     run_json,
     steady,
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_comparison_args(parser, "bare loop")
     args = parser.parse_args(argv)
-    size = "medium" if args.medium else "tiny"
+    size = model_name(args)
     new_tokens = MODELS[size]["new_tokens"]
     timing = timing_from(args)
     bare_env = {**timing.env(), **(TUNED_ALLOCATOR_ENV if args.same_allocator else {})}

@@ -1,7 +1,7 @@
 """align DPO against TRL's DPOTrainer on the same work, seconds per optimizer step, and the
 step-0 loss of both on the same batch.
 
-    .venv/bin/python benchmarks/vs_trl_dpo.py [--medium] [--rounds N] [--steps N] [--trl-precompute-ref]
+    .venv/bin/python benchmarks/vs_trl_dpo.py [--medium | --model NAME] [--rounds N] [--steps N] [--trl-precompute-ref]
         [--threads N] [--cpu-time] [--same-allocator]
 
 Two variants, each timed alternately (align run, TRL run, TRL run, align run, ...):
@@ -45,12 +45,18 @@ from common import (  # noqa: E402
     add_comparison_args,
     alternate,
     ensure_assets,
+    flops_line,
     load_average,
+    model_name,
+    padded_pair_tokens,
     run_align,
     run_json,
     steady,
+    step_shape,
     timing_from,
 )
+from flops import dpo_step  # noqa: E402
+from peak import measure as measure_peak  # noqa: E402
 
 LR = 1e-5
 PAIRS_PER_STEP = 16
@@ -143,7 +149,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trl-precompute-ref", action="store_true", help="TRL precompute_ref_log_probs=True")
     add_comparison_args(parser, "TRL")
     args = parser.parse_args(argv)
-    size = "medium" if args.medium else "tiny"
+    size = model_name(args)
     timing = timing_from(args)
     trl_env = {**timing.env(), **(TUNED_ALLOCATOR_ENV if args.same_allocator else {})}
     paths = ensure_assets()
@@ -153,6 +159,10 @@ def main(argv: list[str]) -> int:
         f"TRL precompute_ref_log_probs={args.trl_precompute_ref}; {timing.describe()}"
         f"{'; TRL with the tuned allocator' if args.same_allocator else ''}; {load_average()}"
     )
+    shape = step_shape(paths[size])
+    width, completion = padded_pair_tokens(paths["pairs"], paths[size], PAIRS_PER_STEP)
+    peak = measure_peak(threads=args.threads)
+    print(f"peak fp32 GEMM {peak / 1e9:.1f} GFLOP/s (benchmarks/peak.py, this run); padded width {width:.0f} tokens")
     ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -187,6 +197,11 @@ def main(argv: list[str]) -> int:
             print(f"  align  {align_s:.4f} s/step (runs: {', '.join(f'{v:.4f}' for v in runs['align'])})")
             print(f"  TRL    {trl_s:.4f} s/step (runs: {', '.join(f'{v:.4f}' for v in runs['trl'])})")
             print(f"  ratio {loss_type}: {ratios[loss_type]:.2f}")
+            # align caches the reference log-probs once; TRL computes them every step unless precomputed
+            ours = dpo_step(shape, PAIRS_PER_STEP, round(width), round(completion), reference=False)
+            theirs = dpo_step(shape, PAIRS_PER_STEP, round(width), round(completion), not args.trl_precompute_ref)
+            print("  " + flops_line("align", ours, align_s, peak))
+            print("  " + flops_line("TRL", theirs, trl_s, peak))
     print(f"ratio_sigmoid_norm={ratios['sigmoid_norm']:.2f}")
     print(f"ratio={ratios['sigmoid']:.2f}")
     return 0

@@ -1,6 +1,6 @@
 """align RLOO against TRL's RLOOTrainer on the same work, seconds per optimizer step.
 
-    .venv/bin/python benchmarks/vs_trl_rloo.py [--medium] [--rounds N] [--steps N]
+    .venv/bin/python benchmarks/vs_trl_rloo.py [--medium | --model NAME] [--rounds N] [--steps N]
         [--threads N] [--cpu-time] [--same-allocator]
 
 The same locally built policy (benchmarks/common.py), the same prompts, k = 4 completions of
@@ -17,6 +17,11 @@ work; the Trainer's logging after each step is outside both).
 ``--threads``/``--cpu-time``: see common.Timing (``--threads 1 --cpu-time`` for a machine other
 jobs share). ``--same-allocator``: TRL runs with the glibc allocator settings align applies to
 itself (align.allocator), as environment variables.
+
+Then the step's FLOPs from the shapes (benchmarks/flops.py: generation, policy forward and
+backward, reference forward) and each side's fraction of the fp32 GEMM peak measured in the same
+run (benchmarks/peak.py). ``--model``: GPT-2 (tiny, medium), Llama (untied head) or Qwen2 (tied),
+both with grouped KV heads, at two sizes (common.MODELS).
 
 Last line: ratio=<TRL seconds per step / align seconds per step>.
 """
@@ -39,12 +44,18 @@ from common import (  # noqa: E402
     add_comparison_args,
     alternate,
     ensure_assets,
+    flops_line,
     load_average,
+    model_name,
+    padded_prompt_tokens,
     run_align,
     run_json,
     steady,
+    step_shape,
     timing_from,
 )
+from flops import rloo_step  # noqa: E402
+from peak import measure as measure_peak  # noqa: E402
 
 LR = 1e-5
 
@@ -76,7 +87,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_comparison_args(parser, "TRL")
     args = parser.parse_args(argv)
-    size = "medium" if args.medium else "tiny"
+    size = model_name(args)
     new_tokens = MODELS[size]["new_tokens"]
     timing = timing_from(args)
     trl_env = {**timing.env(), **(TUNED_ALLOCATOR_ENV if args.same_allocator else {})}
@@ -112,6 +123,15 @@ def main(argv: list[str]) -> int:
     align_s, trl_s = statistics.median(runs["align"]), statistics.median(runs["trl"])
     print(f"align  {align_s:.4f} s/step (runs: {', '.join(f'{v:.4f}' for v in runs['align'])})")
     print(f"TRL    {trl_s:.4f} s/step (runs: {', '.join(f'{v:.4f}' for v in runs['trl'])})")
+    # the same step's FLOPs from the shapes (benchmarks/flops.py), against the GEMM peak measured now
+    shape = step_shape(paths[size])
+    rows = 4 * 4
+    prompt = round(padded_prompt_tokens(paths["prompts"], paths[size], 4))
+    parts = rloo_step(shape, rows, prompt, new_tokens)
+    peak = measure_peak(threads=args.threads)
+    print(f"peak   fp32 GEMM {peak / 1e9:.1f} GFLOP/s (benchmarks/peak.py, this run); prompt width {prompt} tokens")
+    print(flops_line("align", parts, align_s, peak))
+    print(flops_line("TRL", parts, trl_s, peak))
     print(f"ratio={trl_s / align_s:.2f}")
     return 0
 

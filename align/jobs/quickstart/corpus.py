@@ -344,9 +344,11 @@ def build_tiny_model(
     n_positions: int = 64,
     seed: int = 0,
     architecture: str = "gpt2",
+    tie_word_embeddings: bool = False,
 ) -> PreTrainedModel:
     """A randomly initialised GPT-2 (or ``architecture="llama"`` / ``"qwen2"``: rotary positions,
-    RMSNorm, SwiGLU, grouped KV heads, untied head) sized to ``tokenizer``, saved with it to ``out_dir``.
+    RMSNorm, SwiGLU, grouped KV heads, an untied head unless ``tie_word_embeddings``) sized to
+    ``tokenizer``, saved with it to ``out_dir``.
 
     Special-token ids go in both the model config and the generation config, so ``generate``
     stops on ``</s>`` and pads with ``<pad>`` without any argument — the same as a hub model.
@@ -371,7 +373,7 @@ def build_tiny_model(
             num_attention_heads=n_head,
             num_key_value_heads=max(1, n_head // 2),
             max_position_embeddings=n_positions,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tie_word_embeddings,
             **ids,
         )
     else:
