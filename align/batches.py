@@ -57,7 +57,7 @@ def split_micro_batches(n_units: int, rows_per_unit: int, units_per_micro: int, 
 
 
 def local_rows(recipe: Recipe, n_rows: int, step: int, accelerator) -> list[int]:
-    per_process = recipe.train.batch_size * recipe.train.gradient_accumulation_steps
+    per_process = recipe.train.batch_size * recipe.train.gradient_accumulation_steps * recipe.train.mini_batches
     rows = data_lib.step_rows(n_rows, step, per_process * accelerator.num_processes, recipe.train.seed)
     return rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
 
@@ -183,6 +183,7 @@ def reuse_sampler_probs(recipe: Recipe, models: Models, n_chunks: int, rows: int
     return (
         recipe.objective.online
         and recipe.train.updates_per_batch == 1
+        and recipe.train.mini_batches == 1
         and n_chunks == 1
         and recipe.train.gradient_accumulation_steps == 1
         and not models.policy.training

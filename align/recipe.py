@@ -200,6 +200,13 @@ class TrainConfig(Strict):
         description="online: optimizer updates on each rollout batch (GRPO's μ, PPO's epochs); π_old's log-probs "
         "are kept from before the first, for the objectives' importance ratios and clipping",
     )
+    mini_batches: int = Field(
+        1,
+        ge=1,
+        description="online: each rollout batch is this many mini-batches of batch_size × gradient_accumulation_steps "
+        "prompts per process, one optimizer step each, per pass (TRL's num_mini_batches); π_old, the reference's "
+        "log-probs and V_old are computed for all of them before the first step",
+    )
     replay: ReplayConfig | None = Field(
         None,
         description="online: train on past groups of completions too (align/replay.py), no importance weights; "
@@ -288,6 +295,11 @@ class Recipe(Strict):
         elif self.train.updates_per_batch > 1:
             raise ValueError(
                 f"train.updates_per_batch: {name!r} is trained on a fixed dataset (fresh rows every step); expected 1"
+            )
+        elif self.train.mini_batches > 1:
+            raise ValueError(
+                f"train.mini_batches: {name!r} is trained on a fixed dataset (batch_size × "
+                "gradient_accumulation_steps rows per step); expected 1"
             )
         elif self.train.replay is not None:
             raise ValueError(f"train.replay: {name!r} is trained on a fixed dataset, not on its own samples; remove it")

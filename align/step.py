@@ -22,6 +22,39 @@ from losses import LossBatch
 from losses.base import select_pairs
 
 
+def train_on_batch(
+    recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch, optimizer, scheduler, accelerator
+) -> dict[str, float] | None:
+    """``train.updates_per_batch`` passes over the rollout batch, each one optimizer step per
+    mini-batch (``train.mini_batches``; TRL's PPO epochs × mini-batches). Returns the last pass's
+    metrics (the mean over its mini-batches; ``tokens`` summed), or None when a step was skipped."""
+    mini_batches = recipe.train.mini_batches
+    if mini_batches > 1:
+        keep_rollout_logprobs(recipe, models, objective, batch, accelerator)
+    last_pass: list[dict[str, float]] = []
+    for update in range(recipe.train.updates_per_batch):
+        last_pass = []
+        for mini_batch in range(mini_batches):
+            metrics = optimizer_step(
+                recipe, models, objective, batch, optimizer, scheduler, accelerator, update, mini_batch
+            )
+            if metrics is None:
+                return None
+            last_pass.append(metrics)
+    if len(last_pass) == 1:
+        return last_pass[0]
+    merged = {}
+    for key in last_pass[0]:
+        values = [m[key] for m in last_pass if m.get(key) is not None]
+        if key in ("tokens",):
+            merged[key] = sum(values)
+        elif key in ("lr", "grad_norm"):
+            merged[key] = last_pass[-1][key]
+        else:
+            merged[key] = sum(values) / len(values) if values else None
+    return merged
+
+
 def optimizer_step(
     recipe: Recipe,
     models: Models,
@@ -31,18 +64,21 @@ def optimizer_step(
     scheduler,
     accelerator,
     update: int = 0,
+    mini_batch: int = 0,
 ) -> dict[str, float] | None:
     """logprobs → objective → backward for each micro-batch, then one clipped optimizer step.
 
-    ``update`` counts the optimizer steps taken on this batch (``train.updates_per_batch``): the
-    first keeps the policy's log-probs as π_old (``batch.old_logprobs``) and the reference's, so
-    later updates read their importance ratios against the sampling policy and skip the reference
-    forward. Returns the step metrics, or None when the step was skipped (non-finite loss or
-    gradient).
+    ``update`` counts the passes over this batch (``train.updates_per_batch``) and ``mini_batch``
+    which of its ``train.mini_batches`` this step trains on. With one mini-batch, the first pass
+    keeps the policy's log-probs as π_old (``batch.old_logprobs``) and the reference's, so later
+    passes read their importance ratios against the sampling policy and skip the reference
+    forward; with several, ``keep_rollout_logprobs`` has kept them before the first step. Returns
+    the step metrics, or None when the step was skipped (non-finite loss or gradient).
     """
     updates = recipe.train.updates_per_batch
     temperature = recipe.generation.temperature if recipe.objective.online else 1.0
-    live = torch.cat(batch.micro_batches)  # every row unless unscored samples were dropped
+    micro_batches = mini_batch_rows(batch, recipe.train.mini_batches, mini_batch)
+    live = torch.cat(micro_batches)  # every row unless unscored samples were dropped
     whole = live.numel() == batch.completion_ids.shape[0]
     width = batch.completion_mask.shape[1]
     zeros = torch.zeros(len(live), width, device=batch.completion_mask.device)
@@ -57,8 +93,8 @@ def optimizer_step(
     policy_lp, ref_lp, value_lp = [], [], []
     critic = models.critic
     finite = True
-    for i, rows in enumerate(batch.micro_batches):
-        last = i == len(batch.micro_batches) - 1
+    for i, rows in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
         # a micro-batch emptied by unscored samples still runs (a sharded forward is collective), at zero weight
         placeholder = rows.numel() == 0
         if placeholder:
@@ -66,10 +102,8 @@ def optimizer_step(
         # gradients are all-reduced (DDP) / the DeepSpeed engine steps only on the last micro-batch
         accelerator.gradient_state._set_sync_gradients(last)
         with _no_sync_unless(last, accelerator, models.policy, critic):
-            p_ids, p_mask = _trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
-            c_ids, c_mask = batch.completion_ids[rows], batch.completion_mask[rows]
-            width = max(int(c_mask.sum(-1).max()), 1)
-            c_ids, c_mask = c_ids[:, :width], c_mask[:, :width]
+            p_ids, p_mask, c_ids, c_mask = micro_inputs(batch, rows)
+            width = c_ids.shape[1]
             kept = batch.sampler_probs  # only ever kept for a step of one micro-batch (reuse_sampler_probs)
             logprobs = completion_logprobs(
                 models.policy, p_ids, p_mask, c_ids, c_mask, temperature, None if kept is None else kept[:width]
@@ -119,7 +153,8 @@ def optimizer_step(
     if not finite or (grad_norm is not None and not math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return None
-    if update == 0 and updates > 1 and policy_lp:  # π_old and the reference, for the updates that follow
+    # π_old and the reference, for the passes that follow (kept already with several mini-batches)
+    if update == 0 and updates > 1 and policy_lp and batch.old_logprobs is None:
         kept = torch.cat(policy_lp)  # rows in ``live`` order, padded to the batch's width
         batch.old_logprobs = kept.new_zeros(batch.completion_mask.shape[0], kept.shape[1])
         batch.old_logprobs[live] = kept
@@ -140,6 +175,66 @@ def optimizer_step(
     totals["lr"] = scheduler.get_last_lr()[0]
     totals.update(sequence_stats(full, batch))
     return totals
+
+
+def mini_batch_rows(batch: StepBatch, mini_batches: int, index: int) -> list[Tensor]:
+    """The micro-batches of mini-batch ``index``: the batch's micro-batches in ``mini_batches``
+    equal consecutive runs (each one optimizer step of gradient_accumulation_steps micro-batches)."""
+    per = len(batch.micro_batches) // mini_batches
+    return batch.micro_batches[index * per : (index + 1) * per]
+
+
+def micro_inputs(batch: StepBatch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A micro-batch's prompts (re-padded as short as they can be) and completions (cut to its longest)."""
+    p_ids, p_mask = _trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
+    c_ids, c_mask = batch.completion_ids[rows], batch.completion_mask[rows]
+    width = max(int(c_mask.sum(-1).max()), 1)
+    return p_ids, p_mask, c_ids[:, :width], c_mask[:, :width]
+
+
+@torch.no_grad()
+def keep_rollout_logprobs(
+    recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch, accelerator
+) -> None:
+    """π_old, the reference's log-probs and V_old for every row, before the batch's first optimizer
+    step: with several mini-batches the later ones are trained after the weights have moved, so
+    their ratios must read the policy that sampled (TRL's PPO computes them in its rollout too).
+    The same micro-batches, widths and mode as the training forward, so a ratio the first step
+    reads is exactly 1."""
+    temperature = recipe.generation.temperature
+    n, width = batch.completion_mask.shape
+    kept: dict[str, Tensor] = {}
+
+    def keep(name: str, rows: Tensor, value: Tensor) -> None:
+        if name not in kept:
+            kept[name] = value.new_zeros(n, width)
+        kept[name][rows, : value.shape[1]] = value
+
+    for rows in batch.micro_batches:
+        placeholder = rows.numel() == 0  # a sharded forward is collective: every process runs as many
+        p_ids, p_mask, c_ids, c_mask = micro_inputs(batch, torch.zeros_like(rows[:1]) if placeholder else rows)
+        policy_lp = completion_logprobs(models.policy, p_ids, p_mask, c_ids, c_mask, temperature)
+        ref_lp = values = None
+        if objective.uses_reference and batch.ref_logprobs is None:
+            with reference_model(models, accelerator) as ref_model:
+                ref_lp = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, temperature)
+        if models.critic is not None:
+            values = completion_values(models.critic, p_ids, p_mask, c_ids, c_mask.to(policy_lp.dtype))
+        if placeholder:
+            continue
+        for name, value in (("old", policy_lp), ("ref", ref_lp), ("values", values)):
+            if value is not None:
+                keep(name, rows, value)
+    old = kept.get("old")
+    ref = kept.get("ref")
+    values = kept.get("values")
+    if old is None:  # every sample went unscored: the steps train on nothing
+        return
+    batch.old_logprobs = old
+    if ref is not None:
+        batch.ref_logprobs = ref
+    if values is not None:
+        batch.old_values = values
 
 
 def _no_sync_unless(last: bool, accelerator, *models) -> contextlib.AbstractContextManager:

@@ -1,7 +1,7 @@
 """The shared trainer: one readable loop for online and offline objectives.
 
     for step:  batch = rollout_batch(...) | offline_batch(...)   # align/batches.py
-               optimizer_step(...)                                # align/step.py
+               train_on_batch(...)                                # align/step.py
                log_step(...); maybe save_checkpoint(...)          # here, align/checkpoint.py
 
 Loss normalisation follows losses/base.py: each micro-batch loss is divided by the number of
@@ -55,7 +55,7 @@ from align.rewards_adapter import RewardFunction, build_reward
 from align.run_data import OfflineData, OnlineData
 from align.rundir import claim_run_dir
 from align.signals import StopSignal, agreed_signal
-from align.step import optimizer_step
+from align.step import train_on_batch
 
 
 class TrainingError(RuntimeError):
@@ -192,13 +192,8 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
             if run.replay is not None:  # this step's groups join the buffer; the step trains on a mix
                 run.replay.add(batch, run.step)
                 batch = run.replay.mix_into(batch, run.step, accelerator.process_index)
-            updates = recipe.train.updates_per_batch
-            for update in range(updates):  # each an optimizer step on the same rollout batch
-                metrics = optimizer_step(
-                    recipe, run.models, run.objective, batch, run.optimizer, run.scheduler, accelerator, update
-                )
-                if metrics is None:
-                    break
+            models, objective = run.models, run.objective
+            metrics = train_on_batch(recipe, models, objective, batch, run.optimizer, run.scheduler, accelerator)
             run.step += 1
             if metrics is None:
                 run.bad_steps += 1
@@ -283,8 +278,8 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
     scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer,
-        num_warmup_steps=cfg.warmup_steps * cfg.updates_per_batch,
-        num_training_steps=cfg.steps * cfg.updates_per_batch,
+        num_warmup_steps=cfg.warmup_steps * cfg.updates_per_batch * cfg.mini_batches,
+        num_training_steps=cfg.steps * cfg.updates_per_batch * cfg.mini_batches,
     )
     configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     if models.critic is not None:

@@ -903,12 +903,40 @@ def test_several_updates_per_batch_keep_pi_old(tight, tiny_model_dir, tiny_data_
     assert one["steps"] == 2 and all(r["clip_fraction"] == 0 for r in _metrics(tmp_path / "one"))
 
 
-@pytest.mark.parametrize("key", ["grpo", "ppo"])
-def test_resume_is_exact_with_several_updates_per_batch(key, tiny_model_dir, tiny_data_files, tmp_path):
-    """GRPO and PPO (with its critic), 2 updates per batch, a linear schedule over all 8 updates:
-    SIGTERM at step 2 and a resume to 4 equal the uninterrupted run bit for bit (the scheduler's
-    count included)."""
-    fields = {"steps": 4, "batch_size": 4, "updates_per_batch": 2}
+def test_mini_batches_step_once_each_against_pi_old(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
+    """train.mini_batches: 2 with one pass: the rollout draws 2 × batch_size prompts (the same 8
+    as a batch-8 run: its first step's reward mean, averaged over the mini-batches, is the same
+    number), each mini-batch is one optimizer step (the linear schedule ends at 0 after 4), and
+    the second mini-batch's ratios read the policy that sampled, so a tight clip clips with a
+    single pass; 4 × 1 == 2 × 2 inside each mini-batch."""
+    objective, lr = TIGHT["grpo_tight"]
+    monkeypatch.setitem(OBJECTIVES, "grpo_tight", (objective, "prompts", {"reward": LENGTH}))
+    sgd = {"optimizer": "sgd", "lr": lr, "max_grad_norm": None}
+    results, records = {}, {}
+    for batch, accumulation in [(4, 1), (2, 2)]:
+        run = tmp_path / f"b{batch}x{accumulation}"
+        fields = {"batch_size": batch, "gradient_accumulation_steps": accumulation, "mini_batches": 2}
+        summary = train(make_recipe(tiny_model_dir, tiny_data_files, run, "grpo_tight", **fields, **sgd))
+        assert summary["skipped_steps"] == 0 and summary["steps"] == 2
+        results[(batch, accumulation)], records[(batch, accumulation)] = final_params(run), _metrics(run)
+    assert max_diff(results[(4, 1)], results[(2, 2)]) < 2e-5
+    steps = records[(4, 1)]
+    assert all(r["clip_fraction"] > 0 for r in steps), steps
+    assert steps[-1]["lr"] == 0.0 and steps[0]["lr"] == pytest.approx(lr / 2)  # 4 updates scheduled, 2 taken by step 1
+    whole = tmp_path / "whole"
+    train(make_recipe(tiny_model_dir, tiny_data_files, whole, "grpo_tight", batch_size=8, steps=1, **sgd))
+    first = _metrics(whole)[0]
+    assert first["clip_fraction"] == 0
+    for key in ("reward_mean", "completion_length", "tokens"):
+        assert steps[0][key] == pytest.approx(first[key], rel=1e-6), key
+
+
+@pytest.mark.parametrize("key, mini_batches", [("grpo", 1), ("ppo", 1), ("ppo", 2)])
+def test_resume_is_exact_with_several_updates_per_batch(key, mini_batches, tiny_model_dir, tiny_data_files, tmp_path):
+    """GRPO and PPO (with its critic), 2 passes per batch (in 2 mini-batches too), a linear
+    schedule over all of their updates: SIGTERM at step 2 and a resume to 4 equal the
+    uninterrupted run bit for bit (the scheduler's count included)."""
+    fields = {"steps": 4, "batch_size": 4 // mini_batches, "updates_per_batch": 2, "mini_batches": mini_batches}
     straight = tmp_path / "straight"
     train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, **fields))
     interrupted = tmp_path / "interrupted"

@@ -146,6 +146,9 @@ def test_the_recipe_gives_dr_grpo_the_generation_budget(tmp_path):
     offline = {**raw, "objective": {"name": "dpo"}, "reward": [], "train": {"updates_per_batch": 2}}
     with pytest.raises(RecipeError, match=r"train.updates_per_batch: 'dpo' is trained on a fixed dataset"):
         validate(Recipe, offline)
+    offline["train"] = {"mini_batches": 2}
+    with pytest.raises(RecipeError, match=r"train.mini_batches: 'dpo' is trained on a fixed dataset"):
+        validate(Recipe, offline)
 
 
 @pytest.mark.parametrize("K_arms,beta,instance", [(4, 0.1, 0), (10, 0.4, 1)])
