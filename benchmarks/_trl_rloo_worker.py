@@ -1,10 +1,13 @@
 """TRL side of vs_trl_rloo.py; runs in the TRL venv and prints one JSON line of timings.
 
     /work/trl-venv/bin/python benchmarks/_trl_rloo_worker.py MODEL_DIR PROMPTS.jsonl NEW_TOKENS STEPS LR OUT_DIR
+        [LORA_TARGETS]
 
 Settings match align's recipe (see vs_trl_rloo.py): k = 4 completions of 4 prompts per step,
 exactly NEW_TOKENS new tokens, β = 0.05, fp32, no gradient checkpointing, dropout off,
-constant learning rate, gradient clipping at 1.0, the same length reward.
+constant learning rate, gradient clipping at 1.0, the same length reward. LORA_TARGETS
+(comma-separated module names): LoRA r = 8, α = 16 on them, the reference the base with adapters
+off, as align's ``model.lora``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def reward(prompts, completions, **kwargs) -> list[float]:
 
 
 def main(argv: list[str]) -> int:
-    model_dir, prompts, new_tokens, steps, lr, out_dir = argv
+    model_dir, prompts, new_tokens, steps, lr, out_dir = argv[:6]
+    lora_targets = [t for t in (argv[6] if len(argv) > 6 else "").split(",") if t]
     from datasets import load_dataset
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
@@ -79,7 +83,19 @@ def main(argv: list[str]) -> int:
     dataset = load_dataset("json", data_files=prompts, split="train")
     timer = StepTimer()
     started = time.perf_counter()
-    trainer = RLOOTrainer(model=model_dir, reward_funcs=reward, args=config, train_dataset=dataset, callbacks=[timer])
+    peft_config = None
+    if lora_targets:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets)
+    trainer = RLOOTrainer(
+        model=model_dir,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        callbacks=[timer],
+        peft_config=peft_config,
+    )
     setup = time.perf_counter() - started
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

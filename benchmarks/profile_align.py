@@ -1,6 +1,6 @@
 """Where align's step time goes: cProfile over the steady-state steps of an RLOO or DPO run.
 
-    .venv/bin/python benchmarks/profile_align.py rloo|dpo [--medium] [--steps N] [--top N]
+    .venv/bin/python benchmarks/profile_align.py rloo|dpo [--medium | --model NAME] [--steps N] [--top N]
 
 Runs ``align.trainer.train`` in this process on the recipe of vs_trl_rloo.py / vs_trl_dpo.py,
 switches the profiler on after WARMUP_STEPS steps (start-up and warm-up are left out) and
@@ -28,10 +28,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("objective", choices=["rloo", "dpo"])
     parser.add_argument("--medium", action="store_true")
+    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="a benchmark model by name")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
-    size = "medium" if args.medium else "tiny"
+    size = args.model or ("medium" if args.medium else "tiny")
     paths = ensure_assets()
     import vs_trl_dpo
     import vs_trl_rloo

@@ -58,6 +58,7 @@ from flops import rloo_step  # noqa: E402
 from peak import measure as measure_peak  # noqa: E402
 
 LR = 1e-5
+LORA_R = 8
 
 
 def align_recipe(model: Path, prompts: Path, new_tokens: int, steps: int) -> dict:
@@ -75,8 +76,14 @@ def align_recipe(model: Path, prompts: Path, new_tokens: int, steps: int) -> dic
     }
 
 
-def _align_steps(recipe: dict, work: Path, timing, new_tokens: int) -> list[float]:
+def lora_targets(architecture: str) -> list[str]:
+    """The attention projections LoRA adapts on each benchmark architecture (both sides the same)."""
+    return ["c_attn"] if architecture == "gpt2" else ["q_proj", "v_proj"]
+
+
+def _align_steps(recipe: dict, work: Path, timing, new_tokens: int, rss: list[float]) -> list[float]:
     result = run_align(recipe, work, timing)
+    rss.append(result["peak_rss_mib"])
     lengths = [x for x in result["completion_length"] if x is not None]
     if lengths:
         print(f"  align mean completion length {statistics.fmean(lengths):.2f} of {new_tokens} tokens")
@@ -86,6 +93,7 @@ def _align_steps(recipe: dict, work: Path, timing, new_tokens: int) -> list[floa
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_comparison_args(parser, "TRL")
+    parser.add_argument("--lora", action="store_true", help="both sides train LoRA r=8, α=16 on the attention")
     args = parser.parse_args(argv)
     size = model_name(args)
     new_tokens = MODELS[size]["new_tokens"]
@@ -100,6 +108,9 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         recipe = align_recipe(paths[size], paths["prompts"], new_tokens, args.steps)
+        targets = lora_targets(MODELS[size].get("architecture", "gpt2"))
+        if args.lora:  # the reference is the base with adapters off, on both sides
+            recipe["model"]["lora"] = {"r": LORA_R, "alpha": 2 * LORA_R, "target_modules": targets}
         trl_argv = timing.wrap(
             [
                 TRL_PYTHON,
@@ -110,13 +121,18 @@ def main(argv: list[str]) -> int:
                 str(args.steps),
                 str(LR),
                 str(work / "trl"),
+                ",".join(targets) if args.lora else "",
             ]
         )
+        rss: dict[str, list[float]] = {"align": [], "trl": []}
+
+        def trl_steps(r: int) -> float:
+            result, peak_mib = run_json(trl_argv, trl_env)
+            rss["trl"].append(peak_mib)
+            return steady(result["step_s"])
+
         runs = alternate(
-            {
-                "align": lambda r: steady(_align_steps(recipe, work, timing, new_tokens)),
-                "trl": lambda r: steady(run_json(trl_argv, trl_env)[0]["step_s"]),
-            },
+            {"align": lambda r: steady(_align_steps(recipe, work, timing, new_tokens, rss["align"])), "trl": trl_steps},
             args.rounds,
         )
 
@@ -132,6 +148,11 @@ def main(argv: list[str]) -> int:
     print(f"peak   fp32 GEMM {peak / 1e9:.1f} GFLOP/s (benchmarks/peak.py, this run); prompt width {prompt} tokens")
     print(flops_line("align", parts, align_s, peak))
     print(flops_line("TRL", parts, trl_s, peak))
+    align_mib, trl_mib = statistics.median(rss["align"]), statistics.median(rss["trl"])
+    print(
+        f"memory peak RSS{' (LoRA r=8)' if args.lora else ''}: align {align_mib:.0f} MiB, TRL {trl_mib:.0f} MiB "
+        f"(TRL ÷ align {trl_mib / align_mib:.2f})"
+    )
     print(f"ratio={trl_s / align_s:.2f}")
     return 0
 

@@ -24,3 +24,18 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_data_files(tmp_path_factory):
     """Small sft / prompts / eval_prompts / pairs / demos JSONL files: name -> path (read-only)."""
     return make_tiny_data_files(tmp_path_factory.mktemp("tiny_data"))
+
+
+ARCHITECTURES = {  # the benchmarked families: GPT-2 (tied), Llama (GQA, untied head), Qwen2 (GQA, tied head)
+    "gpt2": {},
+    "llama": {"architecture": "llama", "n_head": 4},
+    "qwen2": {"architecture": "qwen2", "n_head": 4, "tie_word_embeddings": True},
+}
+
+
+@pytest.fixture(scope="session", params=list(ARCHITECTURES))
+def arch_model_dir(request, tmp_path_factory):
+    """A tiny random model of each benchmarked architecture, with its tokenizer, built once each."""
+    if request.param == "gpt2":
+        return request.getfixturevalue("tiny_model_dir")
+    return make_tiny_model_dir(tmp_path_factory.mktemp(f"tiny_{request.param}"), **ARCHITECTURES[request.param])

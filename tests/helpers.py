@@ -24,6 +24,7 @@ def make_tiny_model_dir(
     n_positions: int = 64,
     seed: int = 0,
     architecture: str = "gpt2",
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Train a byte-level BPE tokenizer on generated reviews and save a random tiny GPT-2 with it.
 
@@ -42,6 +43,7 @@ def make_tiny_model_dir(
         n_positions=n_positions,
         seed=seed,
         architecture=architecture,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return out_dir
 

@@ -53,9 +53,9 @@ def test_token_logprobs_is_log_softmax_gather():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fused_head_equals_log_softmax_values_and_gradients(tiny_model_dir, temperature):
-    model = _model(tiny_model_dir)
-    assert fused_head_weight(model) is model.lm_head.weight  # GPT-2: tied to the embedding
+def test_fused_head_equals_log_softmax_values_and_gradients(arch_model_dir, temperature):
+    model = _model(arch_model_dir)
+    assert fused_head_weight(model) is model.lm_head.weight  # tied to the embedding (GPT-2, Qwen2) or not (Llama)
     batch = _batch(model.config.vocab_size)
     weights = torch.linspace(-1, 1, batch[2].numel()).view(batch[2].shape)  # an uneven upstream gradient
 
@@ -77,8 +77,8 @@ def test_fused_head_equals_log_softmax_values_and_gradients(tiny_model_dir, temp
         assert torch.allclose(completion_logprobs(model, *batch, temperature), fused, atol=1e-5)
 
 
-def test_plain_path_matches_fused_path(tiny_model_dir, monkeypatch):
-    model = _model(tiny_model_dir)
+def test_plain_path_matches_fused_path(arch_model_dir, monkeypatch):
+    model = _model(arch_model_dir)
     batch = _batch(model.config.vocab_size, seed=1)
     fused = completion_logprobs(model, *batch, 0.8)
     monkeypatch.setattr(lp_lib, "fused_head_weight", lambda model: None)

@@ -60,8 +60,8 @@ def _model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
 
-def test_first_tokens_follow_the_models_softmax(tiny_model_dir):
-    model = _model(tiny_model_dir)
+def test_first_tokens_follow_the_models_softmax(arch_model_dir):
+    model = _model(arch_model_dir)
     prompt = torch.tensor([[5, 17, 42, 9]])
     n = 20_000
     keys = sample_keys(0, 0, torch.tensor([0]), n)
@@ -82,8 +82,8 @@ def _prompts():
     return ids, (ids != 0).long() | torch.tensor([[0, 0, 0, 1, 1], [1] * 5, [0, 0, 1, 1, 1]])
 
 
-def test_split_head_decoding_samples_what_the_models_own_logits_sample(tiny_model_dir, monkeypatch):
-    model = _model(tiny_model_dir)
+def test_split_head_decoding_samples_what_the_models_own_logits_sample(arch_model_dir, monkeypatch):
+    model = _model(arch_model_dir)
     ids, mask = _prompts()
     keys = sample_keys(3, 1, torch.arange(3), 4)
     split = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
@@ -92,8 +92,8 @@ def test_split_head_decoding_samples_what_the_models_own_logits_sample(tiny_mode
     assert torch.equal(split.completion_ids, plain.completion_ids)
 
 
-def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_model_dir):
-    model = _model(tiny_model_dir)
+def test_a_prompts_samples_do_not_depend_on_its_batch(arch_model_dir):
+    model = _model(arch_model_dir)
     ids, mask = _prompts()
     keys = sample_keys(3, 1, torch.arange(3), 2)
     together = generate(model, ids, mask, keys, k=2, max_new_tokens=10).completion_ids
@@ -101,13 +101,13 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_model_dir):
     assert torch.equal(together[4:], alone)
 
 
-def test_eos_is_masked_until_min_new_tokens_then_stops_and_pads(tiny_model_dir):
-    model = _model(tiny_model_dir)
+def test_eos_is_masked_until_min_new_tokens_then_stops_and_pads(arch_model_dir):
+    model = _model(arch_model_dir)
     ids, mask = _prompts()
     with torch.no_grad():  # make EOS likely everywhere: its head row along the mean last hidden state
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         mean = hidden[mask.bool()].mean(0)
-        model.lm_head.weight[1] = 4.0 * mean / mean.norm() ** 2
+        model.lm_head.weight[1] = 8.0 * mean / mean.norm() ** 2
     keys = sample_keys(0, 0, torch.arange(3), 4)
     out = generate(model, ids, mask, keys, k=4, max_new_tokens=8, min_new_tokens=3, eos_token_id=1, pad_token_id=0)
     tokens, keep = out.completion_ids, out.completion_mask.bool()
@@ -132,8 +132,8 @@ def _full_forward_probs(model, rollout, temperature):
     return torch.softmax(logits[:, P - 1 : P + T - 1] / temperature, -1).transpose(0, 1)  # [T, R, V]
 
 
-def test_kept_probs_are_the_models_unfiltered_distribution_and_change_no_sample(tiny_model_dir):
-    model = _model(tiny_model_dir)
+def test_kept_probs_are_the_models_unfiltered_distribution_and_change_no_sample(arch_model_dir):
+    model = _model(arch_model_dir)
     ids, mask = _prompts()
     keys = sample_keys(5, 2, torch.arange(3), 2)
     for top_k in (0, 20):
