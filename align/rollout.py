@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from align.decode import LlamaDecode
 from align.logprobs import DecodeHead, fused_head_weight, softmax_
 
 _M32 = 0xFFFFFFFF
@@ -187,6 +188,9 @@ def generate(
         logits = last_logits(out).repeat_interleave(k, 0)
         attention = prompt_mask.repeat_interleave(k, 0)
         next_position = attention.long().sum(-1)
+        # Llama-family models decode through the written-out step (align/decode.py), others through transformers
+        fast = None if head_weight is None else LlamaDecode.build(model, cache, attention, max_new_tokens)
+        prompt_len = attention.shape[1]
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         # all positions' uniforms at once (a score of small integer ops per step fewer), float32 like the cdf
         u_all = uniforms(keys, torch.arange(max_new_tokens)).to(device=device, dtype=torch.float32)
@@ -223,6 +227,10 @@ def generate(
                 finished = finished | torch.isin(token, eos)
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
+            if fast is not None:
+                logits = head(fast.step(token, next_position, prompt_len + t))
+                next_position = next_position + 1
+                continue
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             out = model(
                 input_ids=token[:, None],

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import align.rollout as rollout_lib
+from align.decode import LlamaDecode
 from align.rollout import generate, inverse_cdf_sample, sample_keys
 
 
@@ -149,3 +150,48 @@ def test_kept_probs_are_the_models_unfiltered_distribution_and_change_no_sample(
         assert torch.allclose(kept.probs[real].double(), expected[real], atol=1e-5)
         assert (kept.probs[:, :, 1] > 0).all()  # EOS keeps its mass: masking was for sampling only
         assert ((kept.probs[real] > 0).sum(-1) > 20).all()  # not the top-k filtered distribution
+
+
+def test_llama_family_decode_equals_transformers_decode(arch_model_dir, monkeypatch):
+    """align/decode.py: Llama and Qwen2 decode through the written-out step, GPT-2 through
+    transformers. Step by step over left-padded prompts, its last hidden states equal
+    transformers' own decode forward to float rounding, and generate samples the same tokens
+    with it or without it; a peft-wrapped model is not taken."""
+    model = _model(arch_model_dir)
+    ids, mask = _prompts()
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        fast = LlamaDecode.build(model, cache, mask, max_new_tokens=6)
+        if model.config.model_type == "gpt2":
+            assert fast is None
+            return
+        assert fast is not None
+        tokens, attention, next_position = ids[:, -1], mask, mask.sum(-1)
+        for t in range(5):
+            tokens = (tokens * 7 + t) % model.config.vocab_size
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+            expected = model(
+                input_ids=tokens[:, None],
+                attention_mask=attention,
+                position_ids=next_position[:, None],
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=True,
+            ).hidden_states[-1][:, -1]
+            got = fast.step(tokens, next_position, ids.shape[1] + t)
+            assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+            next_position = next_position + 1
+    keys = sample_keys(3, 1, torch.arange(3), 4)
+    with_step = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
+    monkeypatch.setattr(LlamaDecode, "build", classmethod(lambda cls, *args: None))
+    without = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
+    assert torch.equal(with_step.completion_ids, without.completion_ids)
+    monkeypatch.undo()
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(_model(arch_model_dir), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.inference_mode():
+        out = lora(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        assert LlamaDecode.build(lora, cache, mask, max_new_tokens=6) is None
