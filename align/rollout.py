@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from align.decode import LlamaDecode
+from align.decode import decode_step_for
 from align.logprobs import DecodeHead, fused_head_weight, softmax_
 
 _M32 = 0xFFFFFFFF
@@ -188,8 +188,8 @@ def generate(
         logits = last_logits(out).repeat_interleave(k, 0)
         attention = prompt_mask.repeat_interleave(k, 0)
         next_position = attention.long().sum(-1)
-        # Llama-family models decode through the written-out step (align/decode.py), others through transformers
-        fast = None if head_weight is None else LlamaDecode.build(model, cache, attention, max_new_tokens)
+        # GPT-2 and Llama-family models decode through the written-out step (align/decode.py)
+        fast = None if head_weight is None else decode_step_for(model, cache, attention, max_new_tokens)
         prompt_len = attention.shape[1]
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         # all positions' uniforms at once (a score of small integer ops per step fewer), float32 like the cdf

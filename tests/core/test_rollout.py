@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import align.rollout as rollout_lib
-from align.decode import LlamaDecode
+from align.decode import decode_step_for
 from align.rollout import generate, inverse_cdf_sample, sample_keys
 
 
@@ -152,21 +152,18 @@ def test_kept_probs_are_the_models_unfiltered_distribution_and_change_no_sample(
         assert ((kept.probs[real] > 0).sum(-1) > 20).all()  # not the top-k filtered distribution
 
 
-def test_llama_family_decode_equals_transformers_decode(arch_model_dir, monkeypatch):
-    """align/decode.py: Llama and Qwen2 decode through the written-out step, GPT-2 through
-    transformers. Step by step over left-padded prompts, its last hidden states equal
-    transformers' own decode forward to float rounding, and generate samples the same tokens
-    with it or without it; a peft-wrapped model is not taken."""
+def test_written_out_decode_equals_transformers_decode(arch_model_dir, monkeypatch):
+    """align/decode.py on GPT-2, Llama and Qwen2: step by step over left-padded prompts, its last
+    hidden states equal transformers' own decode forward to float rounding, and generate samples
+    the same tokens with it or without it; a peft-wrapped model or one with dropout active is
+    not taken."""
     model = _model(arch_model_dir)
     ids, mask = _prompts()
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        fast = LlamaDecode.build(model, cache, mask, max_new_tokens=6)
-        if model.config.model_type == "gpt2":
-            assert fast is None
-            return
+        fast = decode_step_for(model, cache, mask, max_new_tokens=6)
         assert fast is not None
         tokens, attention, next_position = ids[:, -1], mask, mask.sum(-1)
         for t in range(5):
@@ -185,13 +182,21 @@ def test_llama_family_decode_equals_transformers_decode(arch_model_dir, monkeypa
             next_position = next_position + 1
     keys = sample_keys(3, 1, torch.arange(3), 4)
     with_step = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
-    monkeypatch.setattr(LlamaDecode, "build", classmethod(lambda cls, *args: None))
+    monkeypatch.setattr(rollout_lib, "decode_step_for", lambda *args: None)
     without = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
     assert torch.equal(with_step.completion_ids, without.completion_ids)
     monkeypatch.undo()
+
+    def taken(candidate) -> bool:
+        with torch.inference_mode():
+            out = candidate(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+            fresh = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            return decode_step_for(candidate, fresh, mask, max_new_tokens=6) is not None
+
+    assert taken(model)
+    training = AutoModelForCausalLM.from_pretrained(arch_model_dir).train()
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in training.modules())
+    assert taken(training) != dropout  # GPT-2's dropout would draw random numbers; Llama's has none
     peft = pytest.importorskip("peft")
-    lora = peft.get_peft_model(_model(arch_model_dir), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    with torch.inference_mode():
-        out = lora(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        assert LlamaDecode.build(lora, cache, mask, max_new_tokens=6) is None
+    target = "c_attn" if model.config.model_type == "gpt2" else "q_proj"
+    assert not taken(peft.get_peft_model(_model(arch_model_dir), peft.LoraConfig(r=2, target_modules=[target])))
