@@ -57,9 +57,16 @@ def split_micro_batches(n_units: int, rows_per_unit: int, units_per_micro: int, 
 
 
 def local_rows(recipe: Recipe, n_rows: int, step: int, accelerator) -> list[int]:
-    per_process = recipe.train.batch_size * recipe.train.gradient_accumulation_steps * recipe.train.mini_batches
-    rows = data_lib.step_rows(n_rows, step, per_process * accelerator.num_processes, recipe.train.seed)
-    return rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+    """This process's rows of the step: its share of each mini-batch, so a mini-batch holds the
+    same rows whatever the process count."""
+    per_process = recipe.train.batch_size * recipe.train.gradient_accumulation_steps
+    mini_batches, procs, rank = recipe.train.mini_batches, accelerator.num_processes, accelerator.process_index
+    rows = data_lib.step_rows(n_rows, step, per_process * procs * mini_batches, recipe.train.seed)
+    out: list[int] = []
+    for j in range(mini_batches):
+        mini_batch = rows[j * per_process * procs : (j + 1) * per_process * procs]
+        out += mini_batch[rank * per_process : (rank + 1) * per_process]
+    return out
 
 
 def rollout_batch(

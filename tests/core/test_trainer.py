@@ -294,9 +294,20 @@ def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
     assert clean[0] == clean[1]
 
 
-@pytest.mark.parametrize("key", ["dpo", "rloo", "rloo_whitened", "grpo_token", "ppo"])
-def test_two_process_ddp_equals_one_process(key, tiny_model_dir, tiny_data_files, tmp_path):
-    """accelerate launch --cpu --num_processes 2 (batch 4 each) == 1 process (batch 8)."""
+@pytest.mark.parametrize(
+    "key, fields",
+    [
+        ("dpo", {}),
+        ("rloo", {}),
+        ("rloo_whitened", {}),
+        ("grpo_token", {}),
+        ("ppo", {}),
+        ("ppo", {"mini_batches": 2, "updates_per_batch": 2}),  # π_old and V_old kept before the first step
+    ],
+)
+def test_two_process_ddp_equals_one_process(key, fields, tiny_model_dir, tiny_data_files, tmp_path):
+    """accelerate launch --cpu --num_processes 2 (batch 4 each) == 1 process (batch 8); with 2
+    mini-batches each process's half of every mini-batch."""
     import yaml
 
     runs = {}
@@ -307,10 +318,11 @@ def test_two_process_ddp_equals_one_process(key, tiny_model_dir, tiny_data_files
             tiny_data_files,
             run,
             key,
-            batch_size=batch,
+            batch_size=batch // fields.get("mini_batches", 1),
             optimizer="sgd",
             lr=SGD_LR[key],
             max_grad_norm=None,
+            **fields,
         )
         path = tmp_path / f"p{procs}.yaml"
         path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
