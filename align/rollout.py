@@ -162,10 +162,10 @@ def generate(
         device=device,
         dtype=torch.long,
     )
-    # inference mode skips autograd's view and version bookkeeping on each of the decode steps'
-    # small ops (7-9 % of a rollout here); the outputs are re-made outside it as normal tensors
     cache_arg, last_only = _forward_kwargs(model)
     head_weight = fused_head_weight(model)
+    # inference mode skips autograd's view and version bookkeeping on each of the decode steps'
+    # small ops (7-9 % of a rollout here); the outputs are re-made outside it as normal tensors
     with torch.inference_mode():
         rows = prompt_ids.shape[0] * k
         if head_weight is not None:  # hidden states only; the head on the last position, below

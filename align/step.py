@@ -27,7 +27,8 @@ def train_on_batch(
 ) -> dict[str, float] | None:
     """``train.updates_per_batch`` passes over the rollout batch, each one optimizer step per
     mini-batch (``train.mini_batches``; TRL's PPO epochs × mini-batches). Returns the last pass's
-    metrics (the mean over its mini-batches; ``tokens`` summed), or None when a step was skipped."""
+    metrics (over its mini-batches, weighted by their scored samples; ``tokens`` summed), or None
+    when a step was skipped."""
     mini_batches = recipe.train.mini_batches
     if mini_batches > 1:
         keep_rollout_logprobs(recipe, models, objective, batch, accelerator)
@@ -43,15 +44,15 @@ def train_on_batch(
             last_pass.append(metrics)
     if len(last_pass) == 1:
         return last_pass[0]
-    merged = {}
-    for key in last_pass[0]:
-        values = [m[key] for m in last_pass if m.get(key) is not None]
-        if key in ("tokens",):
-            merged[key] = sum(values)
-        elif key in ("lr", "grad_norm"):
-            merged[key] = last_pass[-1][key]
-        else:
-            merged[key] = sum(values) / len(values) if values else None
+    # each mini-batch's means weighted by its scored samples: the whole batch's means (an emptied one counts 0)
+    rows = [sum(r.numel() for r in mini_batch_rows(batch, mini_batches, j)) for j in range(mini_batches)]
+    merged = {"lr": last_pass[-1]["lr"], "grad_norm": last_pass[-1]["grad_norm"]}
+    for key in dict.fromkeys(k for m in last_pass for k in m if k not in merged):
+        pairs = [(m[key], n) for m, n in zip(last_pass, rows) if n and m.get(key) is not None]
+        if key == "tokens":
+            merged[key] = sum(v for v, _ in pairs)
+        elif pairs:
+            merged[key] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
     return merged
 
 
@@ -212,7 +213,7 @@ def keep_rollout_logprobs(
 
     for rows in batch.micro_batches:
         placeholder = rows.numel() == 0  # a sharded forward is collective: every process runs as many
-        p_ids, p_mask, c_ids, c_mask = micro_inputs(batch, torch.zeros_like(rows[:1]) if placeholder else rows)
+        p_ids, p_mask, c_ids, c_mask = micro_inputs(batch, rows.new_zeros(1) if placeholder else rows)
         policy_lp = completion_logprobs(models.policy, p_ids, p_mask, c_ids, c_mask, temperature)
         ref_lp = values = None
         if objective.uses_reference and batch.ref_logprobs is None:
@@ -225,16 +226,11 @@ def keep_rollout_logprobs(
         for name, value in (("old", policy_lp), ("ref", ref_lp), ("values", values)):
             if value is not None:
                 keep(name, rows, value)
-    old = kept.get("old")
-    ref = kept.get("ref")
-    values = kept.get("values")
-    if old is None:  # every sample went unscored: the steps train on nothing
+    if "old" not in kept:  # every sample went unscored: the steps train on nothing
         return
-    batch.old_logprobs = old
-    if ref is not None:
-        batch.ref_logprobs = ref
-    if values is not None:
-        batch.old_values = values
+    batch.old_logprobs = kept["old"]
+    batch.ref_logprobs = kept.get("ref", batch.ref_logprobs)
+    batch.old_values = kept.get("values")
 
 
 def _no_sync_unless(last: bool, accelerator, *models) -> contextlib.AbstractContextManager:

@@ -1002,3 +1002,36 @@ def test_replay_trains_on_past_groups_and_resumes_exactly(tiny_model_dir, tiny_d
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(RecipeError, match=r"train.replay: 'dpo' is trained on a fixed dataset"):
         make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "x", "dpo", replay={"capacity_steps": 2})
+
+
+def test_a_mini_batch_left_without_scored_samples_still_steps(tiny_model_dir, tiny_data_files, tmp_path):
+    """Every sample of the first mini-batch unscored (a TRL reward's None): its step runs at zero
+    weight, the other mini-batch trains, and the step's metrics are the scored samples' own (the
+    empty mini-batch adds nothing to the means)."""
+    scored: list[list[float]] = []
+
+    def scores(n: int, completions: list[str]) -> list[float | None]:
+        out = [None if i < 4 else float(len(x)) for i, x in enumerate(completions)]
+        scored.append([x for x in out if x is not None])
+        return out
+
+    _register_test_reward("none_for_first_four", scores)
+    sgd = {"optimizer": "sgd", "lr": SGD_LR["grpo"], "max_grad_norm": None}
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "grpo", batch_size=2, mini_batches=2, **sgd)
+    raw = {
+        "model": {"path": "m"},
+        "data": {"train": "d"},
+        "objective": {"name": "rloo"},
+        "reward": ["none_for_first_four"],
+    }
+    recipe = recipe.model_copy(update={"reward": validate(Recipe, raw).reward})
+    summary = train(recipe)
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    records = _metrics(tmp_path / "run")
+    assert all(r["unscored"] == 4 and math.isfinite(r["loss"]) for r in records)
+    for record, step_scores in zip(records, scored):
+        assert record["reward_mean"] == pytest.approx(sum(step_scores) / len(step_scores))
+        assert 0 < record["completion_length"] < GENERATION["max_new_tokens"]
+    initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    final = final_params(tmp_path / "run")
+    assert max_diff({k: final[k] for k in initial}, initial) > 1e-5
