@@ -15,9 +15,13 @@ which the backward turns into the logits' gradient in place -- no log-softmax, g
 gradient buffers of [N, V]. Without gradients (the reference) the head runs in row chunks and
 keeps nothing. Every other model takes the plain path (logits → ``token_logprobs``).
 
-On CPU the head's fp32 matmuls go through oneDNN (``linear``) rather than MKL's sgemm: on this
-project's AMD EPYC machines oneDNN is 1.3–1.5× faster on the head's shapes and 2–3× faster on
-the few-row matmuls of decoding (``DecodeHead``: the weight packed once per rollout).
+On CPU the few-row matmuls of decoding go through oneDNN with the weight packed once per rollout
+(``DecodeHead``): 2–3× faster than MKL's sgemm on AMD EPYC, 1.1× on Intel Xeon. The head's large
+matmuls (``linear``) take oneDNN off Intel -- MKL is Intel's own library and takes slower paths
+on AMD, where oneDNN is 1.3–1.5× faster on the head's shapes -- and on Intel only for narrow
+outputs: on an AVX-512 Xeon MKL is 10–13 % faster on the head's forward and 8–23 % on the
+hidden-state gradient of a 256-wide model, oneDNN 30 % faster on that gradient 64 wide
+(``benchmarks/README.md``). ``ALIGN_ONEDNN=1`` / ``0`` forces either way.
 """
 
 from __future__ import annotations
@@ -63,6 +67,24 @@ def _onednn_linear_available() -> bool:
         return False
 
 
+@functools.cache
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:  # not Linux
+        return False
+
+
+_NARROW = 128  # output features below which oneDNN beats MKL on Intel too
+
+
+def _onednn_for(out_features: int) -> bool:
+    """oneDNN for one of ``linear``'s matmuls: forced by ALIGN_ONEDNN=1, else off Intel CPUs or
+    for narrow outputs (the hidden-state gradient of a small model)."""
+    return os.environ.get("ALIGN_ONEDNN") == "1" or not _intel_cpu() or out_features < _NARROW
+
+
 def _onednn(x: Tensor, weight: Tensor) -> bool:
     return (
         x.device.type == "cpu"
@@ -75,7 +97,7 @@ def _onednn(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     """x · weightᵀ as a fresh fp32 tensor ([N, H] x, [V, H] weight, either may be a strided view)."""
-    if _onednn(x, weight):
+    if _onednn(x, weight) and _onednn_for(weight.shape[0]):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
     return F.linear(x, weight).float()
 

@@ -8,6 +8,10 @@ exactly NEW_TOKENS new tokens, β = 0.05, fp32, no gradient checkpointing, dropo
 constant learning rate, gradient clipping at 1.0, the same length reward. LORA_TARGETS
 (comma-separated module names): LoRA r = 8, α = 16 on them, the reference the base with adapters
 off, as align's ``model.lora``.
+
+With STEP0_COMPLETIONS and STEP0_GRADS set (benchmarks/step0_rloo.py): generation returns the
+completions in that JSON file for each prompt (by its token ids) instead of sampling, and the
+gradient of every parameter as it reaches the first optimizer step is saved to STEP0_GRADS.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def main(argv: list[str]) -> int:
         peft_config=peft_config,
     )
     setup = time.perf_counter() - started
+    grads = _inject_step0(trainer)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "loss" in h]
@@ -111,10 +116,63 @@ def main(argv: list[str]) -> int:
                 "loss": losses,
                 "completion_length": lengths,
                 "peak_gib": peak_gib(),
+                "grad_norm": [h.get("grad_norm") for h in trainer.state.log_history if "loss" in h],
+                "step0_grads": grads.get("saved"),
             }
         )
     )
     return 0
+
+
+def _with_mask_positions(forward):
+    def forward_with_positions(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return forward(*args, **kwargs)
+
+    return forward_with_positions
+
+
+def _inject_step0(trainer) -> dict:
+    """STEP0_COMPLETIONS / STEP0_GRADS (see the module docstring); {} when unset."""
+    completions_path, grads_path = os.environ.get("STEP0_COMPLETIONS"), os.environ.get("STEP0_GRADS")
+    if not completions_path:
+        return {}
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    entries = json.loads(Path(completions_path).read_text())
+    by_prompt = {tuple(e["prompt_ids"]): list(e["completion_ids"]) for e in entries}
+    served: dict[tuple, int] = {}
+
+    def fixed_completions(prompt_ids, images, multimodal_fields):
+        out = []
+        for ids in prompt_ids:
+            key = tuple(int(t) for t in ids)
+            if key not in by_prompt:
+                raise KeyError(f"STEP0_COMPLETIONS has no completions for prompt ids {list(key)[:12]}…")
+            j = served.get(key, 0)
+            served[key] = j + 1
+            out.append(by_prompt[key][j % len(by_prompt[key])])
+        return out
+
+    trainer._generate_single_turn = fixed_completions
+    if os.environ.get("STEP0_MASK_POSITIONS") == "1":  # position ids from the attention mask, as align's
+        for model in (trainer.model, trainer.ref_model):
+            if model is not None:
+                model.forward = _with_mask_positions(model.forward)
+    state: dict = {}
+
+    def save_first_grads(optimizer, args, kwargs):
+        if "saved" in state:
+            return
+        named = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        torch.save(named, grads_path)
+        state["saved"] = grads_path
+
+    register_optimizer_step_pre_hook(save_first_grads)
+    return state
 
 
 if __name__ == "__main__":

@@ -215,6 +215,11 @@ def test_cpu_linear_and_decode_head_equal_torchs_linear_and_can_be_switched_off(
     assert torch.allclose(lp_lib.linear(x, w), expected, atol=1e-5)
     assert torch.allclose(lp_lib.linear(x, w.t().contiguous().t()), expected, atol=1e-5)  # a strided weight
     assert torch.allclose(lp_lib.linear(x.t().contiguous().t(), w), expected, atol=1e-5)  # a strided input
+    narrow = w[:40]  # under _NARROW output features: oneDNN on every CPU, as a small model's hidden gradient
+    assert torch.allclose(lp_lib.linear(x, narrow), F.linear(x, narrow), atol=1e-5)
+    monkeypatch.setenv("ALIGN_ONEDNN", "1")  # forced: the wide matmul through oneDNN on Intel too
+    assert lp_lib._onednn_for(300) and torch.allclose(lp_lib.linear(x, w), expected, atol=1e-5)
+    monkeypatch.delenv("ALIGN_ONEDNN")
     assert torch.allclose(lp_lib.DecodeHead(w, 37)(x), expected, atol=1e-5)
     assert torch.allclose(lp_lib.DecodeHead(w, 4)(x[:3]), expected[:3], atol=1e-5)  # packed for 4 rows, used with 3
     leaf = x.clone().requires_grad_()

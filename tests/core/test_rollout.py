@@ -152,6 +152,36 @@ def test_kept_probs_are_the_models_unfiltered_distribution_and_change_no_sample(
         assert ((kept.probs[real] > 0).sum(-1) > 20).all()  # not the top-k filtered distribution
 
 
+def test_written_out_decode_in_bf16_follows_the_models_own_casts(arch_model_dir):
+    """In bf16 the RMSNorm is not folded into the matmuls (the module runs with its own casts):
+    each step's hidden states stay within bf16 rounding of transformers' decode."""
+    model = _model(arch_model_dir).to(torch.bfloat16)
+    ids, mask = _prompts()
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        fast = decode_step_for(model, cache, mask, max_new_tokens=4)
+        assert fast is not None
+        tokens, attention, next_position = ids[:, -1], mask, mask.sum(-1)
+        for t in range(3):
+            tokens = (tokens * 7 + t) % model.config.vocab_size
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+            expected = model(
+                input_ids=tokens[:, None],
+                attention_mask=attention,
+                position_ids=next_position[:, None],
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=True,
+            ).hidden_states[-1][:, -1]
+            got = fast.step(tokens, next_position, ids.shape[1] + t)
+            assert got.dtype == torch.bfloat16
+            error = float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
+            assert error < 3e-2, error
+            next_position = next_position + 1
+
+
 def test_written_out_decode_equals_transformers_decode(arch_model_dir, monkeypatch):
     """align/decode.py on GPT-2, Llama and Qwen2: step by step over left-padded prompts, its last
     hidden states equal transformers' own decode forward to float rounding, and generate samples
