@@ -92,12 +92,27 @@ def main(argv: list[str] | None = None) -> int:
         args.recipe = None
     try:
         module = importlib.import_module(args.module)
-        return int(module.main(args) or 0)
+        code = int(module.main(args) or 0)
     except RecipeError as err:
         print(f"align {args.command}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """After a multi-process command finished, destroy the process group, as PyTorch asks: left
+    to interpreter exit, gloo's worker threads can abort the process ('terminate called without
+    an active exception', SIGABRT) and turn a finished run into a failed launch. Only on success:
+    after an error another rank may still be inside a collective that this would hang."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

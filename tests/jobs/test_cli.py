@@ -39,3 +39,22 @@ def test_schema_lists_every_field_and_refuses_an_unknown_section(capsys):
     assert cli.main(["schema", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no recipe section 'nope'" in err[0]
+
+
+def test_a_finished_command_leaves_the_process_group_and_a_failed_one_does_not(tmp_path, capsys):
+    """Gloo's threads left to interpreter exit can abort a finished multi-process run (SIGABRT):
+    a command that succeeded destroys the process group; one that failed leaves it (another rank
+    may still be inside a collective)."""
+    import torch.distributed as dist
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        assert cli.main(["schema", "nope"]) == 2
+        assert dist.is_initialized()
+        assert cli.main(["schema", "generation"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    capsys.readouterr()
