@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from align.config import RecipeError
@@ -98,21 +99,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    _leave_process_group()
+    if _leave_process_group():
+        # one of several launched processes, its command finished and everything it writes written
+        # and closed (metrics, checkpoints, wandb/trackio runs): skip the interpreter's teardown,
+        # where the C++ threads behind the process group -- still referenced by sharded modules --
+        # aborted finished FSDP2 runs ('terminate called without an active exception', SIGABRT),
+        # which the launcher then reports as a failed job
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
-def _leave_process_group() -> None:
-    """After a multi-process command finished, destroy the process group, as PyTorch asks: left
-    to interpreter exit, gloo's worker threads can abort the process ('terminate called without
-    an active exception', SIGABRT) and turn a finished run into a failed launch. Only on success:
-    after an error another rank may still be inside a collective that this would hang."""
+def _leave_process_group() -> bool:
+    """After a command succeeded, destroy the process group, as PyTorch asks; True when this
+    process was one of several. Only on success: after an error another rank may still be
+    inside a collective that this would hang."""
     try:
         import torch.distributed as dist
     except ImportError:
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    several = dist.get_world_size() > 1
+    dist.destroy_process_group()
+    return several
 
 
 if __name__ == "__main__":
