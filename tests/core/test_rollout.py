@@ -152,19 +152,19 @@ def test_kept_probs_are_the_models_unfiltered_distribution_and_change_no_sample(
         assert ((kept.probs[real] > 0).sum(-1) > 20).all()  # not the top-k filtered distribution
 
 
-def test_written_out_decode_in_bf16_follows_the_models_own_casts(arch_model_dir):
-    """In bf16 the RMSNorm is not folded into the matmuls (the module runs with its own casts):
-    each step's hidden states stay within bf16 rounding of transformers' decode."""
-    model = _model(arch_model_dir).to(torch.bfloat16)
+def _written_out_against_transformers(model, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(written-out, transformers) last hidden states of ``steps`` decode steps after a prefill of
+    the left-padded prompts, both fed the same tokens at the same positions."""
     ids, mask = _prompts()
     position = (mask.cumsum(-1) - 1).clamp(min=0)
+    pairs = []
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        fast = decode_step_for(model, cache, mask, max_new_tokens=4)
+        fast = decode_step_for(model, cache, mask, max_new_tokens=steps + 1)
         assert fast is not None
         tokens, attention, next_position = ids[:, -1], mask, mask.sum(-1)
-        for t in range(3):
+        for t in range(steps):
             tokens = (tokens * 7 + t) % model.config.vocab_size
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
             expected = model(
@@ -175,11 +175,18 @@ def test_written_out_decode_in_bf16_follows_the_models_own_casts(arch_model_dir)
                 use_cache=True,
                 output_hidden_states=True,
             ).hidden_states[-1][:, -1]
-            got = fast.step(tokens, next_position, ids.shape[1] + t)
-            assert got.dtype == torch.bfloat16
-            error = float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
-            assert error < 3e-2, error
+            pairs.append((fast.step(tokens, next_position, ids.shape[1] + t), expected))
             next_position = next_position + 1
+    return pairs
+
+
+def test_written_out_decode_in_bf16_follows_the_models_own_casts(arch_model_dir):
+    """In bf16 the RMSNorm is not folded into the matmuls (the module runs with its own casts):
+    each step's hidden states stay within bf16 rounding of transformers' decode."""
+    for got, expected in _written_out_against_transformers(_model(arch_model_dir).to(torch.bfloat16), steps=3):
+        assert got.dtype == torch.bfloat16
+        error = float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
+        assert error < 3e-2, error
 
 
 def test_written_out_decode_equals_transformers_decode(arch_model_dir, monkeypatch):
@@ -188,28 +195,10 @@ def test_written_out_decode_equals_transformers_decode(arch_model_dir, monkeypat
     the same tokens with it or without it; a peft-wrapped model or one with dropout active is
     not taken."""
     model = _model(arch_model_dir)
+    for got, expected in _written_out_against_transformers(model, steps=5):
+        assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
     ids, mask = _prompts()
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        fast = decode_step_for(model, cache, mask, max_new_tokens=6)
-        assert fast is not None
-        tokens, attention, next_position = ids[:, -1], mask, mask.sum(-1)
-        for t in range(5):
-            tokens = (tokens * 7 + t) % model.config.vocab_size
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
-            expected = model(
-                input_ids=tokens[:, None],
-                attention_mask=attention,
-                position_ids=next_position[:, None],
-                cache=cache,
-                use_cache=True,
-                output_hidden_states=True,
-            ).hidden_states[-1][:, -1]
-            got = fast.step(tokens, next_position, ids.shape[1] + t)
-            assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
-            next_position = next_position + 1
     keys = sample_keys(3, 1, torch.arange(3), 4)
     with_step = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
     monkeypatch.setattr(rollout_lib, "decode_step_for", lambda *args: None)
