@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from align import data as data_lib
+from align import formats
 from align.distributed import gathered_for_generation
 from align.logprobs import completion_logprobs, fused_head_weight
 from align.models import Models, reference_model
@@ -118,19 +119,44 @@ def rollout_batch(
         group=torch.arange(len(rows), device=accelerator.device).repeat_interleave(k),
         texts=texts,
         prompts=prompts,
-        metrics={f"reward/{n}": float(torch.tensor(v, dtype=torch.float64).nanmean()) for n, v in components.items()},
+        metrics=component_means(components, _all_ranks(accelerator)),
         sampler_probs=rollout.probs,
     )
     batch.metrics["generation_s"] = generation_seconds
-    if "demo_rewards" in recipe.objective.needs:
-        demos = columns[recipe.data.demonstration_column]
-        batch.demo_rewards = reward.calibrate(reward.score_demonstrations(prompts, demos, columns))
-        batch.demo_rewards = batch.demo_rewards.to(accelerator.device)
+    if "demo_rewards" in recipe.objective.needs:  # RCfD: each component against the demonstration's
+        demos = [formats.completion_text(d) for d in columns[recipe.data.demonstration_column]]
+        demo_ids = None
+        if reward.takes_trl_inputs:
+            demo_ids = [models.tokenizer(d, add_special_tokens=False)["input_ids"] for d in demos]
+        demo_scores = reward.score_demonstrations(
+            prompts,
+            demos,
+            columns,
+            messages=[dataset.messages[i] for i in rows for _ in range(k)] if dataset.conversational else None,
+            completion_ids=demo_ids,
+            step=step,
+            max_steps=recipe.train.steps,
+        )
         components_tensor = reward.last_components_tensor()
-        scored = ~components_tensor.isnan().any(-1)  # RCfD calibrates every component: all must score
-        batch.rewards = reward.calibrate(components_tensor).to(accelerator.device)
+        # RCfD compares every component: the sample and its demonstration must both be scored
+        scored = ~(components_tensor.isnan().any(-1) | demo_scores.isnan().any(-1))
+        batch.demo_rewards = reward.clip_components(demo_scores).to(accelerator.device)
+        batch.rewards = reward.clip_components(components_tensor).to(accelerator.device)
     drop_unscored(batch, scored)
+    gather = _all_ranks(accelerator)
+    if gather is not None:  # every process's count, as one process on the same rows would log
+        batch.metrics["unscored"] = float(sum(gather([batch.metrics["unscored"]])))
     return batch
+
+
+def component_means(components: dict[str, list[float]], gather=None) -> dict[str, float]:
+    """``reward/<name>``: each component's mean over the step's samples of every process (NaN,
+    a sample the component did not score, left out)."""
+    out = {}
+    for name, values in components.items():
+        values = gather(list(values)) if gather is not None else values
+        out[f"reward/{name}"] = float(torch.tensor(values, dtype=torch.float64).nanmean())
+    return out
 
 
 def drop_unscored(batch: StepBatch, scored: Tensor) -> None:
@@ -161,18 +187,6 @@ def _all_ranks(accelerator) -> Callable[[list[float]], list[float]] | None:
     from accelerate.utils import gather_object
 
     return lambda values: [v for part in gather_object([list(values)]) for v in part]
-
-
-CALIBRATION_ROWS = 1024  # demonstrations scored up front for RCfD's per-component moments
-
-
-def fit_demo_calibration(reward: RewardFunction, dataset: OnlineData, column: str) -> None:
-    """Score up to CALIBRATION_ROWS demonstrations, evenly spaced over the data set, once: the
-    same rows on every process and on resume, so the calibration never changes a trajectory."""
-    n = len(dataset)
-    rows = sorted({i * n // min(n, CALIBRATION_ROWS) for i in range(min(n, CALIBRATION_ROWS))})
-    columns = {name: [values[i] for i in rows] for name, values in dataset.columns.items()}
-    reward.fit_calibration([dataset.prompts[i] for i in rows], columns[column], columns)
 
 
 KEEP_PROBS_MAX_BYTES = 1 << 30  # the kept softmax is sized for max_new_tokens: at most 1 GiB of it

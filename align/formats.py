@@ -52,6 +52,14 @@ def normalise(table, cfg, use: Use, source: str):
     return table
 
 
+def completion_text(value) -> str:
+    """A completion as text: a string as it is; a conversational one (a list of messages, as a
+    TRL ``completion`` column holds) as its messages' content, joined."""
+    if _is_messages(value):
+        return "".join(str(m.get("content", "")) for m in value)
+    return value
+
+
 def _is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 

@@ -328,8 +328,8 @@ class Recipe(Strict):
             for i, component in enumerate(self.reward):
                 if component.normalize:
                     raise ValueError(
-                        f"reward[{i}].normalize: {name!r} already whitens each component with its "
-                        "demonstrations' moments; expected false"
+                        f"reward[{i}].normalize: {name!r} compares each raw (clipped) component with the "
+                        "demonstration's and whitens the squared gaps itself; expected false"
                     )
         return self
 

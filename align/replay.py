@@ -5,9 +5,16 @@ keeps the last ``capacity_steps`` steps, this one included. The step then trains
 ``round(mix·G)`` of its G fresh groups and G − that many groups drawn uniformly, with replacement,
 from the whole buffer: completions sampled by the policies of up to ``capacity_steps − 1`` steps
 ago, with no importance weights. CoPG's loss is zero at π* whatever distribution its pairs come
-from, so it learns from them (Flet-Berliac et al. 2024); a policy-gradient estimator such as RLOO
-is biased on them (the comparison ``align compare`` runs). Groups stay whole, so pairs and
+from, so it learns from them (Flet-Berliac et al. 2024); a policy gradient whose KL penalty and
+advantages are fixed at sampling time (RLOO, vanilla PG with ``kl_from: old``, TRL's way) is
+biased on them (the comparison ``align compare`` runs). RLOO with ``kl_from: current`` is not a
+control: its gradient is half CoPG's on any batch (losses/kl.py). Groups stay whole, so pairs and
 baselines stay within one prompt and one sampling policy.
+
+An objective that reads the sampling policy's log-probs (``Objective.sampling_logprobs``: a KL
+penalty fixed at sampling time, importance ratios) gets them with every replayed group: the
+trainer computes π_old (and the reference's log-probs, the critic's V_old) on the fresh groups
+before they join the buffer, which keeps them beside the completions.
 
 The buffer is local to each process (its own prompts), drawn with a generator seeded by (seed,
 step, process), and saved in every checkpoint: a resumed run replays exactly what the
@@ -24,6 +31,8 @@ from align.batches import StepBatch, _concat_rollouts, split_micro_batches
 from align.rollout import Rollout
 
 _ROW_TENSORS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards", "demo_rewards")
+# [rows, T] per-token values of the step that sampled (None where the objective reads none)
+_TOKEN_TENSORS = ("old_logprobs", "ref_logprobs", "old_values")
 
 
 class ReplayBuffer:
@@ -37,7 +46,7 @@ class ReplayBuffer:
         scored = torch.zeros(batch.completion_ids.shape[0], dtype=torch.bool)
         scored[torch.cat(batch.micro_batches).cpu()] = True
         entry = {"step": step, "scored": scored, "texts": list(batch.texts), "prompts": list(batch.prompts)}
-        for name in _ROW_TENSORS:
+        for name in _ROW_TENSORS + _TOKEN_TENSORS:
             value = getattr(batch, name)
             entry[name] = None if value is None else value.detach().cpu().clone()
         self.steps.append(entry)
@@ -53,6 +62,7 @@ class ReplayBuffer:
         picks = [(len(self.steps) - 1, g) for g in range(fresh)] + [pool[i] for i in drawn]
         parts, ages, scored, texts, prompts = [], [], [], [], []
         rewards, demo_rewards = [], []
+        per_token: dict[str, list] = {name: [] for name in _TOKEN_TENSORS}
         for entry_index, g in picks:
             entry, rows = self.steps[entry_index], torch.arange(g * k, (g + 1) * k)
             parts.append(Rollout(*(entry[name][rows] for name in _ROW_TENSORS[:4])))
@@ -63,6 +73,8 @@ class ReplayBuffer:
             rewards.append(entry["rewards"][rows])
             if entry["demo_rewards"] is not None:
                 demo_rewards.append(entry["demo_rewards"][rows])
+            for name in _TOKEN_TENSORS:
+                per_token[name].append(None if entry.get(name) is None else entry[name][rows])
         rollout = _concat_rollouts(parts, self.pad_id)
         device = batch.completion_ids.device
         keep = torch.cat(scored)
@@ -80,6 +92,11 @@ class ReplayBuffer:
             prompts=prompts,
             metrics=dict(batch.metrics),
         )
+        width = out.completion_ids.shape[1]
+        for name, parts_of in per_token.items():
+            if parts_of and all(p is not None for p in parts_of):
+                padded = [torch.nn.functional.pad(p[:, :width], (0, width - min(p.shape[1], width))) for p in parts_of]
+                setattr(out, name, torch.cat(padded).to(device))
         out.metrics["replayed_fraction"] = (groups - fresh) / max(groups, 1)
         out.metrics["replay_age"] = sum(ages) / max(len(ages), 1)
         return out
@@ -89,4 +106,3 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = deque(state.get("steps", []), maxlen=self.capacity_steps)
-

@@ -25,7 +25,6 @@ class RewardFunction:
         self.demo_cache = rewards_lib.DemoRewardCache(self.combined)
         self._last: Tensor | None = None
         self.last_scored: Tensor | None = None  # [N] bool: some component scored the sample
-        self.calibration: tuple[Tensor, Tensor] | None = None  # RCfD: demonstrations' (mean, std) [C]
 
     def score(
         self,
@@ -59,27 +58,32 @@ class RewardFunction:
         return torch.tensor([nan if t is None else t for t in total], dtype=torch.float32), components
 
     def last_components_tensor(self) -> Tensor:
-        """[N, C] raw component scores of the last ``score`` call (RCfD calibrates each one)."""
+        """[N, C] raw component scores of the last ``score`` call (RCfD compares each one)."""
         return self._last
 
-    def score_demonstrations(self, prompts: list[str], demonstrations: list[str], columns: dict[str, list]) -> Tensor:
-        """[N, C] raw component scores of the demonstrations (cached)."""
-        return torch.as_tensor(self.demo_cache(prompts, demonstrations, **columns), dtype=torch.float32)
+    def score_demonstrations(
+        self,
+        prompts: list[str],
+        demonstrations: list[str],
+        columns: dict[str, list],
+        messages: list | None = None,
+        completion_ids: list[list[int]] | None = None,
+        step: int | None = None,
+        max_steps: int | None = None,
+    ) -> Tensor:
+        """[N, C] raw component scores of the demonstrations (cached), NaN where a component
+        returned None. Scored through the same ``trl_view`` as the policy's samples: on
+        conversational data a TRL-convention reward gets the prompt's messages and the
+        demonstration as one assistant message, as it gets a sample."""
+        view = trl_view(demonstrations, messages, completion_ids, step, max_steps)
+        scores = self.demo_cache(prompts, demonstrations, trl=view, **columns)
+        nan = float("nan")
+        return torch.tensor([[nan if v is None else v for v in row] for row in scores], dtype=torch.float32)
 
-    def fit_calibration(self, prompts: list[str], demonstrations: list[str], columns: dict[str, list]) -> None:
-        """Per-component moments of the demonstrations' (clipped) scores: the one affine map that
-        ``calibrate`` applies to policy and demonstration scores alike (RCfD's per-component
-        whitening). Fixed for the run, so the distance is in each component's demonstration std
-        whatever the components' raw scales; a component whose demonstrations all score alike
-        keeps unit scale."""
-        raw = self._clip_components(self.score_demonstrations(prompts, demonstrations, columns).double())
-        std = raw.std(0, correction=0)
-        self.calibration = (raw.mean(0), torch.where(std > 0, std, 1.0))
-
-    def calibrate(self, components: Tensor) -> Tensor:
-        """[N, C] raw scores → clipped per component, whitened with the demonstrations' moments."""
-        mean, std = self.calibration
-        return ((self._clip_components(components.double()) - mean) / std).float()
+    def clip_components(self, components: Tensor) -> Tensor:
+        """[N, C] raw scores → each component clipped to its ``reward[i].clip`` (RCfD compares
+        clipped policy and demonstration scores)."""
+        return self._clip_components(components.double()).float()
 
     def _clip_components(self, values: Tensor) -> Tensor:
         out = values.clone()

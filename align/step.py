@@ -18,6 +18,7 @@ from align.critic import completion_values
 from align.logprobs import completion_logprobs
 from align.models import Models, reference_model
 from align.recipe import Recipe
+from align.step_metrics import Sums, add_sums, finish, sequence_sums
 from losses import LossBatch
 from losses.base import select_pairs
 
@@ -27,33 +28,62 @@ def train_on_batch(
 ) -> dict[str, float] | None:
     """``train.updates_per_batch`` passes over the rollout batch, each one optimizer step per
     mini-batch (``train.mini_batches``; TRL's PPO epochs × mini-batches). Returns the last pass's
-    metrics (over its mini-batches, weighted by their scored samples; ``tokens`` summed), or None
-    when a step was skipped."""
+    metrics, merged exactly over its mini-batches and every process (align/step_metrics.py), or
+    None when a step was skipped."""
     mini_batches = recipe.train.mini_batches
-    if mini_batches > 1:
+    reads = set(objective.stats_read)
+    # π_old for every row before the first step: later mini-batches, or statistics that read it
+    # (replayed batches carry their samplers' already)
+    if batch.old_logprobs is None and (mini_batches > 1 or reads & {"old_logprobs", "ref_logprobs", "old_values"}):
         keep_rollout_logprobs(recipe, models, objective, batch, accelerator)
-    last_pass: list[dict[str, float]] = []
+    stats = whole_batch_stats(objective, batch, accelerator) if reads else None
+    last_pass: Sums = {}
     for update in range(recipe.train.updates_per_batch):
-        last_pass = []
+        last_pass = {}
         for mini_batch in range(mini_batches):
-            metrics = optimizer_step(
-                recipe, models, objective, batch, optimizer, scheduler, accelerator, update, mini_batch
+            step = optimizer_step(
+                recipe, models, objective, batch, optimizer, scheduler, accelerator, update, mini_batch, stats
             )
-            if metrics is None:
+            if step is None:
                 return None
-            last_pass.append(metrics)
-    if len(last_pass) == 1:
-        return last_pass[0]
-    # each mini-batch's means weighted by its scored samples: the whole batch's means (an emptied one counts 0)
-    rows = [sum(r.numel() for r in mini_batch_rows(batch, mini_batches, j)) for j in range(mini_batches)]
-    merged = {"lr": last_pass[-1]["lr"], "grad_norm": last_pass[-1]["grad_norm"]}
-    for key in dict.fromkeys(k for m in last_pass for k in m if k not in merged):
-        pairs = [(m[key], n) for m, n in zip(last_pass, rows) if n and m.get(key) is not None]
-        if key == "tokens":
-            merged[key] = sum(v for v, _ in pairs)
-        elif pairs:
-            merged[key] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
-    return merged
+            sums, grad_norm = step
+            add_sums(last_pass, sums)
+    metrics = finish(last_pass, accelerator)
+    metrics["grad_norm"] = grad_norm
+    metrics["lr"] = scheduler.get_last_lr()[0]
+    metrics.update(batch.metrics)
+    return metrics
+
+
+@torch.no_grad()
+def whole_batch_stats(objective: losses.Objective, batch: StepBatch, accelerator) -> dict[str, Tensor]:
+    """The objective's ``batch_stats`` over every scored row of the rollout batch (π_old, the
+    reference and V_old as kept before the first step), summed over processes: the same sums on
+    every process, whatever the micro-batching."""
+    live = torch.cat(batch.micro_batches)
+    mask = batch.completion_mask[live].float()
+
+    def rows_of(name: str) -> Tensor | None:
+        value = getattr(batch, name)
+        if value is not None:
+            return value[live]
+        # a process whose samples all went unscored kept none: zero rows of it add nothing
+        return torch.zeros_like(mask) if name in objective.stats_read and live.numel() == 0 else None
+
+    old = rows_of("old_logprobs")
+    full = _loss_batch(
+        batch,
+        logprobs=old if old is not None else torch.zeros_like(mask),
+        rows=live,
+        mask=mask,
+        ref=rows_of("ref_logprobs"),
+        old=old,
+        old_values=rows_of("old_values"),
+    )
+    stats = objective.batch_stats(full)
+    if accelerator.num_processes > 1:
+        stats = {key: accelerator.reduce(stats[key].contiguous(), reduction="sum") for key in sorted(stats)}
+    return stats
 
 
 def optimizer_step(
@@ -66,15 +96,18 @@ def optimizer_step(
     accelerator,
     update: int = 0,
     mini_batch: int = 0,
-) -> dict[str, float] | None:
+    stats: dict[str, Tensor] | None = None,
+) -> tuple[Sums, float | None] | None:
     """logprobs → objective → backward for each micro-batch, then one clipped optimizer step.
 
     ``update`` counts the passes over this batch (``train.updates_per_batch``) and ``mini_batch``
     which of its ``train.mini_batches`` this step trains on. With one mini-batch, the first pass
     keeps the policy's log-probs as π_old (``batch.old_logprobs``) and the reference's, so later
     passes read their importance ratios against the sampling policy and skip the reference
-    forward; with several, ``keep_rollout_logprobs`` has kept them before the first step. Returns
-    the step metrics, or None when the step was skipped (non-finite loss or gradient).
+    forward; with several, ``keep_rollout_logprobs`` has kept them before the first step. ``stats``:
+    the objective's whole-batch statistics (``whole_batch_stats``). Returns this process's metric
+    sums (align/step_metrics.py) and the gradient norm, or None when the step was skipped
+    (non-finite loss or gradient).
     """
     updates = recipe.train.updates_per_batch
     temperature = recipe.generation.temperature if recipe.objective.online else 1.0
@@ -90,7 +123,7 @@ def optimizer_step(
     )
     global_units = max(global_units, 1.0)  # a step whose samples all went unscored trains on nothing
     scale = accelerator.num_processes  # DDP averages gradients over processes; our loss is already global
-    totals: dict[str, float] = {}
+    sums: Sums = {}
     policy_lp, ref_lp, value_lp = [], [], []
     critic = models.critic
     finite = True
@@ -124,7 +157,8 @@ def optimizer_step(
             micro = _loss_batch(
                 batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref, old=old, values=values, old_values=old_values
             )
-            loss, metrics = objective(micro, num_units=global_units)
+            micro.stats = stats
+            loss, metric_sums = objective.evaluate(micro, num_units=global_units)
             if placeholder:
                 loss = loss * 0.0
             loss_value = float(loss.detach())
@@ -133,11 +167,10 @@ def optimizer_step(
             # accelerate (and DeepSpeed) divide by the accumulation count; our loss is already
             # normalised by the global unit count, so undo it
             accelerator.backward(loss * scale * accelerator.gradient_accumulation_steps)
+        # the loss is already normalised by the step's global unit count: processes' losses add up
+        add_sums(sums, {"loss": (loss_value, 0.0), **metric_sums}, weight=0.0 if placeholder else 1.0)
         if placeholder:
             continue
-        weight = objective.count_units(micro) / max(global_units / accelerator.num_processes, 1)
-        for key, value in {"loss": loss_value * scale, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + (value if key == "loss" else value * weight)
         policy_lp.append(_pad_to(logprobs.detach(), batch.completion_mask.shape[1]))
         if ref is not None:
             ref_lp.append(_pad_to(ref.detach(), batch.completion_mask.shape[1]))
@@ -169,13 +202,18 @@ def optimizer_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if policy_lp:  # the step's rows in micro-batch order (``live``)
-        full = _loss_batch(batch, logprobs=torch.cat(policy_lp), rows=live, ref=torch.cat(ref_lp) if ref_lp else None)
+        old = None if batch.old_logprobs is None else batch.old_logprobs[live]
+        full = _loss_batch(
+            batch, logprobs=torch.cat(policy_lp), rows=live, ref=torch.cat(ref_lp) if ref_lp else None, old=old
+        )
+    else:  # every sample went unscored: report the names the other processes do, adding nothing
+        empty = torch.zeros(0, batch.completion_mask.shape[1], device=batch.completion_mask.device)
+        with_ref = batch.ref_logprobs is not None or objective.uses_reference
+        full = _loss_batch(batch, logprobs=empty, rows=live, ref=empty if with_ref else None)
     if update == updates - 1:  # once per batch: a moving baseline absorbs each batch once
         objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
-    totals["grad_norm"] = grad_norm
-    totals["lr"] = scheduler.get_last_lr()[0]
-    totals.update(sequence_stats(full, batch))
-    return totals
+    add_sums(sums, sequence_sums(full, offline_pairs=batch.pairs is not None))
+    return sums, grad_norm
 
 
 def mini_batch_rows(batch: StepBatch, mini_batches: int, index: int) -> list[Tensor]:
@@ -295,25 +333,3 @@ def _gather_batch(full: LossBatch, accelerator) -> LossBatch:
         ref_logprobs=gather(full.ref_logprobs),
         rewards=gather(full.rewards),
     )
-
-
-def sequence_stats(full: LossBatch, batch: StepBatch) -> dict[str, float]:
-    """Reward, KL (k1, k3), entropy proxy and length statistics of the step's sequences."""
-    out: dict[str, float] = {}
-    lengths = full.mask.sum(-1)
-    out["completion_length"] = float(lengths.float().mean())
-    out["tokens"] = float(full.mask.sum())
-    if full.rewards is not None:
-        r = full.rewards if full.rewards.dim() == 1 else full.rewards.sum(-1)
-        out["reward_mean"] = float(r.float().mean())
-        out["reward_std"] = float(r.float().std()) if r.numel() > 1 else 0.0
-    if full.ref_logprobs is not None and batch.pairs is not None:
-        # offline rows are not samples of the policy: their log-ratio is not a KL estimate
-        out["log_ratio"] = float(((full.logprobs - full.ref_logprobs) * full.mask).sum(-1).mean())
-    elif full.ref_logprobs is not None:
-        out["kl_k1"] = float(losses.sequence_kl(full.logprobs, full.ref_logprobs, full.mask, "k1").mean())
-        out["kl_k3"] = float(losses.sequence_kl(full.logprobs, full.ref_logprobs, full.mask, "k3").mean())
-    # −mean log π(y_t) of sampled tokens: a Monte-Carlo estimate of the per-token entropy
-    out["entropy"] = float(-(full.logprobs * full.mask).sum() / full.mask.sum().clamp(min=1))
-    out.update(batch.metrics)
-    return out

@@ -30,7 +30,6 @@ from align.allocator import tune_allocator
 from align.batches import (
     StepBatch,
     cache_reference_logprobs,
-    fit_demo_calibration,
     offline_batch,
     rollout_batch,
 )
@@ -55,7 +54,7 @@ from align.rewards_adapter import RewardFunction, build_reward
 from align.run_data import OfflineData, OnlineData
 from align.rundir import claim_run_dir
 from align.signals import StopSignal, agreed_signal
-from align.step import train_on_batch
+from align.step import keep_rollout_logprobs, train_on_batch
 
 
 class TrainingError(RuntimeError):
@@ -190,6 +189,8 @@ def _run(recipe: Recipe, accelerator, on_step, on_end, run_dir: Path, resume_fro
             make_batch = rollout_batch if recipe.objective.online else offline_batch
             batch = make_batch(recipe, run.models, run.dataset, run.reward, run.step, accelerator)
             if run.replay is not None:  # this step's groups join the buffer; the step trains on a mix
+                if run.objective.sampling_logprobs:  # kept with the groups: their sampler's log-probs
+                    keep_rollout_logprobs(recipe, run.models, run.objective, batch, accelerator)
                 run.replay.add(batch, run.step)
                 batch = run.replay.mix_into(batch, run.step, accelerator.process_index)
             models, objective = run.models, run.objective
@@ -250,8 +251,6 @@ def setup_run(recipe: Recipe, accelerator) -> Run:
             f"one trained model under {sharding(accelerator)}; launch with DDP (one or more processes)"
         )
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
-    if recipe.objective.online and "demo_rewards" in recipe.objective.needs:
-        fit_demo_calibration(reward, dataset, recipe.data.demonstration_column)
     models = load_models(
         recipe,
         accelerator.device,

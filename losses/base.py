@@ -16,12 +16,24 @@ An objective sees a batch of B sequences of up to T completion tokens (a bandit 
 - ``values[B, T]``        a critic's value of the state before each completion token, with grad
                           (objectives that need it get a critic from the trainer, a table in the lab)
 - ``old_values[B, T]``    the critic's values when the batch was sampled; None: the current ones
+- ``stats``               statistics of the WHOLE rollout batch (all micro-batches, all processes),
+                          summed by the trainer from each process's ``batch_stats``; None: the loss
+                          takes them from the batch it is given (the bandit lab's whole batch)
 
 Normalisation belongs to the contract, not to each loss. An objective declares its ``unit``
 (``"sequence"``, ``"pair"`` or ``"token"``) and returns ``sum(per-unit terms) / num_units``.
 The trainer passes the number of units in the whole optimizer step (all micro-batches, all
 processes), so summing micro-batch losses equals the full-batch loss and gradient accumulation
 or data parallelism change nothing. Called without ``num_units``, a loss is a plain batch mean.
+
+Batch-wide statistics (PPO's advantage whitening, RCfD's per-component whitening) follow the same
+rule: an objective that needs them declares the fields they read (``stats_read``) and computes
+summable statistics in ``batch_stats``; the trainer sums those over the whole rollout batch and
+every process once, before the first optimizer step, and hands the sums to every micro-batch.
+
+Metrics are merged the same way: ``evaluate`` returns each metric as (sum, count) -- per-token
+metrics ([B, T], like the mask) over completion tokens, other shapes over their elements -- so the
+trainer adds numerators and counts over micro-batches and processes and divides once.
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ class LossBatch:
     old_logprobs: Tensor | None = None  # the sampling policy's log-probs (importance ratios); None: on-policy
     values: Tensor | None = None  # the critic's per-token state values, with grad
     old_values: Tensor | None = None  # the critic's values at sampling time; None: ``values`` detached
+    stats: dict[str, Tensor] | None = None  # whole-batch sums of ``batch_stats``; None: from this batch
 
     def __post_init__(self) -> None:
         if self.logprobs.dim() != 2 or self.mask.shape != self.logprobs.shape:
@@ -72,7 +85,7 @@ class LossBatch:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name == "pairs":
+            if value is None or f.name in ("pairs", "stats"):
                 continue
             out[f.name] = value[rows]
         pairs = None if self.pairs is None else select_pairs(self.pairs, rows, self.size)
@@ -97,6 +110,50 @@ def sequence_logprobs(logprobs: Tensor, mask: Tensor, average: bool = False) -> 
     if average:
         return total / mask.sum(-1).clamp(min=1)
     return total
+
+
+def stream_index(batch: LossBatch) -> Tensor:
+    """Each row's independent run (``stream``; the bandit lab's seeds), 0 for every row otherwise."""
+    if batch.stream is not None:
+        return batch.stream.long()
+    return torch.zeros(batch.size, dtype=torch.long, device=batch.logprobs.device)
+
+
+def moment_sums(values: Tensor, weight: Tensor, stream: Tensor) -> dict[str, Tensor]:
+    """Summable moments per stream: Σw·v, Σw·v², Σw (float64). ``values`` [B, T] with ``weight`` the
+    mask [B, T] (one moment over every completion token), or [B] / [B, C] with ``weight`` [B]
+    (one moment per column)."""
+    v, w = values.detach().double(), weight.detach().double()
+    if v.dim() == 2 and w.dim() == 2:  # per-token values: a row adds its completion tokens
+        rows = ((w * v).sum(-1), (w * v * v).sum(-1), w.sum(-1))
+    else:
+        wv = w if v.dim() == 1 else w[:, None]
+        rows = (wv * v, wv * v * v, w)
+    n = int(stream.max()) + 1 if stream.numel() else 1
+    return {
+        name: torch.zeros((n, *x.shape[1:]), dtype=torch.float64, device=v.device).index_add_(0, stream, x)
+        for name, x in zip(("sum", "sq_sum", "count"), rows)
+    }
+
+
+def whiten(values: Tensor, sums: dict[str, Tensor], stream: Tensor, eps: float = 1e-8) -> Tensor:
+    """(v − mean)·rsqrt(var + eps) with the moments of ``moment_sums`` (the unbiased variance, as
+    TRL's and verl's ``masked_whiten``), each row by its stream's."""
+    count = sums["count"].clamp(min=1)
+    count_b = count.reshape(-1, *([1] * (sums["sum"].dim() - 1)))
+    mean = sums["sum"] / count_b
+    var = (sums["sq_sum"] / count_b - mean**2).clamp(min=0)
+    var = var * torch.where(count_b > 1, count_b / (count_b - 1).clamp(min=1), torch.ones_like(count_b))
+    mean, scale = mean[stream], torch.rsqrt(var[stream] + eps)
+    if values.dim() == 2 and mean.dim() == 1:  # [B, T] token values, one moment per stream
+        mean, scale = mean[:, None], scale[:, None]
+    return ((values.double() - mean) * scale).to(values.dtype)
+
+
+def clip_active(ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float) -> Tensor:
+    """Where the clipped branch of −min(ρ·A, clip(ρ)·A) is the one taken, i.e. the token has no
+    policy gradient: ρ > 1 + clip_high with A > 0, or ρ < 1 − clip_low with A < 0 (TRL's rule)."""
+    return ((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))
 
 
 def group_leave_one_out_mean(values: Tensor, group: Tensor) -> Tensor:
@@ -138,6 +195,9 @@ class Objective(ABC):
     preference: ClassVar[bool] = False  # pairs are (preferred, dispreferred), ordered before the loss
     min_k: ClassVar[int] = 1  # online: samples per prompt the estimator needs (a baseline, a pair)
     fixed_point: ClassVar[FixedPoint | None] = "reward"
+    # LossBatch fields ``batch_stats`` reads; () = the loss needs no statistics of the whole batch.
+    # Naming old_logprobs / ref_logprobs / old_values asks the trainer for them on every row first.
+    stats_read: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -153,6 +213,17 @@ class Objective(ABC):
         β > 0 (every objective with one keeps its KL coefficient as ``self.beta``). When it does
         not, the trainer loads no reference and logs no KL."""
         return "ref_logprobs" in self.needs or float(getattr(self, "beta", 0.0) or 0.0) > 0
+
+    @property
+    def sampling_logprobs(self) -> bool:
+        """The loss reads the log-probs of the policy that sampled (``old_logprobs``: importance
+        ratios, or a KL penalty fixed at sampling time), so replayed completions keep theirs."""
+        return False
+
+    def batch_stats(self, batch: LossBatch) -> dict[str, Tensor]:
+        """Summable statistics of ``batch`` (float64 sums; see ``stats_read``); the trainer adds
+        them over every micro-batch and process and passes the sums as ``LossBatch.stats``."""
+        return {}
 
     def count_units(self, batch: LossBatch) -> int:
         """How many units this batch holds (sum these over micro-batches/processes for ``num_units``)."""
@@ -178,12 +249,28 @@ class Objective(ABC):
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-unit loss terms (summed by ``__call__``) and per-row metrics."""
 
-    def __call__(self, batch: LossBatch, num_units: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    def evaluate(
+        self, batch: LossBatch, num_units: float | None = None
+    ) -> tuple[Tensor, dict[str, tuple[float, float]]]:
+        """The loss and each metric as (sum, count): a [B, T] metric over completion tokens, any
+        other over its elements -- what the trainer adds up over micro-batches and processes."""
         self.check(batch)
         terms, metrics = self.terms(batch)
         denom = float(num_units) if num_units is not None else max(self.count_units(batch), 1)
         loss = terms.sum() / denom
-        return loss, {k: float(v.detach().float().mean()) for k, v in metrics.items() if v.numel()}
+        sums = {}
+        for key, value in metrics.items():
+            value = value.detach().double()
+            if value.shape == batch.mask.shape:
+                mask = batch.mask.detach().double()
+                sums[key] = (float((value * mask).sum()), float(mask.sum()))
+            else:
+                sums[key] = (float(value.sum()), float(value.numel()))
+        return loss, sums
+
+    def __call__(self, batch: LossBatch, num_units: float | None = None) -> tuple[Tensor, dict[str, float]]:
+        loss, sums = self.evaluate(batch, num_units)
+        return loss, {k: total / count for k, (total, count) in sums.items() if count}
 
     def after_step(self, batch: LossBatch) -> None:
         """Called once per optimizer step with the step's whole (detached) batch; stateless by default."""

@@ -4,14 +4,17 @@
 k samples per prompt. With π_old the policy that sampled (its log-probs ``old_logprobs``; the
 detached current ones when each batch gets one update, where the ratio is exactly 1):
 
-    R_i     = r_i − β·KL_seq(y_i)                          if kl = "reward" (k1, detached), else r_i
+    R_i     = r_i − β·KL_seq(y_i)                          if kl = "reward" (k1 of π_old, detached), else r_i
     A_i     = (R_i − mean_g R) / (std_g R + eps)           scale_rewards: true  (GRPO)
     A_i     =  R_i − mean_g R                              scale_rewards: false (Dr. GRPO)
     ρ_it    = exp(log π(y_it) − log π_old(y_it))
     ℓ_it    = −min(ρ_it·A_i, clip(ρ_it, 1 − clip_low, 1 + clip_high)·A_i)  [+ β·k3_it if kl = "loss"]
     L       = aggregate(ℓ, aggregation)                    (losses/aggregation.py)
 
-mean_g and std_g (unbiased, as TRL) run over the prompt's group, the sample included.
+mean_g and std_g (unbiased, as TRL) run over the prompt's group, the sample included. The KL in
+the reward reads π_old, as TRL and verl freeze it at sampling, so the advantages are the same in
+every pass of ``updates_per_batch``. ``clip_fraction`` counts the tokens whose clipped branch is
+taken (ρ > 1 + clip_high with A > 0, or ρ < 1 − clip_low with A < 0), over completion tokens.
 
 KL as a loss term uses k3 = π_ref/π − 1 − log(π_ref/π) per token: its on-policy gradient is
 ∇KL(π_ref ‖ π) (k1 as a loss term has zero expected gradient, so it is refused).
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor
 
 from losses.aggregation import Aggregation, aggregate_tokens, aggregation_unit
-from losses.base import LossBatch, Objective
+from losses.base import LossBatch, Objective, clip_active
 from losses.kl import KLEstimator, regularised_reward, token_kl
 
 
@@ -92,9 +95,14 @@ class GRPO(Objective):
             return None
         return "reward" if self.kl == "reward" else "reverse_kl"
 
+    @property
+    def sampling_logprobs(self) -> bool:
+        return True  # ratios (and a KL in the reward) read π_old
+
     def advantages(self, batch: LossBatch) -> tuple[Tensor, Tensor, Tensor]:
         beta = self.beta if self.kl == "reward" else 0.0
-        R, kl = regularised_reward(batch.rewards, batch.logprobs, batch.ref_logprobs, batch.mask, beta, "k1")
+        old = batch.old_logprobs if batch.old_logprobs is not None else batch.logprobs
+        R, kl = regularised_reward(batch.rewards, old, batch.ref_logprobs, batch.mask, beta, "k1")
         mean, std = group_moments(R, batch.group)
         advantage = R - mean
         if self.scale_rewards:
@@ -114,8 +122,7 @@ class GRPO(Objective):
             per_token = per_token + self.beta * k3
             kl = (k3.detach() * batch.mask).sum(-1)
         metrics["kl"] = kl
-        was_clipped = ((ratio * A) != (clipped * A)).to(batch.mask.dtype) * batch.mask
-        metrics["clip_fraction"] = was_clipped.sum(-1) / batch.mask.sum(-1).clamp(min=1)
+        metrics["clip_fraction"] = clip_active(ratio.detach(), A, self.clip_low, self.clip_high).to(batch.mask.dtype)
         return aggregate_tokens(per_token, batch.mask, self.aggregation, self.norm_length), metrics
 
 

@@ -17,6 +17,18 @@ samples, π(a)·k3(δ_a) → π_ref(a), so its term of E_π[(r − β·k3)·∇l
 On the CoPG paper's 3-arm bandit (r = 2.5, 2, 1; β = 0.5; uniform reference)
 RLOO with k1 reaches π* (KL 0.385) while k3 drives the policy to (1, 0, 0), KL = log 3.
 k3 is still logged (``kl_k3``) as a value estimate.
+
+Which policy's log-probs the penalty reads (``kl_from``) decides what an estimator is off-policy,
+on samples another policy μ drew (a replay buffer, several updates per batch):
+
+    kl_from: old       KL_seq from π_old, the policy that sampled, fixed at sampling time with the
+                       advantages (TRL's RLOO, from its ``old_per_token_logps``; verl, OpenRLHF).
+                       Without importance weights the estimator is biased off-policy.
+    kl_from: current   KL_seq recomputed from the policy being trained. Then h = r − β·log(π/π_ref)
+                       is CoPG's, and RLOO's gradient is exactly half CoPG's on any batch: it is
+                       CoPG off-policy (zero expected gradient at π* for any μ), not a control.
+
+On-policy the two are the same number (π_old = π).
 """
 
 from __future__ import annotations
@@ -26,7 +38,27 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from losses.base import LossBatch
+
 KLEstimator = Literal["k1", "k3"]
+KLFrom = Literal["old", "current"]
+
+
+def kl_source(kl_from: str) -> KLFrom:
+    if kl_from not in ("old", "current"):
+        raise ValueError(
+            f"kl_from: expected 'old' (the sampling policy's log-probs, fixed at sampling time) or "
+            f"'current' (the policy being trained), got {kl_from!r}"
+        )
+    return kl_from  # type: ignore[return-value]
+
+
+def penalty_logprobs(logprobs: Tensor, old_logprobs: Tensor | None, kl_from: KLFrom) -> Tensor:
+    """The log-probs a KL penalty reads: π_old's where ``kl_from`` is 'old' and the batch has them
+    (none: the batch is on-policy, π_old = π), else the current ones; detached either way."""
+    if kl_from == "old" and old_logprobs is not None:
+        return old_logprobs.detach()
+    return logprobs.detach()
 
 
 def token_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
@@ -69,3 +101,11 @@ def regularised_reward(
         return rewards.detach(), zero
     kl = sequence_kl(logprobs.detach(), ref_logprobs.detach(), mask, estimator)
     return (rewards - beta * kl).detach(), kl
+
+
+def penalised_reward(
+    batch: LossBatch, rewards: Tensor, beta: float, estimator: KLEstimator, kl_from: KLFrom
+) -> tuple[Tensor, Tensor]:
+    """R = r − β·KL_seq with the KL read from the policy ``kl_from`` names; returns (R, KL_seq)."""
+    penalised = penalty_logprobs(batch.logprobs, batch.old_logprobs, kl_from)
+    return regularised_reward(rewards, penalised, batch.ref_logprobs, batch.mask, beta, estimator)

@@ -9,8 +9,9 @@ batch gets one update, where ρ = 1 and the value clip is inactive):
     δ_t     = r_t + γ·V_old(s_{t+1}) − V_old(s_t)              (V_old = 0 after the last token)
     A_t     = Σ_{l≥0} (γλ)^l δ_{t+l}                           (GAE)
     G_t     = A_t + V_old(s_t)                                  (the value target)
+    Â_t     = (A_t − mean A) / sqrt(var A + 1e-8)               (whiten_advantages; TRL, verl)
     ρ_t     = exp(log π(y_t) − log π_old(y_t))
-    ℓ_t     = −min(ρ_t·A_t, clip(ρ_t, 1 ± clip)·A_t)
+    ℓ_t     = −min(ρ_t·Â_t, clip(ρ_t, 1 ± clip)·Â_t)
             + vf_coef · ½·max((V − G_t)², (V_old + clip(V − V_old, ±value_clip) − G_t)²)
     L       = Σ_i Σ_t m_it·ℓ_it / Σ_i Σ_t m_it                  (unit: token, TRL's masked mean)
 
@@ -18,8 +19,15 @@ V(s_t) is the critic's value of the state before token t (``values[B, T]``, with
 enters the reward, not the loss, so the expected policy gradient is ∇(E[r] − β·KL(π ‖ π_ref))
 whenever the advantage is unbiased -- always for γ = λ = 1, and for λ < 1 once V is the policy's
 value. Its fixed point is π_ref·exp(r/β) (``reward``; bandit-tested, where T = 1 and GAE reduces
-to A = r − β·k1 − V). Advantages are not whitened over the batch: whitening divides by a batch
-statistic, which would make the loss depend on how the step is split into micro-batches.
+to A = r − β·k1 − V).
+
+Whitening (``whiten_advantages``, on by default as in TRL's PPOTrainer and verl): mean and unbiased
+variance over every completion token of the whole rollout batch and every process, padding
+excluded (``batch_stats``; the trainer sums them once, before the first optimizer step, from π_old,
+the reference and V_old), so micro-batching, mini-batches and the process count do not change them
+and the update does not scale with the reward. The value target G_t stays unwhitened. Subtracting
+the mean is a constant baseline and dividing by the std a positive step size, so the fixed point is
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses.base import LossBatch, Objective
+from losses.base import LossBatch, Objective, clip_active, moment_sums, stream_index, whiten
 from losses.kl import KLEstimator, reward_kl_estimator, token_kl
 
 
@@ -72,6 +80,7 @@ class PPO(Objective):
         value_clip: float | None = 0.2,
         vf_coef: float = 0.1,
         kl_estimator: KLEstimator = "k1",
+        whiten_advantages: bool = True,
     ):
         if not 0 <= gamma <= 1 or not 0 <= lam <= 1:
             raise ValueError(f"gamma, lam: expected values in [0, 1], got {gamma}, {lam}")
@@ -80,15 +89,39 @@ class PPO(Objective):
         self.beta, self.gamma, self.lam = beta, gamma, lam
         self.clip, self.value_clip, self.vf_coef = clip, value_clip, vf_coef
         self.kl_estimator = reward_kl_estimator(kl_estimator)
+        self.whiten_advantages = bool(whiten_advantages)
+
+    @property
+    def sampling_logprobs(self) -> bool:
+        return True  # ratios and the per-token KL reward read π_old
+
+    @property
+    def stats_read(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("rewards", "old_logprobs", "ref_logprobs", "old_values") if self.whiten_advantages else ()
+
+    def _advantages(self, batch: LossBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(A, V_old, π_old's log-probs): GAE over the rollout's rewards and values, unwhitened."""
+        old = batch.old_logprobs if batch.old_logprobs is not None else batch.logprobs.detach()
+        values = batch.values if batch.values is not None else batch.old_values
+        old_values = (batch.old_values if batch.old_values is not None else values.detach()).to(old.dtype)
+        rewards = token_rewards(batch.rewards, old, batch.ref_logprobs, batch.mask, self.beta)
+        return gae(rewards, old_values * batch.mask, batch.mask, self.gamma, self.lam), old_values, old
+
+    def batch_stats(self, batch: LossBatch) -> dict[str, Tensor]:
+        if not self.whiten_advantages:
+            return {}
+        advantages, _, _ = self._advantages(batch)
+        return moment_sums(advantages, batch.mask, stream_index(batch))
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.mask
-        old = batch.old_logprobs if batch.old_logprobs is not None else batch.logprobs.detach()
         values = batch.values.to(batch.logprobs.dtype)
-        old_values = (batch.old_values if batch.old_values is not None else values.detach()).to(values.dtype)
-        rewards = token_rewards(batch.rewards, old, batch.ref_logprobs, mask, self.beta)
-        advantages = gae(rewards, old_values * mask, mask, self.gamma, self.lam)
+        advantages, old_values, old = self._advantages(batch)
         returns = advantages + old_values
+        if self.whiten_advantages:
+            stream = stream_index(batch)
+            stats = batch.stats if batch.stats else moment_sums(advantages, mask, stream)
+            advantages = whiten(advantages, stats, stream) * mask
         ratio = torch.exp(batch.logprobs - old)
         clipped = torch.clamp(ratio, 1 - self.clip, 1 + self.clip)
         policy_loss = -torch.minimum(ratio * advantages, clipped * advantages)
@@ -97,12 +130,11 @@ class PPO(Objective):
             clipped_values = old_values + torch.clamp(values - old_values, -self.value_clip, self.value_clip)
             value_loss = torch.maximum(value_loss, (clipped_values - returns) ** 2)
         per_token = (policy_loss + self.vf_coef * 0.5 * value_loss) * mask
-        tokens = mask.sum(-1).clamp(min=1)
-        metrics = {
-            "advantage": (advantages * mask).sum(-1) / tokens,
-            "value_loss": (0.5 * value_loss.detach() * mask).sum(-1) / tokens,
-            "value": (old_values * mask).sum(-1) / tokens,
-            "clip_fraction": (((ratio - 1).abs() > self.clip).to(mask.dtype) * mask).sum(-1) / tokens,
+        metrics = {  # per token: merged over completion tokens (losses/base.py)
+            "advantage": advantages.detach(),
+            "value_loss": 0.5 * value_loss.detach(),
+            "value": old_values,
+            "clip_fraction": clip_active(ratio.detach(), advantages.detach(), self.clip, self.clip).to(mask.dtype),
         }
         if batch.ref_logprobs is not None:
             metrics["kl"] = (token_kl(old, batch.ref_logprobs.detach(), "k1") * mask).sum(-1)

@@ -5,7 +5,7 @@
 
 b is an exponential moving average of R over past optimizer steps (b ← m·b + (1−m)·mean R),
 fixed during a step so the estimator stays unbiased. One baseline per ``stream`` (the bandit
-lab runs independent seeds in one call). Unit: sequence.
+lab runs independent seeds in one call). Unit: sequence. ``kl_from`` as RLOO's (losses/kl.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses.base import LossBatch, Objective, sequence_logprobs
-from losses.kl import KLEstimator, regularised_reward, reward_kl_estimator
+from losses.base import LossBatch, Objective, sequence_logprobs, stream_index
+from losses.kl import KLEstimator, KLFrom, kl_source, penalised_reward, reward_kl_estimator
 
 
 class Reinforce(Objective):
@@ -23,17 +23,26 @@ class Reinforce(Objective):
     feeds = ("online",)
     needs = ("rewards",)
 
-    def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1", baseline_momentum: float = 0.9):
+    def __init__(
+        self,
+        beta: float = 0.05,
+        kl_estimator: KLEstimator = "k1",
+        baseline_momentum: float = 0.9,
+        kl_from: KLFrom = "old",
+    ):
         self.beta = beta
         self.kl_estimator = reward_kl_estimator(kl_estimator)
+        self.kl_from = kl_source(kl_from)
         self.baseline_momentum = baseline_momentum
         self.baseline: Tensor | None = None  # [n_streams]
         self.baseline_seen: Tensor | None = None
 
-    def _streams(self, batch: LossBatch) -> Tensor:
-        if batch.stream is not None:
-            return batch.stream.long()
-        return torch.zeros(batch.size, dtype=torch.long, device=batch.logprobs.device)
+    @property
+    def sampling_logprobs(self) -> bool:
+        return self.kl_from == "old" and self.beta > 0
+
+    def _regularised(self, batch: LossBatch) -> tuple[Tensor, Tensor]:
+        return penalised_reward(batch, batch.rewards, self.beta, self.kl_estimator, self.kl_from)
 
     def _baseline_for(self, stream: Tensor) -> Tensor:
         n = int(stream.max()) + 1 if stream.numel() else 1
@@ -47,18 +56,14 @@ class Reinforce(Objective):
         return self.baseline.to(stream.device)[stream]
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        R, kl = regularised_reward(
-            batch.rewards, batch.logprobs, batch.ref_logprobs, batch.mask, self.beta, self.kl_estimator
-        )
-        advantage = R - self._baseline_for(self._streams(batch)).to(R.dtype)
+        R, kl = self._regularised(batch)
+        advantage = R - self._baseline_for(stream_index(batch)).to(R.dtype)
         logp = sequence_logprobs(batch.logprobs, batch.mask)
         return -advantage * logp, {"advantage": advantage, "kl": kl, "regularised_reward": R}
 
     def after_step(self, batch: LossBatch) -> None:
-        R, _ = regularised_reward(
-            batch.rewards, batch.logprobs, batch.ref_logprobs, batch.mask, self.beta, self.kl_estimator
-        )
-        stream = self._streams(batch)
+        R, _ = self._regularised(batch)
+        stream = stream_index(batch)
         self._baseline_for(stream)
         stream = stream.cpu()
         n = self.baseline.numel()

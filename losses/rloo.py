@@ -8,6 +8,11 @@ leave-one-out baseline, as in the paper and TRL:
     L   = −(1/N) Σ_i (R_i − b_i)·ℓ(y_i)
 
 b_i does not depend on y_i, so the estimator is unbiased for ∇E_π[R]. Unit: sequence.
+
+Off-policy (replayed groups, later passes of ``updates_per_batch``) ``kl_from`` decides what it is
+(losses/kl.py): ``old`` (default, TRL's) fixes KL_seq, R and the advantages at sampling time from
+π_old's log-probs -- biased off-policy without importance weights; ``current`` recomputes KL_seq
+from the policy being trained, which makes the gradient exactly half CoPG's on any batch.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from losses.base import LossBatch, Objective, group_leave_one_out_mean, sequence_logprobs
-from losses.kl import KLEstimator, regularised_reward, reward_kl_estimator
+from losses.kl import KLEstimator, KLFrom, kl_source, penalised_reward, reward_kl_estimator
 
 
 def rloo_advantages(R: Tensor, group: Tensor) -> Tensor:
@@ -29,9 +34,14 @@ class RLOO(Objective):
     min_k = 2  # the leave-one-out baseline needs another sample of the prompt
     needs = ("rewards", "group")
 
-    def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1"):
+    def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1", kl_from: KLFrom = "old"):
         self.beta = beta
         self.kl_estimator = reward_kl_estimator(kl_estimator)
+        self.kl_from = kl_source(kl_from)
+
+    @property
+    def sampling_logprobs(self) -> bool:
+        return self.kl_from == "old" and self.beta > 0
 
     def sequence_rewards(self, batch: LossBatch) -> Tensor:
         """The reward the estimator sees before KL; RCfD overrides this."""
@@ -39,9 +49,7 @@ class RLOO(Objective):
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         rewards = self.sequence_rewards(batch)
-        R, kl = regularised_reward(
-            rewards, batch.logprobs, batch.ref_logprobs, batch.mask, self.beta, self.kl_estimator
-        )
+        R, kl = penalised_reward(batch, rewards, self.beta, self.kl_estimator, self.kl_from)
         advantage = rloo_advantages(R, batch.group)
         logp = sequence_logprobs(batch.logprobs, batch.mask)
         return -advantage * logp, {"advantage": advantage, "kl": kl, "regularised_reward": R}

@@ -12,14 +12,15 @@ sum runs over the components that scored it, as TRL's ``nansum`` does, and a sam
 component scored has total None.
 
 μ_c, σ²_c are running statistics over every sample seen so far (population variance, merged
-batch by batch with Chan's formula); a batch updates them *before* it is normalised, so the
-first batch is whitened by its own mean and variance. ``combine(..., update=False)`` normalises
+batch by batch with Chan's formula); a batch is whitened with the moments of the batches *before*
+it and only then absorbed, so the first batch passes raw (whitening a batch by its own moments
+would couple each sample's reward to the others'). ``combine(..., update=False)`` normalises
 without updating (evaluation). The statistics are saved with ``state_dict`` and restored with
 ``load_state_dict`` so a resumed run normalises exactly like the uninterrupted one.
 
 ``score_components`` returns the raw score of every component by its unique name (the reward's
 name, or ``label``; "length", "length_2" for repeats) and keeps it in ``last_components`` so a
-trainer can log each component on its own; RCfD calibrates these raw components against the
+trainer can log each component on its own; RCfD compares these raw components with the
 demonstrations' (``rewards.DemoRewardCache``).
 """
 

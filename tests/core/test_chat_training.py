@@ -166,3 +166,52 @@ def test_a_trl_reward_gets_messages_ids_state_and_may_return_none(
     assert records[0]["reward_mean"] == pytest.approx(sum(scored) / len(scored))
     # each group keeps one scored sample: no baseline, so at step 0 (KL = 0) its advantage is its reward
     assert records[0]["advantage"] == pytest.approx(sum(scored) / len(scored), rel=1e-5)
+
+
+DEMO_REWARD_FILE = """
+import json, os
+
+def score(prompts, completions, **kwargs):
+    with open(os.environ["ALIGN_TEST_LOG"], "a") as f:
+        f.write(json.dumps({"prompts": prompts, "completions": completions}) + "\\n")
+    return [float(len(c[0]["content"])) for c in completions]  # TRL's convention: message lists
+"""
+
+
+@pytest.mark.parametrize("demo_format", ["text", "messages"])
+def test_rcfd_on_chat_data_scores_demonstrations_as_it_scores_samples(
+    demo_format, chat_model_dir, tiny_data_files, tmp_path, monkeypatch
+):
+    """Conversational RCfD with a TRL reward that reads ``c[0]["content"]``: demonstrations (text, or
+    an assistant message list as TRL's completion column holds) reach it as the samples do, one
+    assistant message each after the prompt's messages, and the run trains."""
+    rows = _rows(tiny_data_files["demos"])[:16]
+
+    def demonstration(text):
+        return text if demo_format == "text" else [{"role": "assistant", "content": text}]
+
+    chat = [
+        {"prompt": [{"role": "user", "content": r["prompt"]}], "demonstration": demonstration(r["demonstration"])}
+        for r in rows
+    ]
+    data = write_jsonl(tmp_path / "chat_demos.jsonl", chat)
+    (tmp_path / "my_rewards.py").write_text(DEMO_REWARD_FILE)
+    monkeypatch.setenv("ALIGN_TEST_LOG", str(tmp_path / "calls.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    reward = [{"name": "python", "options": {"path": "my_rewards.py", "function": "score"}}]
+    recipe = _recipe(chat_model_dir, data, tmp_path / "run", {"name": "rcfd", "k": 2, "beta": 0.05}, reward=reward)
+    summary = train_job.run(recipe)
+    assert summary["skipped_steps"] == 0 and summary["steps"] == 2
+    calls = _rows(tmp_path / "calls.jsonl")
+    demos = {r["demonstration"] for r in rows}
+    demo_calls = [c for c in calls if all(m[0]["content"] in demos for m in c["completions"])]
+    assert demo_calls, "the demonstrations were never scored"
+    for call in calls:  # samples and demonstrations alike: messages in, one assistant message out
+        assert all(isinstance(p, list) and p[0]["role"] == "user" for p in call["prompts"])
+        assert all(c == [{"role": "assistant", "content": c[0]["content"]}] for c in call["completions"])
+    prompt_of = {r["demonstration"]: r["prompt"] for r in rows}
+    for call in demo_calls:  # each demonstration is scored after its own prompt
+        for p, c in zip(call["prompts"], call["completions"]):
+            assert p[0]["content"] == prompt_of[c[0]["content"]]
+    records = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)

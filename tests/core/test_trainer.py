@@ -256,6 +256,9 @@ def test_loss_logprobs_are_at_the_sampling_temperature(
         assert (update - grad).abs().max() < 1e-3 * biggest, f"{name}: SGD update != lr × independent gradient"
 
 
+TIMINGS = {"step_s", "tokens_per_s", "generation_s"}  # measured per process: not comparable
+
+
 def _metrics(run: Path) -> list[dict]:
     import json
 
@@ -310,7 +313,7 @@ def test_two_process_ddp_equals_one_process(key, fields, tiny_model_dir, tiny_da
     mini-batches each process's half of every mini-batch."""
     import yaml
 
-    runs = {}
+    runs, logged = {}, {}
     for procs, batch in [(1, 8), (2, 4)]:
         run = tmp_path / f"p{procs}"
         recipe = make_recipe(
@@ -353,7 +356,17 @@ def test_two_process_ddp_equals_one_process(key, fields, tiny_model_dir, tiny_da
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[procs] = final_params(run)
+        logged[procs] = _metrics(run)
     assert max_diff(runs[1], runs[2]) < 2e-5
+    # the logged metrics too: completions stop at unequal lengths ("e"), so the processes hold
+    # unequal token counts and only sums over every process give one process's numbers
+    first = logged[1][0]
+    assert {"loss", "kl_k1", "tokens", "reward_mean", "reward_std", "entropy"} <= set(first) or key == "dpo"
+    for one, two in zip(logged[1], logged[2], strict=True):
+        assert set(one) == set(two)
+        for name in sorted(set(one) - TIMINGS):
+            tolerance = 1e-6 if one["step"] == 1 else 1e-4  # step 2 starts from weights equal to 2e-5
+            assert two[name] == pytest.approx(one[name], rel=tolerance, abs=tolerance), (name, one["step"])
 
 
 def test_local_directory_and_hub_id_share_one_path(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
@@ -607,8 +620,8 @@ def test_long_prompts_are_cut_inside_their_source_column(tiny_model_dir, capsys)
 
 
 def test_rcfd_whitens_each_component_by_its_demonstrations(tiny_model_dir, tiny_data_files, tmp_path):
-    """RCfD with two components of scales 1 and 100: each is whitened with its demonstrations'
-    moments (the same map for policy and demonstration scores), so multiplying one component by
+    """RCfD with two components of scales 1 and 100: each component's squared gap to the
+    demonstration is whitened over the batch (Rita et al. §3.2), so multiplying one component by
     100 changes nothing; its weight comes from the reward section."""
     import rewards
 
@@ -638,12 +651,12 @@ def test_rcfd_whitens_each_component_by_its_demonstrations(tiny_model_dir, tiny_
     raw = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "bad", "rcfd").model_dump(mode="json")
     with pytest.raises(RecipeError, match=r"objective.options.weights: 'rcfd' takes each component's weight"):
         validate(Recipe, {**raw, "objective": {**raw["objective"], "options": {"weights": [1.0]}}})
-    with pytest.raises(RecipeError, match=r"reward\[0\].normalize: 'rcfd' already whitens"):
+    with pytest.raises(RecipeError, match=r"reward\[0\].normalize: 'rcfd' compares each raw \(clipped\) component"):
         validate(Recipe, {**raw, "reward": [{**raw["reward"][0], "normalize": True}]})
 
 
-def test_rcfd_calibration_is_the_demonstrations_moments():
-    """``calibrate`` = (clip(score) − mean_demo) / std_demo per component (population std)."""
+def test_rcfd_compares_clipped_raw_scores():
+    """``clip_components``: each component clipped to its ``reward[i].clip``, nothing else."""
     import rewards
     from align.recipe import RewardComponent
     from align.rewards_adapter import RewardFunction
@@ -654,13 +667,10 @@ def test_rcfd_calibration_is_the_demonstrations_moments():
     rewards.register(lambda: length, name="test_len_raw")
     components = [RewardComponent(name="test_len_raw"), RewardComponent(name="test_len_raw", clip=[0.0, 3.0])]
     reward = RewardFunction(components, torch.device("cpu"))
-    demos = ["a", "abcd", "abcdefg"]  # lengths 1, 4, 7; clipped 1, 3, 3
-    reward.fit_calibration(["p"] * 3, demos, {})
-    got = reward.calibrate(torch.tensor([[2.0, 2.0], [10.0, 10.0]]))
-    first = (torch.tensor([2.0, 10.0]) - 4.0) / math.sqrt(6.0)
-    clipped = torch.tensor([1.0, 3.0, 3.0])
-    second = (torch.tensor([2.0, 3.0]) - clipped.mean()) / clipped.std(correction=0)
-    assert torch.allclose(got, torch.stack([first, second], 1), atol=1e-6)
+    got = reward.clip_components(torch.tensor([[2.0, 2.0], [10.0, 10.0]]))
+    assert got.tolist() == [[2.0, 2.0], [10.0, 3.0]]
+    demo = reward.score_demonstrations(["p", "p"], ["a", "abcdefg"], {})
+    assert demo.tolist() == [[1.0, 1.0], [7.0, 7.0]]  # raw: clipping is ``clip_components``'s
 
 
 def test_recipes_command_lists_bundled_recipes():

@@ -206,3 +206,37 @@ def test_dr_grpo_with_a_k3_loss_reaches_its_own_fixed_point(K_arms, beta, k, ins
         kl_ref = (final * (final.log() - ref_law.log())).sum(-1)
         to_exp_tilt = kl_to_tilt(kl_ref, final, ref_law, rewards.double(), beta)
         assert float(to_exp_tilt.mean()) > 3 * statistics.fmean(result["final"]["kl_to_target"]), label
+
+
+def test_kl_in_the_reward_reads_pi_old_so_advantages_hold_across_passes():
+    """``kl: reward`` with updates_per_batch > 1: the policy moves between passes, π_old does not,
+    and neither do the advantages (TRL and verl freeze them at sampling)."""
+    batch, logprobs = _batch(seed=2)
+    objective = losses.build("grpo", beta=0.1, kl="reward", kl_estimator="k1")
+    old = logprobs.detach().clone()
+    passes = []
+    for moved in (0.0, 0.3, -0.5):  # three passes: the current log-probs drift, π_old stays
+        current = (old + moved * torch.rand(B, T, generator=torch.Generator().manual_seed(7))).requires_grad_(True)
+        passes.append(
+            objective.advantages(LossBatch(**{**batch.__dict__, "logprobs": current, "old_logprobs": old}))[0]
+        )
+    assert torch.equal(passes[0], passes[1]) and torch.equal(passes[0], passes[2])
+    # and they are the advantages of R = r − β·KL(π_old ‖ π_ref)
+    R = batch.rewards - 0.1 * ((old - batch.ref_logprobs) * batch.mask).sum(-1)
+    assert torch.allclose(passes[0], _hand_advantage(R, scale=True), atol=1e-12)
+
+
+def test_clip_fraction_counts_only_the_active_branch():
+    """Tokens with ρ outside [1 − ε_low, 1 + ε_high] count only when the clipped branch is taken:
+    ρ > 1 + ε_high with A > 0, or ρ < 1 − ε_low with A < 0 (TRL's rule)."""
+    batch, logprobs = _batch(seed=3)
+    g = torch.Generator().manual_seed(5)
+    shift = torch.where(torch.rand(B, T, generator=g) < 0.5, -0.5, 0.5).double()  # ρ = e^{±0.5}: all outside
+    clipped = LossBatch(**{**batch.__dict__, "old_logprobs": logprobs.detach() + shift})
+    _, metrics = losses.build("grpo", beta=0.0, clip_low=0.2, clip_high=0.28)(clipped)
+    A = _hand_advantage(batch.rewards, scale=True)[:, None].expand(B, T)
+    ratio = torch.exp(-shift)
+    active = ((ratio > 1.28) & (A > 0)) | ((ratio < 0.8) & (A < 0))
+    expected = float((active.double() * batch.mask).sum() / batch.mask.sum())
+    assert 0 < expected < 1  # every token is outside the range, yet not every one is clipped
+    assert metrics["clip_fraction"] == pytest.approx(expected, abs=1e-12)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
 import torch
 
 import rewards
-from losses.rcfd import calibrated_reward
+from losses.rcfd import calibrated_reward, squared_gaps
 from rewards import RewardError, call_reward
 
 
@@ -310,5 +311,16 @@ def test_demo_cache_single_reward_and_rcfd_shapes():
     policy = torch.tensor([comps[n] for n in combined.names]).T  # what the trainer builds: [N, C]
     demo = torch.tensor(rewards.DemoRewardCache(combined)(prompts, demos))
     assert policy.shape == demo.shape == (3, 2)
-    calibrated = calibrated_reward(policy, demo)
-    assert calibrated.tolist() == pytest.approx([0.0, -(1.0 + 1.0), -(4.0 + 0.0)])
+    assert squared_gaps(policy, demo).tolist() == [[0.0, 0.0], [-1.0, -1.0], [-4.0, 0.0]]
+    # several components: each column of gaps whitened (mean, unbiased variance), then summed
+    col0, col1 = [0.0, -1.0, -4.0], [0.0, -1.0, 0.0]
+
+    def whitened(col):
+        mean, var = statistics.fmean(col), statistics.variance(col)
+        return [(v - mean) / math.sqrt(var + 1e-8) for v in col]
+
+    expected = [a + 2 * b for a, b in zip(whitened(col0), whitened(col1))]
+    assert calibrated_reward(policy, demo, torch.tensor([1.0, 2.0])).tolist() == pytest.approx(expected, rel=1e-6)
+    # one component: exactly −w·(r − r_d)², no whitening (Rita et al., Eq. 3)
+    assert calibrated_reward(policy[:, :1], demo[:, :1], torch.tensor([3.0])).tolist() == [0.0, -3.0, -12.0]
+    assert calibrated_reward(policy[:, 0], demo[:, 0]).tolist() == [0.0, -1.0, -4.0]

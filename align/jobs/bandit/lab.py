@@ -137,6 +137,7 @@ def make_batch(
     S, k = recipe.seeds, entry.k or recipe.k
     from_policy = entry.source(recipe.sampler) == "policy"
     pair_local = None
+    sampler_logprobs = None  # [S, n, T] π_old where a fixed sampler drew the batch (None: the policy did)
     if from_policy and "online" in objective.feeds:
         # G groups of k samples of the policy; CoPG pairs every two samples of a group
         groups = max(1, recipe.batch_size // k)
@@ -149,6 +150,11 @@ def make_batch(
         # P pairs from the sampler (or from the policy for dpo/ipo with sampler: policy)
         P = recipe.batch_size
         y, y2, first = pairs.draw(logits if from_policy or pairs.logits is None else None, P, generator)
+        if objective.sampling_logprobs and not from_policy and pairs.logits is not None and not objective.preference:
+            # the sampler's log-probs as π_old: a KL penalty fixed at sampling reads μ1, μ2
+            sampler_logprobs = torch.cat(
+                [world.logprobs(table.expand(S, *table.shape), part) for table, part in zip(pairs.logits, (y, y2))], 1
+            )
         if objective.preference:
             y, y2 = y.where(first, y2), y2.where(first, y)  # (chosen, rejected)
         sample = Sample.cat([y, y2])
@@ -171,6 +177,7 @@ def make_batch(
         demo_rewards=torch.full((S * n,), recipe.demo_reward),
         stream=seed.repeat_interleave(n),
         values=None if value_table is None else value_table.repeat_interleave(n, 0)[:, :T],
+        old_logprobs=None if sampler_logprobs is None else sampler_logprobs.reshape(S * n, T).to(logprobs.dtype),
     )
     return batch, objective.count_units(batch) // S
 
