@@ -130,3 +130,46 @@ def test_ppo_first_update_is_the_same_for_ten_times_the_reward(tiny_model_dir, t
     moved = max(float((finals["x1"][k] - initial[k]).abs().max()) for k in initial)
     assert moved > 1e-4
     assert max(float((finals["x1"][k] - finals["x10"][k]).abs().max()) for k in initial) < 1e-6 * max(moved, 1)
+
+
+def test_replayed_groups_keep_the_log_probs_of_the_policy_that_sampled_them(
+    tiny_model_dir, tiny_data_files, tmp_path, monkeypatch
+):
+    """RLOO (``kl_from: old``) from a replay buffer: every replayed group's π_old is the one
+    computed on its step's fresh rollout, before that step's update -- not the current policy's."""
+    from align.replay import ReplayBuffer
+
+    fresh_batches, trained = [], []
+    add, train_on_batch = ReplayBuffer.add, trainer_mod.train_on_batch
+
+    def spy_add(self, batch, step):
+        fresh_batches.append(batch)
+        return add(self, batch, step)
+
+    def spy_step(recipe, models, objective, batch, *args):
+        trained.append(batch)
+        return train_on_batch(recipe, models, objective, batch, *args)
+
+    monkeypatch.setattr(ReplayBuffer, "add", spy_add)
+    monkeypatch.setattr(trainer_mod, "train_on_batch", spy_step)
+    fields = {"steps": 4, "batch_size": 4, "lr": 5e-2, "replay": {"capacity_steps": 3, "mix": 0.5}}
+    train(make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rloo", **fields))
+    k, groups = 2, 4
+
+    def key(batch, g):
+        rows = slice(g * k, (g + 1) * k)
+        return tuple(batch.prompt_ids[rows][batch.prompt_mask[rows].bool()].tolist()), tuple(batch.texts[rows])
+
+    sampled = {}  # a group -> (its step, its π_old when it was sampled)
+    for step, batch in enumerate(fresh_batches):
+        assert batch.old_logprobs is not None
+        for g in range(groups):
+            sampled.setdefault(key(batch, g), (step, batch.old_logprobs[g * k : (g + 1) * k]))
+    ages = []
+    for step, batch in enumerate(trained):
+        for g in range(groups):
+            at, kept = sampled[key(batch, g)]
+            mine = batch.old_logprobs[g * k : (g + 1) * k]
+            assert torch.equal(mine[:, : kept.shape[1]], kept) and not mine[:, kept.shape[1] :].any()
+            ages.append(step - at)
+    assert max(ages) > 0  # some groups were sampled by an older policy

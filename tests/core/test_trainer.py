@@ -31,6 +31,7 @@ SGD_LR = {
     "reinforce": 0.05,
     "copg": 0.05,
     "rcfd": 0.005,
+    "rcfd_two": 0.05,
     "vanilla_pg": 0.02,
     "grpo": 1.0,
     "grpo_token": 1.0,
@@ -38,6 +39,7 @@ SGD_LR = {
     "ppo": 0.5,
 }
 LENGTH = [{"name": "length", "options": {"target": 12, "unit": "chars"}}]
+TARGET_4 = {"name": "length", "options": {"target": 4, "unit": "chars"}, "weight": 2.0}
 WHITENED = [{"name": "length", "options": {"target": 12, "unit": "chars"}, "normalize": True}]
 
 # objective section, data file key, extra recipe fields
@@ -52,6 +54,8 @@ OBJECTIVES = {
     "reinforce": ({"name": "reinforce", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
     "copg": ({"name": "copg", "beta": 0.5, "k": 2}, "prompts", {"reward": LENGTH}),
     "rcfd": ({"name": "rcfd", "beta": 0.05, "k": 2}, "demos", {"reward": LENGTH}),
+    # two components: each squared gap whitened over the whole batch and every process
+    "rcfd_two": ({"name": "rcfd", "beta": 0.05, "k": 2}, "demos", {"reward": LENGTH + [TARGET_4]}),
     "vanilla_pg": ({"name": "vanilla_pg", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
     "grpo": ({"name": "grpo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
     "grpo_token": (
@@ -304,6 +308,7 @@ def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
         ("rloo", {}),
         ("rloo_whitened", {}),
         ("grpo_token", {}),
+        ("rcfd_two", {}),
         ("ppo", {}),
         ("ppo", {"mini_batches": 2, "updates_per_batch": 2}),  # π_old and V_old kept before the first step
     ],
@@ -989,18 +994,19 @@ def test_replay_with_every_group_fresh_is_the_plain_run(tiny_model_dir, tiny_dat
     assert all(r["replayed_fraction"] == 0 for r in _metrics(mixed))
 
 
-def test_replay_trains_on_past_groups_and_resumes_exactly(tiny_model_dir, tiny_data_files, tmp_path):
+@pytest.mark.parametrize("key", ["copg", "rloo"])  # rloo: the buffer keeps its groups' sampler log-probs
+def test_replay_trains_on_past_groups_and_resumes_exactly(key, tiny_model_dir, tiny_data_files, tmp_path):
     """capacity 3, mix 0.5: half of each step's groups come from the last 3 steps (ages up to 2);
     the buffer is saved in the checkpoint, so SIGTERM at step 2 and a resume to 4 equal the
     uninterrupted run bit for bit; an offline objective is refused the buffer."""
     fields = {"steps": 4, "batch_size": 4, "replay": {"capacity_steps": 3, "mix": 0.5}}
     straight = tmp_path / "straight"
-    train(make_recipe(tiny_model_dir, tiny_data_files, straight, "copg", **fields))
+    train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, **fields))
     records = _metrics(straight)
     assert [r["replayed_fraction"] for r in records] == [0.5] * 4
     assert records[0]["replay_age"] == 0 and max(r["replay_age"] for r in records) > 0
     interrupted = tmp_path / "interrupted"
-    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, "copg", **fields)
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, key, **fields)
 
     def stop_at_two(step: int, record: dict) -> None:
         if step == 2:
