@@ -127,7 +127,7 @@ def rollout_batch(
         demos = [formats.completion_text(d) for d in columns[recipe.data.demonstration_column]]
         demo_ids = None
         if reward.takes_trl_inputs:
-            demo_ids = [models.tokenizer(d, add_special_tokens=False)["input_ids"] for d in demos]
+            demo_ids = models.tokenizer(demos, add_special_tokens=False)["input_ids"]
         demo_scores = reward.score_demonstrations(
             prompts,
             demos,
@@ -151,12 +151,12 @@ def rollout_batch(
 
 def component_means(components: dict[str, list[float]], gather=None) -> dict[str, float]:
     """``reward/<name>``: each component's mean over the step's samples of every process (NaN,
-    a sample the component did not score, left out)."""
-    out = {}
-    for name, values in components.items():
-        values = gather(list(values)) if gather is not None else values
-        out[f"reward/{name}"] = float(torch.tensor(values, dtype=torch.float64).nanmean())
-    return out
+    a sample the component did not score, left out); one gather for all components."""
+    rows = [list(row) for row in zip(*components.values())]
+    if gather is not None:
+        rows = gather(rows)
+    table = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(components))
+    return {f"reward/{name}": float(table[:, c].nanmean()) for c, name in enumerate(components)}
 
 
 def drop_unscored(batch: StepBatch, scored: Tensor) -> None:
