@@ -95,7 +95,8 @@ class ReplayBuffer:
         width = out.completion_ids.shape[1]
         for name, parts_of in per_token.items():
             if parts_of and all(p is not None for p in parts_of):
-                padded = [torch.nn.functional.pad(p[:, :width], (0, width - min(p.shape[1], width))) for p in parts_of]
+                # the mixed batch is as wide as its widest group's step: pad each to it
+                padded = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts_of]
                 setattr(out, name, torch.cat(padded).to(device))
         out.metrics["replayed_fraction"] = (groups - fresh) / max(groups, 1)
         out.metrics["replay_age"] = sum(ages) / max(len(ages), 1)

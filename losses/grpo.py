@@ -36,7 +36,7 @@ from torch import Tensor
 
 from losses.aggregation import Aggregation, aggregate_tokens, aggregation_unit
 from losses.base import LossBatch, Objective, clip_active
-from losses.kl import KLEstimator, regularised_reward, token_kl
+from losses.kl import KLEstimator, penalised_reward, token_kl
 
 
 def group_moments(values: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,8 +101,7 @@ class GRPO(Objective):
 
     def advantages(self, batch: LossBatch) -> tuple[Tensor, Tensor, Tensor]:
         beta = self.beta if self.kl == "reward" else 0.0
-        old = batch.old_logprobs if batch.old_logprobs is not None else batch.logprobs
-        R, kl = regularised_reward(batch.rewards, old, batch.ref_logprobs, batch.mask, beta, "k1")
+        R, kl = penalised_reward(batch, batch.rewards, beta, "k1", "old")  # π_old's KL, fixed at sampling
         mean, std = group_moments(R, batch.group)
         advantage = R - mean
         if self.scale_rewards:
