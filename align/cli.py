@@ -16,7 +16,7 @@ from align.config import RecipeError
 RECIPE_ARGS = (
     "RECIPE is a YAML file or a bundled recipe name (`align recipes`); OVERRIDES are dotted key=value "
     "pairs that replace recipe fields (train.steps=50 objective.beta=0.1 output.dir=runs/x). Every "
-    "field, its default and meaning: `align schema [SECTION]`."
+    "field, its default and meaning: `align schema [JOB] [SECTION]`."
 )
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": (
@@ -34,7 +34,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "schema": (
         "align.jobs.schema",
         "every recipe field: type, default, meaning",
-        "RECIPE here is an optional section name (model, data, objective, reward, generation, train, output).",
+        "`align schema [JOB] [SECTION]`: JOB is train (the default; sft, sample and summarize read the same "
+        "recipe), rm, compare, overopt or bandit; SECTION narrows it (align schema bandit objectives; "
+        "align schema generation is the train recipe's).",
     ),
     "sample": (
         "align.jobs.sample",

@@ -20,12 +20,16 @@ def _base_model(path: str) -> str:
 def write_model_card(final: Path, recipe: Recipe, summary: dict, last_metrics: dict) -> None:
     lora = recipe.model.lora is not None
     base = _base_model(recipe.model.path)
+    objective = recipe.objective
     meta = {
         "library_name": "peft" if lora else "transformers",
         "base_model": base,
-        "tags": ["align", recipe.objective.name, "reinforcement-learning" if recipe.objective.online else "alignment"],
+        "tags": ["align", objective.name, "reinforcement-learning" if objective.online else "alignment"],
         "pipeline_tag": "text-generation",
     }
+    # β's one home after validation (given as beta or options.beta, else the objective's default)
+    about = [f"`{objective.label}`"] if objective.label else []
+    about += [f"β = {objective.beta:g}"] if objective.beta is not None else []
     rewards = ", ".join(c.label or c.name for c in recipe.reward) or "none (offline data)"
     shown = {k: last_metrics[k] for k in ("reward_mean", "kl_k1", "loss", "completion_length") if k in last_metrics}
     lines = [
@@ -35,8 +39,8 @@ def write_model_card(final: Path, recipe: Recipe, summary: dict, last_metrics: d
         "",
         f"# {Path(recipe.output.dir).name}",
         "",
-        f"Trained with align from `{base}`: objective `{recipe.objective.name}`"
-        + (f" (β = {recipe.objective.beta})" if recipe.objective.beta is not None else "")
+        f"Trained with align from `{base}`: objective `{objective.name}`"
+        + (f" ({', '.join(about)})" if about else "")
         + f", reward: {rewards}, {summary.get('steps')} steps"
         + (" (LoRA adapters)" if lora else "")
         + ".",

@@ -1,8 +1,8 @@
 """The training recipe: every field `align train` / `align sft` reads, validated before any model loads.
 
 A recipe is YAML; every section forbids unknown keys; overrides on the command line use dotted
-keys (``objective.beta=0.1 train.steps=50``). The objective's own options (``beta``,
-``average_logprobs``, ``kl_estimator`` ...) are checked against ``losses.options(name)``.
+keys (``objective.beta=0.1 train.steps=50``). The objective entry (``ObjectiveConfig``,
+align/objective.py) is the one every recipe kind shares.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 import losses
 from align.config import Strict
+from align.objective import RUN_QUANTITY_SOURCES, ObjectiveConfig
 
 
 class LoraConfig(Strict):
@@ -100,46 +101,6 @@ class DataConfig(Strict):
         if self.eval_pairs and self.eval_fraction:
             raise ValueError("give data.eval_pairs (a file) or data.eval_fraction (a split), not both")
         return self
-
-
-class ObjectiveConfig(Strict):
-    name: str = Field("rloo", description="a name in losses.REGISTRY")
-    k: int = Field(4, ge=1, description="completions sampled per prompt (online objectives)")
-    options: dict[str, Any] = Field(default_factory=dict, description="extra options passed to losses.build")
-    beta: float | None = Field(None, ge=0, description="KL coefficient (shortcut for options.beta)")
-    mode: Literal["auto", "online", "offline"] = Field(
-        "auto",
-        description="online: sample from the policy; offline: a fixed pair/row file (auto: the objective's kind)",
-    )
-
-    @property
-    def needs(self) -> tuple[str, ...]:
-        """The batch fields the objective declares it reads (``losses.Objective.needs``)."""
-        return losses.REGISTRY[self.name].needs
-
-    @property
-    def online(self) -> bool:
-        return self.mode == "online" or (self.mode == "auto" and losses.REGISTRY[self.name].online)
-
-    @field_validator("name")
-    @classmethod
-    def known(cls, name: str) -> str:
-        if name not in losses.REGISTRY:
-            raise ValueError(f"expected one of {sorted(losses.REGISTRY)}")
-        return name
-
-    @model_validator(mode="after")
-    def check_options(self) -> ObjectiveConfig:
-        if self.beta is not None and "beta" not in losses.options(self.name):
-            raise ValueError(f"{self.name!r} takes no beta")
-        self.build()  # unknown options, then the objective's own checks, before any model loads
-        return self
-
-    def build(self) -> losses.Objective:
-        opts = dict(self.options)
-        if self.beta is not None:
-            opts["beta"] = self.beta
-        return losses.build(self.name, **opts)
 
 
 class CriticConfig(Strict):
@@ -319,39 +280,40 @@ class Recipe(Strict):
                 f".cache/{self.prepare}/sft_model), got {self.model.path!r}; fix the path, or remove prepare: "
                 "to train a model of your own"
             )
-        if self._calibrated():
-            if "weights" in self.objective.options:
+        declared_inputs = declared.run_inputs
+        for option, quantity in declared_inputs.items():
+            if option in self.objective.options:
                 raise ValueError(
-                    f"objective.options.weights: {name!r} takes each component's weight from the reward "
-                    "section (reward[i].weight); remove it"
+                    f"objective.options.{option}: {name!r} takes {RUN_QUANTITY_SOURCES[quantity]}; remove it"
                 )
+        if "reward_weights" in declared_inputs.values():  # it combines the raw components itself
             for i, component in enumerate(self.reward):
                 if component.normalize:
                     raise ValueError(
                         f"reward[{i}].normalize: {name!r} compares each raw (clipped) component with the "
                         "demonstration's and whitens the squared gaps itself; expected false"
                     )
+        self.objective.refuse(
+            "objective",
+            {
+                "data": "a bandit entry's source of samples; a training recipe sets objective.mode",
+                "train": "a study run's changes to its base train section; set this recipe's train section",
+            },
+        )
         return self
 
-    def _calibrated(self) -> bool:
-        """Objectives that compare each reward component with a demonstration's (RCfD)."""
-        cls = losses.REGISTRY[self.objective.name]
-        return "demo_rewards" in cls.needs and "weights" in losses.options(self.objective.name)
+    def run_quantities(self) -> dict[str, Any]:
+        """What this run knows that an objective may declare it takes (``losses.base.RunQuantity``)."""
+        return {
+            "reward_weights": [c.weight for c in self.reward] or None,
+            "max_new_tokens": self.generation.max_new_tokens,
+            "k": self.objective.k,
+        }
 
     def build_objective(self) -> losses.Objective:
-        """The objective, with what the recipe knows and the objective asks for by option name: the
-        reward section's per-component weights where it compares components, and the generation
-        budget as the constant length normaliser (``norm_length``, Dr. GRPO) unless set."""
-        opts = dict(self.objective.options)
-        if self._calibrated() and self.reward:
-            opts["weights"] = [c.weight for c in self.reward]
-        if "norm_length" in losses.options(self.objective.name) and opts.get("norm_length") is None:
-            opts["norm_length"] = self.generation.max_new_tokens
-        if opts == self.objective.options:
-            return self.objective.build()
-        if self.objective.beta is not None:
-            opts["beta"] = self.objective.beta
-        return losses.build(self.objective.name, **opts)
+        """The objective, with the run quantities it declares it takes (``Objective.run_inputs``,
+        ``run_defaults``): RCfD the reward components' weights, Dr. GRPO the generation budget."""
+        return self.objective.build(self.run_quantities())
 
     def _no_sampling_filters(self) -> None:
         """The online loss and its KL use log-probs of softmax(logits / T) over the whole

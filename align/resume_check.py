@@ -31,6 +31,16 @@ def recipe_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
+def _as_validated(recipe, saved: dict) -> dict:
+    """The saved recipe as today's schema reads it: a field whose value validation fills (β from the
+    objective's default, a new field's default) is not a change; one that no longer validates is
+    compared as it was saved."""
+    try:
+        return type(recipe).model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        return saved
+
+
 def check_resume(recipe, checkpoint: Path) -> dict[str, tuple[Any, Any]]:
     """Refuse a resume that changes the trajectory; return the (allowed) changes to apply and record.
 
@@ -42,7 +52,7 @@ def check_resume(recipe, checkpoint: Path) -> dict[str, tuple[Any, Any]]:
     if saved is None:  # a checkpoint from before recipes were stored in it
         print(f"resume: {checkpoint} holds no recipe; the recipe's fields cannot be checked")
         return {}
-    changes = recipe_changes(json.loads(saved), recipe.model_dump(mode="json"))
+    changes = recipe_changes(_as_validated(recipe, json.loads(saved)), recipe.model_dump(mode="json"))
     refused = [k for k in changes if not any(k == c or (c.endswith(".") and k.startswith(c)) for c in CHANGEABLE)]
     if refused:
         raise RecipeError(

@@ -20,16 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str]) -> int:
-    recipe = (
-        argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else str(ROOT / "recipes/bandit/default.yaml")
-    )
+    recipe = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else str(ROOT / "recipes/bandit/default.yaml")
     overrides = [a for a in argv if "=" in a]
     exe = Path(sys.executable).parent / "align"
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        subprocess.run(
-            [str(exe), "bandit", recipe, *overrides, f"out={out}"], check=True, capture_output=True
-        )
+        subprocess.run([str(exe), "bandit", recipe, *overrides, f"out={out}"], check=True, capture_output=True)
         seconds = time.perf_counter() - start
         results = json.loads((Path(out) / "results.json").read_text())
     print(f"{Path(recipe).name}: {seconds:.2f} s wall (training {results['seconds']:.2f} s)")

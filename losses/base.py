@@ -31,6 +31,15 @@ rule: an objective that needs them declares the fields they read (``stats_read``
 summable statistics in ``batch_stats``; the trainer sums those over the whole rollout batch and
 every process once, before the first optimizer step, and hands the sums to every micro-batch.
 
+Extra inputs an objective takes from the run are declared too, by the name of a run quantity
+(``RunQuantity``), never looked up by option name: ``run_inputs`` maps an option to the quantity
+that always sets it (its home is elsewhere in the recipe -- RCfD's ``weights`` are the reward
+components' ``reward[i].weight`` -- so a recipe giving the option is refused), ``run_defaults`` to
+the quantity that fills it when the recipe leaves it unset (Dr. GRPO's ``norm_length``: the
+generation budget). The core offers what its run knows (``Recipe.run_quantities`` in
+align/recipe.py, supplied by ``ObjectiveConfig.build`` in align/objective.py); a caller that knows
+none (the bandit lab) leaves the objective's own defaults.
+
 Metrics are merged the same way: ``evaluate`` returns each metric as (sum, count) -- per-token
 metrics ([B, T], like the mask) over completion tokens, other shapes over their elements -- so the
 trainer adds numerators and counts over micro-batches and processes and divides once.
@@ -38,9 +47,11 @@ trainer adds numerators and counts over micro-batches and processes and divides 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -53,6 +64,11 @@ Feed = Literal["online", "offline"]
 # (k−1)/k·E[r] − β·KL(π_ref ‖ π) (mean-centred group advantages with a k3 KL loss term, T = 1);
 # None: no closed form
 FixedPoint = Literal["reward", "demo_gap", "preference", "reverse_kl"]
+# what a run knows that an objective may take (``run_inputs``, ``run_defaults``): "reward_weights"
+# each reward component's weight, in the reward section's order (list[float]); "max_new_tokens" the
+# generation budget of one completion (int); "k" completions sampled per prompt (int)
+RunQuantity = Literal["reward_weights", "max_new_tokens", "k"]
+RUN_QUANTITIES: tuple[str, ...] = get_args(RunQuantity)
 
 
 @dataclass
@@ -156,6 +172,27 @@ def clip_active(ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: f
     return ((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))
 
 
+def with_defaults(init: Callable[..., None], **defaults: object) -> Callable[..., None]:
+    """The constructor ``init`` with other defaults for some of its options: a variant objective
+    that is its parent with those options changed (Dr. GRPO of GRPO). Its signature shows the new
+    defaults, which is what ``losses.options`` reads."""
+    signature = inspect.signature(init)
+    unknown = sorted(set(defaults) - set(signature.parameters))
+    if unknown:
+        raise TypeError(f"with_defaults: {unknown} are not options of {init.__qualname__}")
+
+    def variant(*args: object, **kwargs: object) -> None:
+        bound = signature.bind_partial(*args, **kwargs)
+        for name, value in defaults.items():
+            bound.arguments.setdefault(name, value)  # only where the caller gave none
+        init(*bound.args, **bound.kwargs)
+
+    params = [p.replace(default=defaults.get(p.name, p.default)) for p in signature.parameters.values()]
+    variant.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    variant.__doc__ = init.__doc__
+    return variant
+
+
 def group_leave_one_out_mean(values: Tensor, group: Tensor) -> Tensor:
     """For each row, the mean of ``values`` over the OTHER rows of its group, b_i = Σ_{j≠i} v_j/(k−1).
 
@@ -198,6 +235,10 @@ class Objective(ABC):
     # LossBatch fields ``batch_stats`` reads; () = the loss needs no statistics of the whole batch.
     # Naming old_logprobs / ref_logprobs / old_values asks the trainer for them on every row first.
     stats_read: tuple[str, ...] = ()
+    # option -> the run quantity that always sets it (the recipe may not give the option)
+    run_inputs: ClassVar[Mapping[str, RunQuantity]] = {}
+    # option -> the run quantity that fills it where the recipe leaves it unset (None)
+    run_defaults: ClassVar[Mapping[str, RunQuantity]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -206,6 +247,14 @@ class Objective(ABC):
             if not cls.feeds or bad:
                 raise TypeError(f"{cls.__name__}.feeds: expected a tuple of 'online'/'offline', got {cls.feeds}")
             cls.online = cls.feeds[0] == "online"
+        # a declaration naming an unknown quantity or option would be silently never supplied
+        params = inspect.signature(cls.__init__).parameters
+        for attr in ("run_inputs", "run_defaults"):
+            for option, quantity in cls.__dict__.get(attr, {}).items():
+                if quantity not in RUN_QUANTITIES:
+                    raise TypeError(f"{cls.__name__}.{attr}: {quantity!r} is not one of {list(RUN_QUANTITIES)}")
+                if option not in params:
+                    raise TypeError(f"{cls.__name__}.{attr}: {option!r} is not an option of its constructor")
 
     @property
     def uses_reference(self) -> bool:

@@ -12,6 +12,8 @@ On a bandit with Bradley–Terry labels on r its fixed point is π ∝ π_ref·e
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,8 +28,10 @@ def pair_log_ratio_margin(batch: LossBatch, pairs: Tensor, average: bool) -> Ten
     return ratio[pairs[:, 0]] - ratio[pairs[:, 1]]
 
 
-class DPO(Objective):
-    name = "dpo"
+class PreferencePairs(Objective):
+    """Base of DPO and IPO: a loss of each ordered pair's log-ratio margin Δ (``pair_loss``), with
+    β > 0 and optional length averaging; both log the margin and the pair accuracy [Δ > 0]."""
+
     unit = "pair"
     feeds = ("offline",)
     needs = ("ref_logprobs",)
@@ -35,14 +39,25 @@ class DPO(Objective):
     preference = True
 
     def __init__(self, beta: float = 0.1, average_logprobs: bool = False):
-        if beta <= 0:  # β = 0 makes the loss log 2 whatever the policy: nothing would train
-            raise ValueError(f"dpo: beta must be > 0, got {beta}")
+        if beta <= 0:  # DPO's loss is log 2 whatever the policy at β = 0, IPO's target 1/(2β) infinite
+            raise ValueError(f"{self.name}: beta must be > 0, got {beta}")
         self.beta = beta
         self.average_logprobs = average_logprobs
 
+    @abstractmethod
+    def pair_loss(self, margin: Tensor) -> Tensor:
+        """The loss of each pair [P] from its margin Δ [P]."""
+
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         margin = pair_log_ratio_margin(batch, self.batch_pairs(batch), self.average_logprobs)
-        return -F.logsigmoid(self.beta * margin), {
-            "margin": margin.detach(),  # Δ, the log-ratio margin, as IPO logs it (TRL's reward margin is β·Δ)
+        return self.pair_loss(margin), {
+            "margin": margin.detach(),  # Δ, the log-ratio margin (TRL's DPO reward margin is β·Δ)
             "accuracy": (margin.detach() > 0).float(),
         }
+
+
+class DPO(PreferencePairs):
+    name = "dpo"
+
+    def pair_loss(self, margin: Tensor) -> Tensor:
+        return -F.logsigmoid(self.beta * margin)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from losses.aggregation import Aggregation, aggregate_tokens, aggregation_unit
-from losses.base import LossBatch, Objective, clip_active
+from losses.base import LossBatch, Objective, clip_active, with_defaults
 from losses.kl import KLEstimator, penalised_reward, token_kl
 
 
@@ -58,6 +58,8 @@ class GRPO(Objective):
     feeds = ("online",)
     min_k = 2  # a group baseline needs another sample of the prompt
     needs = ("rewards", "group")
+    # the constant of ``seq_mean_token_sum_norm``: the run's generation budget unless set
+    run_defaults = {"norm_length": "max_new_tokens"}
 
     def __init__(
         self,
@@ -84,7 +86,7 @@ class GRPO(Objective):
             raise ValueError("clip_low, clip_high: expected >= 0")
         self.unit = aggregation_unit(aggregation)
         if aggregation == "seq_mean_token_sum_norm" and norm_length is None:
-            norm_length = 1  # the recipe fills generation.max_new_tokens; a bandit has one token
+            norm_length = 1  # a run fills its generation budget (run_defaults); a bandit has one token
         self.beta, self.kl, self.kl_estimator = beta, kl, kl_estimator
         self.scale_rewards, self.aggregation = scale_rewards, aggregation
         self.clip_low, self.clip_high, self.norm_length, self.eps = clip_low, clip_high, norm_length, eps
@@ -129,17 +131,4 @@ class DrGRPO(GRPO):
     """Dr. GRPO: no std scaling and a constant length normaliser (``seq_mean_token_sum_norm``)."""
 
     name = "dr_grpo"
-
-    def __init__(
-        self,
-        beta: float = 0.04,
-        kl: Literal["loss", "reward"] = "loss",
-        kl_estimator: KLEstimator = "k3",
-        scale_rewards: bool = False,
-        aggregation: Aggregation = "seq_mean_token_sum_norm",
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        norm_length: int | None = None,
-        eps: float = 1e-4,
-    ):
-        super().__init__(beta, kl, kl_estimator, scale_rewards, aggregation, clip_low, clip_high, norm_length, eps)
+    __init__ = with_defaults(GRPO.__init__, scale_rewards=False, aggregation="seq_mean_token_sum_norm")

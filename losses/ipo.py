@@ -12,28 +12,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from losses.base import LossBatch, Objective
-from losses.dpo import pair_log_ratio_margin
+from losses.dpo import PreferencePairs
 
 
-class IPO(Objective):
+class IPO(PreferencePairs):
     name = "ipo"
-    unit = "pair"
-    feeds = ("offline",)
-    needs = ("ref_logprobs",)
-    paired = True
-    preference = True
     fixed_point = "preference"
 
-    def __init__(self, beta: float = 0.1, average_logprobs: bool = False):
-        if beta <= 0:
-            raise ValueError(f"ipo: beta must be > 0, got {beta}")
-        self.beta = beta
-        self.average_logprobs = average_logprobs
-
-    def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        margin = pair_log_ratio_margin(batch, self.batch_pairs(batch), self.average_logprobs)
-        return (margin - 1 / (2 * self.beta)) ** 2, {
-            "margin": margin.detach(),
-            "accuracy": (margin.detach() > 0).float(),
-        }
+    def pair_loss(self, margin: Tensor) -> Tensor:
+        return (margin - 1 / (2 * self.beta)) ** 2

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from losses.base import LossBatch
+from losses.base import LossBatch, Objective
 
 KLEstimator = Literal["k1", "k3"]
 KLFrom = Literal["old", "current"]
@@ -109,3 +109,22 @@ def penalised_reward(
     """R = r − β·KL_seq with the KL read from the policy ``kl_from`` names; returns (R, KL_seq)."""
     penalised = penalty_logprobs(batch.logprobs, batch.old_logprobs, kl_from)
     return regularised_reward(rewards, penalised, batch.ref_logprobs, batch.mask, beta, estimator)
+
+
+class RewardKL(Objective):
+    """Base of the policy-gradient objectives that fold β·KL into the detached reward,
+    R = r − β·KL_seq (RLOO, vanilla PG, REINFORCE, RCfD): their KL options and the log-probs the
+    penalty reads. Subclasses implement ``terms``."""
+
+    def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1", kl_from: KLFrom = "old"):
+        self.beta = beta
+        self.kl_estimator = reward_kl_estimator(kl_estimator)
+        self.kl_from = kl_source(kl_from)
+
+    @property
+    def sampling_logprobs(self) -> bool:
+        return self.kl_from == "old" and self.beta > 0  # the penalty is fixed at sampling time
+
+    def penalised(self, batch: LossBatch, rewards: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, KL_seq) for ``rewards`` with this objective's β, estimator and ``kl_from``."""
+        return penalised_reward(batch, rewards, self.beta, self.kl_estimator, self.kl_from)

@@ -16,9 +16,10 @@ them before the first optimizer step, so they are the same on every process and 
 unbiased variance as PPO's batch whitening. r̃ is then optimised with the RLOO estimator
 (losses/rloo.py), optionally with β·KL. The policy is pushed to *score like the demonstrations*,
 not to maximise the reward model, so exploiting the reward model earns nothing. The weights are
-the recipe's ``reward[i].weight``. KL-regularised fixed point on a bandit, one reward:
-π(a) ∝ π_ref(a)·exp(−(r(a) − r_d)²/β). The paper uses no KL (β = 0) with PPO; β > 0 is supported
-here and is what makes the fixed point unique. Unit: sequence.
+the recipe's ``reward[i].weight`` (declared ``run_inputs``: the run supplies them).
+KL-regularised fixed point on a bandit, one reward: π(a) ∝ π_ref(a)·exp(−(r(a) − r_d)²/β).
+The paper uses no KL (β = 0) with PPO; β > 0 is supported here and is what makes the fixed point
+unique. Unit: sequence.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class RCfD(RLOO):
     needs = ("rewards", "group", "demo_rewards")
     fixed_point = "demo_gap"
     stats_read = ("rewards", "demo_rewards")  # several components: the gaps' whitening moments
+    # it weighs the raw components itself: their weights are the reward section's, never an option
+    run_inputs = {"weights": "reward_weights"}
 
     def __init__(
         self,

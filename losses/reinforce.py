@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses.base import LossBatch, Objective, sequence_logprobs, stream_index
-from losses.kl import KLEstimator, KLFrom, kl_source, penalised_reward, reward_kl_estimator
+from losses.base import LossBatch, sequence_logprobs, stream_index
+from losses.kl import KLEstimator, KLFrom, RewardKL
 
 
-class Reinforce(Objective):
+class Reinforce(RewardKL):
     name = "reinforce"
     unit = "sequence"
     feeds = ("online",)
@@ -30,19 +30,13 @@ class Reinforce(Objective):
         baseline_momentum: float = 0.9,
         kl_from: KLFrom = "old",
     ):
-        self.beta = beta
-        self.kl_estimator = reward_kl_estimator(kl_estimator)
-        self.kl_from = kl_source(kl_from)
+        super().__init__(beta, kl_estimator, kl_from)
         self.baseline_momentum = baseline_momentum
         self.baseline: Tensor | None = None  # [n_streams]
         self.baseline_seen: Tensor | None = None
 
-    @property
-    def sampling_logprobs(self) -> bool:
-        return self.kl_from == "old" and self.beta > 0
-
     def _regularised(self, batch: LossBatch) -> tuple[Tensor, Tensor]:
-        return penalised_reward(batch, batch.rewards, self.beta, self.kl_estimator, self.kl_from)
+        return self.penalised(batch, batch.rewards)
 
     def _baseline_for(self, stream: Tensor) -> Tensor:
         n = int(stream.max()) + 1 if stream.numel() else 1

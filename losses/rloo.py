@@ -19,29 +19,20 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from losses.base import LossBatch, Objective, group_leave_one_out_mean, sequence_logprobs
-from losses.kl import KLEstimator, KLFrom, kl_source, penalised_reward, reward_kl_estimator
+from losses.base import LossBatch, group_leave_one_out_mean, sequence_logprobs
+from losses.kl import RewardKL
 
 
 def rloo_advantages(R: Tensor, group: Tensor) -> Tensor:
     return R - group_leave_one_out_mean(R, group)
 
 
-class RLOO(Objective):
+class RLOO(RewardKL):
     name = "rloo"
     unit = "sequence"
     feeds = ("online",)
     min_k = 2  # the leave-one-out baseline needs another sample of the prompt
     needs = ("rewards", "group")
-
-    def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1", kl_from: KLFrom = "old"):
-        self.beta = beta
-        self.kl_estimator = reward_kl_estimator(kl_estimator)
-        self.kl_from = kl_source(kl_from)
-
-    @property
-    def sampling_logprobs(self) -> bool:
-        return self.kl_from == "old" and self.beta > 0
 
     def sequence_rewards(self, batch: LossBatch) -> Tensor:
         """The reward the estimator sees before KL; RCfD overrides this."""
@@ -49,7 +40,7 @@ class RLOO(Objective):
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         rewards = self.sequence_rewards(batch)
-        R, kl = penalised_reward(batch, rewards, self.beta, self.kl_estimator, self.kl_from)
+        R, kl = self.penalised(batch, rewards)
         advantage = rloo_advantages(R, batch.group)
         logp = sequence_logprobs(batch.logprobs, batch.mask)
         return -advantage * logp, {"advantage": advantage, "kl": kl, "regularised_reward": R}

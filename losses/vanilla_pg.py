@@ -14,26 +14,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from losses.base import LossBatch, Objective, sequence_logprobs
-from losses.kl import KLEstimator, KLFrom, kl_source, penalised_reward, reward_kl_estimator
+from losses.base import LossBatch, sequence_logprobs
+from losses.kl import RewardKL
 
 
-class VanillaPG(Objective):
+class VanillaPG(RewardKL):
     name = "vanilla_pg"
     unit = "sequence"
     feeds = ("online",)
     needs = ("rewards",)
 
-    def __init__(self, beta: float = 0.05, kl_estimator: KLEstimator = "k1", kl_from: KLFrom = "old"):
-        self.beta = beta
-        self.kl_estimator = reward_kl_estimator(kl_estimator)
-        self.kl_from = kl_source(kl_from)
-
-    @property
-    def sampling_logprobs(self) -> bool:
-        return self.kl_from == "old" and self.beta > 0
-
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        R, kl = penalised_reward(batch, batch.rewards, self.beta, self.kl_estimator, self.kl_from)
+        R, kl = self.penalised(batch, batch.rewards)
         logp = sequence_logprobs(batch.logprobs, batch.mask)
         return -R * logp, {"advantage": R, "kl": kl, "regularised_reward": R}

@@ -32,9 +32,7 @@ class Contains(Reward):
         if isinstance(keywords, str):
             keywords = [keywords]
         if not keywords or not all(isinstance(k, str) and k for k in keywords):
-            raise ValueError(
-                f"contains: keywords must be a non-empty list of non-empty strings, got {keywords!r}"
-            )
+            raise ValueError(f"contains: keywords must be a non-empty list of non-empty strings, got {keywords!r}")
         if mode not in ("any", "all", "fraction"):
             raise ValueError(f"contains: mode must be 'any', 'all' or 'fraction', got {mode!r}")
         flags = 0 if case_sensitive else re.IGNORECASE

@@ -30,9 +30,7 @@ class Regex(Reward):
         if mode not in ("search", "fullmatch"):
             raise ValueError(f"regex: mode must be 'search' or 'fullmatch', got {mode!r}")
         flags = (
-            (re.IGNORECASE if ignore_case else 0)
-            | (re.MULTILINE if multiline else 0)
-            | (re.DOTALL if dotall else 0)
+            (re.IGNORECASE if ignore_case else 0) | (re.MULTILINE if multiline else 0) | (re.DOTALL if dotall else 0)
         )
         try:
             self.regex = re.compile(pattern, flags)

@@ -17,9 +17,7 @@ from rewards.base import Reward
 class Sentiment(Reward):
     name = "sentiment"
 
-    def __init__(
-        self, field: Literal["compound", "pos", "neu", "neg"] = "compound", include_prompt: bool = False
-    ):
+    def __init__(self, field: Literal["compound", "pos", "neu", "neg"] = "compound", include_prompt: bool = False):
         if field not in ("compound", "pos", "neu", "neg"):
             raise ValueError(f"sentiment: field must be compound, pos, neu or neg, got {field!r}")
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer

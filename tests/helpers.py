@@ -8,10 +8,18 @@ The session fixtures ``tiny_model_dir`` and ``tiny_data_files`` (tests/conftest.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.jobs import quickstart
+
+if TYPE_CHECKING:  # imported where used: conftest loads this module, and the fast tier needs no torch
+    import torch
+
+    from align.recipe import Recipe
 
 
 def make_tiny_model_dir(
@@ -66,3 +74,118 @@ def make_tiny_data_files(root: Path, n_train: int = 96, n_eval: int = 16, seed: 
     Completions start with a space; ``prompt + completion`` is a whole review.
     """
     return quickstart.build_corpus(Path(root), n_train=n_train, n_eval=n_eval, seed=seed)
+
+
+# Training runs on the tiny model: a recipe per objective, its final weights and logged metrics.
+# Used by the trainer's tests in tests/core (test_step, test_loop, test_scoring, ...).
+
+# SGD step sizes that move the tiny model by ~1e-3 in two steps (loss scales differ by objective)
+SGD_LR = {
+    "sft": 0.5,
+    "dpo": 2.0,
+    "dpo_avg": 20.0,
+    "ipo": 0.02,
+    "copg_offline": 0.05,
+    "rloo": 0.05,
+    "rloo_whitened": 0.05,
+    "reinforce": 0.05,
+    "copg": 0.05,
+    "rcfd": 0.005,
+    "rcfd_two": 0.05,
+    "vanilla_pg": 0.02,
+    "grpo": 1.0,
+    "grpo_token": 1.0,
+    "dr_grpo": 0.2,
+    "ppo": 0.5,
+}
+LENGTH = [{"name": "length", "options": {"target": 12, "unit": "chars"}}]
+TARGET_4 = {"name": "length", "options": {"target": 4, "unit": "chars"}, "weight": 2.0}
+WHITENED = [{"name": "length", "options": {"target": 12, "unit": "chars"}, "normalize": True}]
+
+# objective section, data file key, extra recipe fields
+OBJECTIVES = {
+    "sft": ({"name": "sft"}, "sft", {}),
+    "dpo": ({"name": "dpo", "beta": 0.1}, "pairs", {}),
+    "dpo_avg": ({"name": "dpo", "beta": 0.1, "options": {"average_logprobs": True}}, "pairs", {}),
+    "ipo": ({"name": "ipo", "beta": 0.5}, "pairs", {}),
+    "copg_offline": ({"name": "copg", "beta": 0.5, "mode": "offline"}, "pairs", {}),
+    "rloo": ({"name": "rloo", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
+    "rloo_whitened": ({"name": "rloo", "beta": 0.05, "k": 2}, "prompts", {"reward": WHITENED}),
+    "reinforce": ({"name": "reinforce", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
+    "copg": ({"name": "copg", "beta": 0.5, "k": 2}, "prompts", {"reward": LENGTH}),
+    "rcfd": ({"name": "rcfd", "beta": 0.05, "k": 2}, "demos", {"reward": LENGTH}),
+    # two components: each squared gap whitened over the whole batch and every process
+    "rcfd_two": ({"name": "rcfd", "beta": 0.05, "k": 2}, "demos", {"reward": LENGTH + [TARGET_4]}),
+    "vanilla_pg": ({"name": "vanilla_pg", "beta": 0.05, "k": 2}, "prompts", {"reward": LENGTH}),
+    "grpo": ({"name": "grpo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
+    "grpo_token": (
+        {"name": "grpo", "beta": 0.04, "k": 2, "options": {"aggregation": "token_mean", "clip_high": 0.28}},
+        "prompts",
+        {"reward": LENGTH},
+    ),
+    "dr_grpo": ({"name": "dr_grpo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
+    "ppo": ({"name": "ppo", "beta": 0.05, "k": 2, "options": {"lam": 0.9}}, "prompts", {"reward": LENGTH}),
+}
+GENERATION = {"max_new_tokens": 8, "stop_strings": ["e"]}  # "e" cuts completions at unequal lengths
+
+
+def make_recipe(
+    model_dir, data_files, run_dir, key: str, model: dict | None = None, generation: dict | None = None, **train_fields
+) -> Recipe:
+    from align.config import validate
+    from align.recipe import Recipe
+
+    objective, data_key, extra = OBJECTIVES[key]
+    data = {"train": str(data_files[data_key])}
+    raw = {
+        "model": {"path": str(model_dir), **(model or {})},
+        "data": data,
+        "objective": objective,
+        "generation": {**GENERATION, **(generation or {})},
+        "train": {"steps": 2, "batch_size": 8, "lr": 5e-3, "lr_scheduler": "linear", "seed": 3, **train_fields},
+        "output": {"dir": str(run_dir), "report": False, "sample_every": 0},
+        **extra,
+    }
+    return validate(Recipe, raw)
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The final policy's weights, and the critic's (``critic.*``) where the objective trains one."""
+    from safetensors.torch import load_file
+
+    params = load_file(str(run_dir / "final" / "model.safetensors"))
+    if (run_dir / "final_critic").is_dir():
+        critic = load_file(str(run_dir / "final_critic" / "model.safetensors"))
+        params.update({f"critic.{k}": v for k, v in critic.items()})
+    return params
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def run_metrics(run: Path) -> list[dict]:
+    """The records of ``run/metrics.jsonl``, one dict a step."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align.cli", *argv], capture_output=True, text=True, timeout=120)
+
+
+def register_test_reward(name: str, scores_for_call):
+    """A reward whose n-th call returns ``scores_for_call(n, completions)``."""
+    import rewards
+
+    calls = {"n": 0}
+
+    def factory():
+        def reward(prompts, completions, **columns):
+            calls["n"] += 1
+            return scores_for_call(calls["n"], completions)
+
+        return reward
+
+    rewards.register(factory, name=name)
+    return calls

@@ -12,23 +12,31 @@ with r(x, y_w) > r(x, y_l). The result is saved with ``save_pretrained`` (safete
 tokenizer, plus ``metrics.json``, the resolved ``recipe.yaml`` and ``align_rm.json`` (the text
 format), so ``rewards.build("reward_model", model=DIR)`` scores exactly as it was trained.
 
+Training runs through the shared supervised loop (``align/supervised.py``): ``output_dir`` holds
+one run (a lock; a finished or interrupted run there is replaced only with ``overwrite=true``),
+``metrics.jsonl`` gets a line per step, a checkpoint goes to ``output_dir/checkpoints`` every
+``save_every`` steps and at SIGINT/SIGTERM (exit code 128 + the signal), and ``resume=latest``
+continues a run exactly where it stopped.
+
     align rm recipes/rm.yaml model=path/to/base data.path=pairs.jsonl train.epochs=2
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from align.config import RecipeError, Strict, dump_recipe, load_recipe
-from align.schedule import lr_scheduler
 from losses.bradley_terry import bradley_terry_loss
 
 
@@ -67,6 +75,14 @@ class RMRecipe(Strict):
     data: RMData
     train: RMTrain = Field(default_factory=RMTrain)
     output_dir: str = Field("runs/rm", description="where the reward model and metrics.json go")
+    resume: str | None = Field(None, description="'latest' or a checkpoint directory (output_dir/checkpoints/step-N)")
+    overwrite: bool = Field(False, description="replace the run output_dir already holds")
+    save_every: int | None = Field(None, gt=0, description="a checkpoint every N steps (always one at SIGINT/SIGTERM)")
+    keep_last: int = Field(1, gt=0, description="checkpoints kept in output_dir/checkpoints")
+
+
+# what a resume may change; the rest (model, data, train.*) is what the checkpoint's steps meant
+CHANGEABLE = ("description", "output_dir", "resume", "overwrite", "save_every", "keep_last", "train.device")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -149,20 +165,17 @@ def evaluate(model: Any, tokenizer: Any, pairs: list, recipe: RMRecipe, device: 
     return {"accuracy": correct / n, "loss": loss / n, "margin": margin / n}
 
 
-def train_reward_model(recipe: RMRecipe, log: Any = print) -> dict[str, Any]:
-    """Train, evaluate and save; returns the metrics written to ``output_dir/metrics.json``."""
+def load_scalar_model(recipe: RMRecipe, device: str) -> tuple[Any, Any, RMRecipe]:
+    """(tokenizer, model, recipe): a scalar head on any backbone (a causal LM's head is replaced
+    by one fresh output), and the recipe with ``data.max_length`` filled in from the model."""
     import torch
 
-    from rewards.base import load_pretrained, resolve_device
+    from rewards.base import load_pretrained
     from rewards.entailment import model_max_length
-    from rewards.reward_model import FORMAT_FILE, ensure_padding
+    from rewards.reward_model import ensure_padding
 
-    start = time.perf_counter()
-    train_pairs, eval_pairs = split_pairs(recipe)
-    device = resolve_device(recipe.train.device)
     random.seed(recipe.train.seed)
-    torch.manual_seed(recipe.train.seed)
-    # a scalar head on any backbone: a causal LM's head is replaced by one fresh output
+    torch.manual_seed(recipe.train.seed)  # the fresh head: the same on a resume, before its weights load
     tokenizer, model = load_pretrained(
         recipe.model,
         recipe.tokenizer,
@@ -173,72 +186,102 @@ def train_reward_model(recipe: RMRecipe, log: Any = print) -> dict[str, Any]:
     )
     tokenizer.truncation_side = recipe.data.truncation_side
     ensure_padding(tokenizer, model)
-    model.train()
     if recipe.data.max_length is None:
         limit = model_max_length(tokenizer, model.config)
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": limit})})
+    return tokenizer, model, recipe
 
-    cfg = recipe.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
 
-    scheduler = lr_scheduler(optimizer, total_steps, cfg.lr_scheduler, cfg.warmup_steps)
-    before = evaluate(model, tokenizer, eval_pairs, recipe, device)
-    rng = random.Random(cfg.seed)
-    step, history = 0, []
-    for epoch in range(cfg.epochs):
-        order = list(range(len(train_pairs)))
-        rng.shuffle(order)
-        correct, total_loss = 0, 0.0
-        for lo in range(0, len(order), cfg.batch_size):
-            batch = [train_pairs[i] for i in order[lo : lo + cfg.batch_size]]
-            rw, rl = pair_scores(model, tokenizer, batch, recipe, device)
-            loss = bradley_terry_loss(rw, rl)
-            if not torch.isfinite(loss):
-                raise RecipeError(f"train: non-finite loss at step {step}; lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            correct += int((rw > rl).sum())
-            total_loss += loss.item() * len(batch)
-        held_out = evaluate(model, tokenizer, eval_pairs, recipe, device)
-        row = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": total_loss / len(order),
-            "train_accuracy": correct / len(order),
-            **{f"eval_{k}": v for k, v in held_out.items()},
-        }
-        history.append(row)
-        log("align rm: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+class PairTask:
+    """Bradley–Terry over pairs for the supervised loop (align/supervised.py)."""
 
+    def __init__(self, tokenizer: Any, eval_pairs: list, recipe: RMRecipe, device: str):
+        self.tokenizer, self.eval_pairs, self.recipe, self.device = tokenizer, eval_pairs, recipe, device
+
+    def loss(self, model: Any, rows: list) -> tuple[Any, dict[str, float]]:
+        rw, rl = pair_scores(model, self.tokenizer, rows, self.recipe, self.device)
+        loss = bradley_terry_loss(rw, rl)
+        return loss, {"loss": loss.item() * len(rows), "accuracy": float((rw > rl).sum())}
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        return evaluate(model, self.tokenizer, self.eval_pairs, self.recipe, self.device)
+
+
+def train_reward_model(
+    recipe: RMRecipe, log: Any = print, on_step: Callable[[int, dict], None] | None = None
+) -> dict[str, Any]:
+    """Train, evaluate and save; returns the metrics written to ``output_dir/metrics.json``, or,
+    for a run stopped by SIGINT/SIGTERM, ``stopped_by``, ``steps`` and ``checkpoint`` (nothing
+    else is written: ``resume=latest`` continues it)."""
+    from align.distributed import full_state_dict
+    from align.supervised import claimed_run, loop_accelerator, loop_config, run_supervised
+    from rewards.reward_model import FORMAT_FILE
+
+    start = time.perf_counter()
+    train_pairs, eval_pairs = split_pairs(recipe)
+    accelerator = loop_accelerator(recipe.train.device)
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    text_format = {k: getattr(recipe.data, k) for k in ("separator", "max_length", "truncation_side")}
-    (out / FORMAT_FILE).write_text(json.dumps(text_format, indent=2))
-    dump_recipe(recipe, out / "recipe.yaml")
-    metrics = {
-        "n_train": len(train_pairs),
-        "n_eval": len(eval_pairs),
-        "steps": step,
-        **{f"eval_{k}_before": v for k, v in before.items()},
-        **history[-1],
-        "history": history,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    meaning = recipe.model_dump(mode="json")
+    with _field_names(), claimed_run(out, recipe.resume, recipe.overwrite, meaning, CHANGEABLE, accelerator) as ckpt:
+        device = str(accelerator.device)
+        tokenizer, model, recipe = load_scalar_model(recipe, device)
+        task = PairTask(tokenizer, eval_pairs, recipe, device)
+        before = task.evaluate(model)
+        loop = loop_config(recipe.train, save_every=recipe.save_every, keep_last=recipe.keep_last)
+
+        def each_step(step: int, record: dict) -> None:
+            if "train_loss" in record and accelerator.is_main_process:  # an epoch's end
+                shown = {k: v for k, v in record.items() if k == "epoch" or k.startswith(("train_", "eval_"))}
+                log(f"align rm: step {step}  " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+            if on_step is not None:
+                on_step(step, record)
+
+        result = run_supervised(model, tokenizer, train_pairs, task, loop, accelerator, out, meaning, ckpt, each_step)
+        if result.stopped_by is not None:
+            return {"stopped_by": result.stopped_by, "steps": result.step, "checkpoint": str(result.checkpoint)}
+        state_dict = full_state_dict(accelerator, result.model)  # collective: every process takes part
+        if not accelerator.is_main_process:
+            return {}
+        accelerator.unwrap_model(result.model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        text_format = {k: getattr(recipe.data, k) for k in ("separator", "max_length", "truncation_side")}
+        (out / FORMAT_FILE).write_text(json.dumps(text_format, indent=2))
+        dump_recipe(recipe, out / "recipe.yaml")
+        metrics = {
+            "n_train": len(train_pairs),
+            "n_eval": len(eval_pairs),
+            "steps": result.step,
+            **{f"eval_{k}_before": v for k, v in before.items()},
+            **result.history[-1],
+            "history": result.history,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+@contextlib.contextmanager
+def _field_names() -> Iterator[None]:
+    """The run-directory messages name the trainer's fields; say this recipe's instead."""
+    try:
+        yield
+    except RecipeError as err:
+        message = str(err).replace("output.overwrite", "overwrite").replace("output.dir", "output_dir")
+        raise RecipeError(message) from None
 
 
 def main(args: Any) -> int:
     recipe = load_recipe(RMRecipe, args.recipe, list(args.overrides))
     metrics = train_reward_model(recipe)
+    if metrics.get("stopped_by"):
+        print(
+            f"align rm: stopped by {metrics['stopped_by']} at step {metrics['steps']}; checkpoint "
+            f"{metrics['checkpoint']}; continue with resume=latest",
+            file=sys.stdout,
+        )
+        return 128 + signal.Signals[metrics["stopped_by"]].value
+    if not metrics:  # not the main process of a launch
+        return 0
     acc = metrics.get("eval_accuracy")
     shown = f"held-out accuracy {acc:.3f} on {metrics['n_eval']} pairs" if acc is not None else "no held-out pairs"
     print(f"align rm: {shown}; saved to {recipe.output_dir}", file=sys.stdout)

@@ -27,7 +27,7 @@ def main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from align.jobs.report import EVAL_SEED_OFFSET, eval_prompts, sample_prompts
+    from align.evaluation import EVAL_SEED_OFFSET, eval_prompts, sample_prompts
     from align.models import Models, load_saved_policy, load_tokenizer
     from align.recipe import Recipe
     from align.rewards_adapter import build_reward

@@ -1,17 +1,31 @@
-"""``align schema [SECTION]``: every recipe field, with its type, default and meaning.
+"""``align schema [JOB] [SECTION]``: every field of a job's recipe, with its type, default and meaning.
 
-Read from the pydantic models the recipe is validated with, so it cannot drift from them.
+JOB is train (the default; also sft, sample and summarize, which read training recipes), rm,
+compare, overopt or bandit. Read from the pydantic models each recipe is validated with, so it
+cannot drift from them.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from align.config import RecipeError
-from align.recipe import Recipe
+
+# job -> (module, class) of the model its recipe is validated with; imported only when asked for
+RECIPE_SCHEMAS: dict[str, tuple[str, str]] = {
+    "train": ("align.recipe", "Recipe"),
+    "sft": ("align.recipe", "Recipe"),
+    "sample": ("align.recipe", "Recipe"),
+    "summarize": ("align.recipe", "Recipe"),
+    "rm": ("align.jobs.rm", "RMRecipe"),
+    "compare": ("align.jobs.compare.config", "CompareRecipe"),
+    "overopt": ("align.jobs.overopt.config", "OveroptRecipe"),
+    "bandit": ("align.jobs.bandit.config", "BanditRecipe"),
+}
 
 
 def _type_name(annotation: Any) -> str:
@@ -46,18 +60,37 @@ def field_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str,
     return rows
 
 
+def recipe_schema(job: str) -> type[BaseModel]:
+    """The model ``job``'s recipe is validated with."""
+    module, name = RECIPE_SCHEMAS[job]
+    return getattr(importlib.import_module(module), name)
+
+
+def job_and_section(args: list[str]) -> tuple[str, str | None]:
+    """``[JOB] [SECTION]`` -> (job, section): a first word that is no job is a section of the train
+    recipe (``align schema generation``), as before jobs were named."""
+    if len(args) > 2:
+        raise RecipeError(f"schema: expected [JOB] [SECTION], got {' '.join(args)!r}")
+    if args and args[0] in RECIPE_SCHEMAS:
+        return args[0], args[1] if len(args) > 1 else None
+    if len(args) > 1:
+        raise RecipeError(f"schema: no job {args[0]!r}; expected one of {sorted(RECIPE_SCHEMAS)}")
+    return "train", args[0] if args else None
+
+
 def main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    rows = field_rows(Recipe)
-    section = args.recipe
+    job, section = job_and_section([a for a in (args.recipe, *args.overrides) if a is not None])
+    every = field_rows(recipe_schema(job))
+    rows = every
     if section:
-        rows = [r for r in rows if r[0] == section or r[0].startswith(section + ".")]
+        rows = [r for r in every if r[0] == section or r[0].startswith(section + ".")]
         if not rows:
-            sections = sorted({r[0].split(".")[0] for r in field_rows(Recipe)})
-            raise RecipeError(f"schema: no recipe section {section!r}; expected one of {sections}")
-    table = Table(title="recipe fields (YAML keys; on the command line: dotted key=value)")
+            sections = sorted({r[0].split(".")[0] for r in every})
+            raise RecipeError(f"schema: no {job} recipe section {section!r}; expected one of {sections}")
+    table = Table(title=f"{job} recipe fields (YAML keys; on the command line: dotted key=value)")
     for column in ("field", "type", "default", "meaning"):
         table.add_column(column, overflow="fold")
     for row in rows:

@@ -1,6 +1,9 @@
 """The study engine ``align overopt`` and ``align compare`` share: objectives × seeds, each run
 trained by the one trainer from the same SFT policy on the same prompts, its checkpoints scored on
 held-out prompts by a study's own ``evaluate(recipe, policy)``, and what each run cost, measured.
+What a study recipe shares (``StudyRecipe``: objectives, seeds, ``base``, ``eval``), how each run's
+training recipe is derived (``run_recipe``), the study's start and its command (``main``) live here
+too; a study adds its reward, its own sections and its evaluation.
 
 Each run trains in a process of its own (``align train`` on the run's recipe), so its cost is its
 own: the steps' seconds, completion tokens per second of step time, and the peak resident memory
@@ -9,19 +12,20 @@ of that process (evaluation excluded; it runs in the study's process).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-import losses
-from align.config import Strict
+from align.config import RecipeError, Strict, dump_recipe, load_recipe, validate
 from align.recipe import ObjectiveConfig, Recipe
 
 
@@ -31,28 +35,135 @@ class EvalConfig(Strict):
     n_prompts: int = Field(128, gt=0, description="held-out prompts used (the first N)")
 
 
-class ObjectiveSpec(ObjectiveConfig):
-    label: str | None = Field(None, description="name in the report (default: NAME_betaBETA)")
-    train: dict[str, Any] = Field(
-        default_factory=dict, description="this run's changes to the base train section (replay, updates_per_batch)"
+# a study's objective entry is the one every recipe shares (align/objective.py): label, per-run
+# train changes, run_name and objective_section live there
+ObjectiveSpec = ObjectiveConfig
+
+
+# --------------------------------------------------------------------------------------------
+# the study recipe
+
+STUDY_KEYS = ("objective", "reward", "output", "resume", "prepare")  # set by the study, not by ``base``
+
+
+class StudyRecipe(Strict):
+    """What every study recipe holds: objectives × seeds, the training recipe their runs share
+    (``base``), the held-out evaluation and the study directory. A study adds its own sections and
+    says what its runs train on: ``run_reward`` (the reward section) and ``run_train`` (what it sets
+    in the train section besides the objective's own changes and the seed)."""
+
+    job: ClassVar[str]  # the command, ``align {job}``
+
+    description: str = ""
+    prepare: Literal["quickstart"] | None = Field(None, description="build the quickstart assets first if missing")
+    out: str = Field(..., description="study directory")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, description="train.seed of each run")
+    base: dict[str, Any] = Field(
+        ..., description="training recipe shared by every run, without objective/reward/output"
     )
+    objectives: list[ObjectiveSpec] = Field(..., min_length=1)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (small models: 1 is often fastest)")
+    keep_checkpoints: bool = Field(False, description="keep each run's checkpoints after they are evaluated")
 
-    @property
-    def effective_beta(self) -> float | None:
-        if self.beta is not None:
-            return self.beta
-        beta = {**losses.options(self.name), **self.options}.get("beta")
-        return beta if isinstance(beta, (int, float)) else None
+    @model_validator(mode="after")
+    def runs_consistent(self) -> StudyRecipe:
+        names = [o.run_name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: names must be unique (set label), got {names}")
+        offline = [o.name for o in self.objectives if not o.online]
+        if offline:
+            raise ValueError(
+                f"objectives: {offline} train on a fixed dataset; align {self.job} trains on the policy's samples"
+            )
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: must be unique, got {self.seeds}")
+        taken = sorted(set(STUDY_KEYS) & set(self.base))
+        if taken:
+            raise ValueError(f"base: {taken} are set by the study; remove them")
+        model = self.base.get("model")
+        if isinstance(model, dict) and model.get("lora") is not None:
+            raise ValueError(f"base.model.lora: {self.job} evaluates full checkpoints; LoRA is not supported")
+        return self
 
-    @property
-    def run_name(self) -> str:
-        if self.label:
-            return self.label
-        beta = self.effective_beta
-        return self.name if beta is None else f"{self.name}_beta{beta:g}"
+    def run_reward(self) -> list[dict]:
+        raise NotImplementedError
 
-    def objective_section(self) -> dict:
-        return self.model_dump(mode="json", exclude={"label", "train"}, exclude_none=True)
+    def run_train(self, spec: ObjectiveSpec) -> dict:
+        return {}
+
+    def runs(self) -> list[tuple[ObjectiveSpec, int]]:
+        """Every (objective, seed), objective-major."""
+        return [(spec, seed) for spec in self.objectives for seed in self.seeds]
+
+
+Study = TypeVar("Study", bound=StudyRecipe)
+
+
+def load_study(schema: type[Study], path: str | Path | None, overrides: list[str] | None = None) -> Study:
+    """The study recipe, with every run's training recipe validated (RecipeError: one line)."""
+    if path is None:
+        raise RecipeError(f"recipe: align {schema.job} needs a recipe YAML (e.g. recipes/{schema.job}/quickstart.yaml)")
+    study = load_recipe(schema, path, overrides)
+    for spec in study.objectives:
+        run_recipe(study, spec, study.seeds[0], source=f"recipe {str(path)!r}")
+    if not (study.eval.prompts or run_recipe(study, study.objectives[0], study.seeds[0]).data.eval_prompts):
+        raise RecipeError(f"recipe {str(path)!r}: field 'eval.prompts': held-out prompts are required")
+    return study
+
+
+def run_dir(study: StudyRecipe, spec: ObjectiveSpec, seed: int) -> Path:
+    return Path(study.out) / "runs" / spec.run_name / f"seed{seed}"
+
+
+def run_recipe(study: StudyRecipe, spec: ObjectiveSpec, seed: int, source: str = "recipe") -> Recipe:
+    """The training recipe of one (objective, seed) run: ``base`` + the objective + the study's
+    reward and train settings, a checkpoint every ``eval.every`` steps in the run's directory."""
+    raw = copy.deepcopy(study.base)
+    raw["objective"] = spec.objective_section()
+    raw["reward"] = study.run_reward()
+    raw["train"] = {**(raw.get("train") or {}), **spec.train, **study.run_train(spec), "seed": seed}
+    where = f"{source}: run {spec.run_name}"
+    steps = validate(Recipe, {**raw, "output": {}}, source=where).train.steps
+    raw["output"] = checkpoint_output(run_dir(study, spec, seed), steps, study.eval.every)
+    return validate(Recipe, raw, source=where)
+
+
+def start_study(study: StudyRecipe) -> tuple[Recipe, Any, torch.device]:
+    """The study directory with the study's ``recipe.yaml``, the quickstart assets if the study
+    prepares them, and the SFT policy and its reference, loaded once for every evaluation.
+    Returns the first run's recipe, the models and the device."""
+    from align.models import load_models
+
+    out = Path(study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_recipe(study, out / "recipe.yaml")
+    first = run_recipe(study, study.objectives[0], study.seeds[0])
+    if study.prepare == "quickstart":
+        from align.jobs.quickstart.pipeline import prepare_quickstart
+
+        prepare_quickstart(first)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = load_models(first, device, need_reference=True)
+    models.policy.to(device).eval()
+    return first, models, device
+
+
+def main(
+    args: Any,
+    schema: type[Study],
+    run_study: Callable[[Study], dict],
+    print_summary: Callable[[dict], None],
+) -> int:
+    """A study's command: load the recipe, run the study, print its summary and where its report is."""
+    study = load_study(schema, args.recipe, list(args.overrides))
+    if study.threads:
+        torch.set_num_threads(study.threads)
+    quiet_libraries()
+    report = run_study(study)
+    print_summary(report)
+    print(f"align {schema.job}: report in {Path(study.out) / 'report.md'} ({report['seconds']:.0f} s)", file=sys.stdout)
+    return 0
 
 
 def mean(values: list[float]) -> float:
@@ -70,7 +181,7 @@ def read_prompts(source: str, column: str, limit: int | None = None) -> list[str
 @torch.no_grad()
 def sample(recipe: Recipe, models, policy, prompts: list[str], seed: int, k: int, device, chunk: int = 64) -> list[str]:
     """k samples per prompt (prompt-major: prompt i's samples at i·k … i·k+k−1), keyed by seed."""
-    from align.jobs.report import sample_prompts
+    from align.evaluation import sample_prompts
     from align.rollout import decode_completions
 
     texts: list[str] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import make_recipe
+from helpers import make_recipe
 
 import align.trainer as trainer_mod
 import losses

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import align.logprobs as lp_lib
-from align.allocator import tune_allocator
 from align.logprobs import completion_logprobs, fused_head_weight, head_logprobs, token_logprobs
 
 
@@ -183,10 +182,6 @@ def test_check_leaves_training_mode_and_random_state(tiny_model_dir):
     state = torch.random.get_rng_state()
     assert fused_head_weight(model) is not None
     assert model.training and torch.equal(torch.random.get_rng_state(), state)
-
-
-def test_tune_allocator_is_idempotent():
-    assert tune_allocator() == tune_allocator()
 
 
 def test_ddp_wrapped_model_uses_the_fused_head(tiny_model_dir, tmp_path):

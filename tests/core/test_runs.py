@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_trainer import _metrics, make_recipe
+from helpers import make_recipe, run_metrics
 
 from align.config import RecipeError
 from align.trainer import train
@@ -56,7 +56,7 @@ def test_overwrite_replaces_the_old_run_whole(tiny_model_dir, tiny_data_files, t
     summary = train(recipe)
     assert summary["steps"] == 2
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000002"]
-    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    assert [r["step"] for r in run_metrics(run)] == [1, 2]
 
 
 def test_a_live_run_holds_the_directory_and_a_dead_ones_lock_is_taken_over(tiny_model_dir, tiny_data_files, tmp_path):
@@ -92,7 +92,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_model_dir, tiny_data
     capsys.readouterr()
     assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == 4
     assert "1 torn line(s) dropped" in capsys.readouterr().out
-    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]  # each step exactly once
+    assert [r["step"] for r in run_metrics(run)] == [1, 2, 3, 4]  # each step exactly once
 
 
 def test_a_forged_trainer_state_does_not_run_code_on_resume(tiny_model_dir, tiny_data_files, tmp_path):
@@ -164,7 +164,7 @@ def test_resume_refuses_trajectory_changes_and_applies_and_records_the_rest(tiny
 
     # a new lr is applied from the resume on, and recorded; recipe.yaml still says what steps 1-2 used
     assert train(resumed(train={"steps": 4, "lr": 1e-3}))["steps"] == 4
-    assert [r["lr"] for r in _metrics(run)] == [5e-3, 5e-3, 1e-3, 1e-3]
+    assert [r["lr"] for r in run_metrics(run)] == [5e-3, 5e-3, 1e-3, 1e-3]
     assert (run / "recipe.yaml").read_text() == started_with
     history = [json.loads(line) for line in (run / "recipe_history.jsonl").read_text().splitlines()]
     assert history == [

@@ -136,7 +136,7 @@ def test_two_sharded_processes_equal_one(
 @pytest.mark.parametrize("config", ["cpu_zero2", "cpu_fsdp2"])
 def test_ppo_under_sharding_is_refused_in_one_line(config, tiny_llama, tiny_data_files, tmp_path):
     """accelerate prepares one trained model under FSDP2 and DeepSpeed: PPO's critic is refused
-    there with one line and exit code 2, before any weights load (DDP runs it: test_trainer.py)."""
+    there with one line and exit code 2, before any weights load (DDP runs it: test_distributed.py)."""
     raw = _recipe(tiny_llama, tiny_data_files, tmp_path / "run", "ppo", 4)
     path = tmp_path / "ppo.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -85,9 +85,7 @@ def test_targets_minimise_the_population_losses() -> None:
 
     def dpo(logits):
         m = beta * margin(logits)
-        return -(
-            w * (p * torch.nn.functional.logsigmoid(m) + (1 - p) * torch.nn.functional.logsigmoid(-m))
-        ).sum()
+        return -(w * (p * torch.nn.functional.logsigmoid(m) + (1 - p) * torch.nn.functional.logsigmoid(-m))).sum()
 
     def ipo(logits, weights=w):
         m = margin(logits)
@@ -119,9 +117,7 @@ def stochastic_vs_exact(recipe: BanditRecipe, name: str, exact_loss, opts: dict 
     theta = torch.tensor([0.3, -0.2, 0.5, 0.0])
     logits = theta.expand(recipe.seeds, -1).clone().requires_grad_(True)
     pairs = PairSource(recipe, world, torch.Generator().manual_seed(1))
-    batch, units = make_batch(
-        entry, objective, recipe, world, logits, pairs, torch.Generator().manual_seed(2)
-    )
+    batch, units = make_batch(entry, objective, recipe, world, logits, pairs, torch.Generator().manual_seed(2))
     loss, _ = objective(batch, num_units=units)
     (grads,) = torch.autograd.grad(loss, logits)
     mean, se = grads.double().mean(0), grads.double().std(0) / recipe.seeds**0.5
@@ -139,9 +135,7 @@ REF4 = [0.0, 0.4, -0.2, 0.1]
 
 def test_rloo_gradient_is_unbiased_for_the_kl_regularised_objective() -> None:
     beta = 0.3
-    recipe = BanditRecipe(
-        rewards=R4, ref_logits=REF4, beta=beta, objectives=["rloo"], k=4, batch_size=8, seeds=20000
-    )
+    recipe = BanditRecipe(rewards=R4, ref_logits=REF4, beta=beta, objectives=["rloo"], k=4, batch_size=8, seeds=20000)
     r, ref = (
         torch.tensor(R4, dtype=torch.float64),
         torch.log_softmax(torch.tensor(REF4, dtype=torch.float64), -1),
@@ -244,9 +238,7 @@ def test_replay_sampler_errors_are_one_line(capsys) -> None:
 
 
 def test_summed_dpo_drifts_longer_than_averaged_dpo_at_equal_kl() -> None:
-    recipe = load_recipe(
-        BanditRecipe, RECIPES / "length_bias.yaml", ["seeds=2", "steps=250", "batch_size=128"]
-    )
+    recipe = load_recipe(BanditRecipe, RECIPES / "length_bias.yaml", ["seeds=2", "steps=250", "batch_size=128"])
     runs = run(recipe)["objectives"]
     summed, averaged = runs["dpo"], runs["dpo_avg"]
     assert "mean_length" in summed["curves"] and "kl_to_target" not in averaged["final"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from align import cli
-from align.jobs.schema import field_rows
+from align.jobs.schema import field_rows, recipe_schema
 from align.recipe import Recipe
 
 
@@ -38,7 +38,39 @@ def test_schema_lists_every_field_and_refuses_an_unknown_section(capsys):
     assert "max_new_tokens" in capsys.readouterr().out
     assert cli.main(["schema", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no recipe section 'nope'" in err[0]
+    assert len(err) == 1 and "no train recipe section 'nope'" in err[0]
+
+
+@pytest.mark.parametrize(
+    "job,keys",
+    [
+        ("train", ("objective.beta", "generation.max_new_tokens")),
+        ("rm", ("model", "train.epochs")),
+        ("compare", ("samples_per_step", "objectives.label", "objectives.train")),
+        ("overopt", ("proxy.pairs", "bon.n", "objectives.beta")),
+        ("bandit", ("sampler", "objectives.data", "objectives.beta", "sequence.vocab_size")),
+    ],
+)
+def test_schema_covers_every_jobs_recipe(job, keys, capsys):
+    """Each job's recipe fields, read from the model it is validated with; a second word narrows
+    to a section, and the objective entry's fields are the same in every kind."""
+    assert cli.main(["schema", job]) == 0
+    out = capsys.readouterr().out
+    assert f"{job} recipe fields" in out
+    rows = [row[0] for row in field_rows(recipe_schema(job))]
+    assert set(keys) <= set(rows)
+    top = rows[-1].split(".")[0]  # the last section: shown alone, without the first field
+    assert cli.main(["schema", job, top]) == 0
+    narrowed = capsys.readouterr().out
+    assert top in narrowed and rows[0] not in narrowed.split("meaning", 1)[1].split()
+    assert cli.main(["schema", job, "nope"]) == 2
+    assert f"no {job} recipe section 'nope'" in capsys.readouterr().err
+
+
+def test_schema_refuses_an_unknown_job_with_one_line(capsys):
+    assert cli.main(["schema", "nope", "model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no job 'nope'" in err[0] and "bandit" in err[0]
 
 
 def test_a_finished_command_leaves_the_process_group_and_a_failed_one_does_not(tmp_path, capsys):

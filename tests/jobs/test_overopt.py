@@ -14,6 +14,7 @@ import torch
 
 from align import cli
 from align.config import validate
+from align.evaluation import evaluate_policy
 from align.jobs.overopt.metrics import (
     bon_kl,
     distinct_n,
@@ -26,7 +27,6 @@ from align.jobs.overopt.metrics import (
 )
 from align.jobs.overopt.report import summarize_objective
 from align.jobs.overopt.study import OveroptRecipe, best_of_n, load_policy, run_recipe, run_study
-from align.jobs.report import evaluate_policy
 from align.recipe import Recipe
 
 # --------------------------------------------------------------------------------------------

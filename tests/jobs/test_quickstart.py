@@ -21,9 +21,7 @@ def _read(path: Path) -> list[dict]:
 def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
     """relative path -> (mtime_ns, bytes) for every file under root."""
     return {
-        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()
     }
 
 
@@ -83,9 +81,7 @@ def test_tokenizer_round_trips_and_special_ids_agree(assets):
         assert ids[0] == tok.bos_token_id  # <s> is prepended, byte-level BPE is lossless
         assert tok.decode(ids, skip_special_tokens=True) == text
         # tokenizing prompt and completion apart gives the same ids as tokenizing the review
-        assert (
-            ids == tok(row["prompt"]).input_ids + tok(row["completion"], add_special_tokens=False).input_ids
-        )
+        assert ids == tok(row["prompt"]).input_ids + tok(row["completion"], add_special_tokens=False).input_ids
         assert 3 <= len(tok(row["completion"], add_special_tokens=False).input_ids) <= 32
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -4,17 +4,22 @@ Texts are 8 words from a small vocabulary; the true reward counts "good" words m
 and the chosen text of each pair has the higher true reward. A tiny BERT (built from a config,
 WordLevel tokenizer trained here, saved and loaded back through from_pretrained) must rank
 held-out pairs correctly > 90 % of the time, and the saved model must work as the
-``reward_model`` reward.
+``reward_model`` reward. A run stopped by SIGTERM and resumed must end bit-identical to one that
+was not.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForSequenceClassification,
@@ -26,6 +31,8 @@ from transformers import (
 
 import rewards
 from align import cli
+from align.jobs import rm
+from align.metrics_log import read_metrics
 
 GOOD = ["great", "good", "excellent", "wonderful", "superb"]
 BAD = ["bad", "awful", "terrible", "poor", "boring"]
@@ -66,14 +73,24 @@ def build_base(out: Path) -> Path:
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         model_max_length=64,
     ).save_pretrained(out)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.token_to_id("[PAD]"),
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=tok.token_to_id("[PAD]"),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     BertModel(config).save_pretrained(out)
     return out
@@ -144,8 +161,14 @@ def test_saved_model_is_a_reward(trained):
 
 def test_rm_rejects_multi_logit_models(tmp_path, trained):
     tok = AutoTokenizer.from_pretrained(trained["out"])
-    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
-                        intermediate_size=16, num_labels=3)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=16,
+        num_labels=3,
+    )
     from transformers import BertForSequenceClassification
 
     BertForSequenceClassification(config).save_pretrained(tmp_path)
@@ -164,3 +187,67 @@ def test_rm_recipe_errors_exit_2(tmp_path, capsys):
     assert "'train.epoch': unknown key" in capsys.readouterr().err
     assert cli.main(["rm", "data.path=x.jsonl"]) == 2
     assert "model" in capsys.readouterr().err
+
+
+# -- interrupted and resumed: the same run ---------------------------------------------------------
+
+
+def stop_at(step: int):
+    """An ``on_step`` hook that sends this process SIGTERM after ``step`` (the run checkpoints and stops)."""
+
+    def hook(done: int, record: dict) -> None:
+        if done == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+def same_weights(a: Path, b: Path) -> None:
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+def logged(run: Path) -> list[dict]:
+    """metrics.jsonl without its timings (the only values two runs may disagree on)."""
+    return [{k: v for k, v in r.items() if k != "step_s"} for r in read_metrics(run)]
+
+
+def test_rm_stopped_by_sigterm_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    base = build_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(240, seed=1))
+    recipe = tmp_path / "rm.yaml"
+    recipe.write_text(
+        f"model: {base}\ndata:\n  path: {data}\n  eval_fraction: 0.2\n  prompt_column: question\n"
+        "train:\n  epochs: 2\n  batch_size: 16\n  lr: 2.0e-3\n  warmup_steps: 3\n  device: cpu\n"
+        "save_every: 5\nkeep_last: 2\n"
+    )  # 192 training pairs: 12 steps an epoch, 24 in all
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert cli.main(["rm", str(recipe), f"output_dir={straight}"]) == 0
+
+    train = rm.train_reward_model
+    for step in (7, 17):  # mid-epoch 1 (between checkpoints), then mid-epoch 2
+        monkeypatch.setattr(rm, "train_reward_model", functools.partial(train, on_step=stop_at(step)))
+        assert cli.main(["rm", str(recipe), f"output_dir={cut}", "resume=latest"]) == 128 + signal.SIGTERM
+        assert f"stopped by SIGTERM at step {step}" in capsys.readouterr().out
+        assert (cut / "checkpoints" / f"step-{step:06d}" / "model" / "model.safetensors").is_file()
+        assert not (cut / "model.safetensors").exists() and not (cut / ".lock").exists()
+    monkeypatch.setattr(rm, "train_reward_model", train)
+    assert cli.main(["rm", str(recipe), f"output_dir={cut}", "resume=latest"]) == 0
+
+    same_weights(straight, cut)
+    assert logged(cut) == logged(straight)  # every step once, the same values
+    assert [r["step"] for r in logged(cut)] == list(range(1, 25))
+    done, again = (json.loads((d / "metrics.json").read_text()) for d in (straight, cut))
+    for key in ("history", "eval_accuracy", "eval_accuracy_before", "steps"):
+        assert done[key] == again[key], key
+    assert [h["epoch"] for h in done["history"]] == [1, 2] and done["eval_accuracy"] > 0.7
+    assert rewards.build("reward_model", model=str(cut), device="cpu")(["review:"], [" great"])
+
+    # a run directory belongs to one run, and a resume continues the same run
+    capsys.readouterr()
+    assert cli.main(["rm", str(recipe), f"output_dir={cut}"]) == 2
+    assert "resume=latest, or replace it with overwrite=true" in capsys.readouterr().err
+    assert cli.main(["rm", str(recipe), f"output_dir={cut}", "resume=latest", "train.lr=1e-3"]) == 2
+    assert "was trained with other train.lr" in capsys.readouterr().err

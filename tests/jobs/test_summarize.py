@@ -7,15 +7,20 @@ the end-to-end smoke runs the whole `align summarize` path on toy sizes (2 RL st
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from align.config import load_recipe
 from align.jobs import summarize as S
+from align.metrics_log import read_metrics
 from align.recipe import Recipe
 from rewards.entailment import sentence_spans
 
@@ -186,6 +191,41 @@ def test_saved_nli_model_is_the_entailment_reward(nli):
     entailed = [s for s, r in zip(scores, rows) if r["label"] == S.ENTAILMENT]
     contradicted = [s for s, r in zip(scores, rows) if r["label"] == S.CONTRADICTION]
     assert sum(entailed) / len(entailed) > sum(contradicted) / len(contradicted) + 0.2
+
+
+def test_nli_training_stopped_by_sigterm_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """The pipeline's NLI stage, stopped by SIGTERM mid-epoch, leaves a checkpoint and no model;
+    the next run continues it to the weights and metrics of a run that was never stopped."""
+    from align.jobs.summarize import pipeline
+
+    sizes = S.CorpusSizes(sft=8, eval=4, nli_train=40, nli_eval=10, statements_per_doc=6)  # 240 rows
+    data = tmp_path / "data"
+    S.write_corpus(data, seed=0, sizes=sizes)
+    cfg = S.NLITrainConfig(epochs=2, batch_size=32, warmup_steps=4, hidden=32, layers=1, save_every=3)
+    straight = tmp_path / "straight"  # 8 steps an epoch, 16 in all
+    tokenizer = S.train_nli_tokenizer(S.corpus_texts(data), straight)
+    done = S.train_nli(_read(data / "nli_train.jsonl"), _read(data / "nli_eval.jsonl"), tokenizer, straight, cfg)
+
+    def stop_at_five(step: int, record: dict) -> None:
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline, "train_nli", functools.partial(S.train_nli, on_step=stop_at_five))
+    target, run = tmp_path / "nli_model", tmp_path / "nli_model_run"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.ensure_nli_model(target, data, S.Setup(sizes=sizes, nli=cfg))
+    assert not target.exists() and not list(tmp_path.glob(".nli_model.tmp-*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000005"]  # keep_last 1
+    monkeypatch.setattr(pipeline, "train_nli", S.train_nli)
+    pipeline.ensure_nli_model(target, data, S.Setup(sizes=sizes, nli=cfg))
+
+    saved, resumed = load_file(straight / "model.safetensors"), load_file(target / "model.safetensors")
+    assert saved.keys() == resumed.keys() and not any("match_head" in k for k in saved)
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+    timeless = [[{k: v for k, v in r.items() if k != "step_s"} for r in read_metrics(d)] for d in (straight, run)]
+    assert timeless[0] == timeless[1] and [r["step"] for r in timeless[0]] == list(range(1, 17))
+    again = json.loads((target / "metrics.json").read_text())
+    assert again["history"] == done["history"] and again["eval_accuracy"] == done["eval_accuracy"]
 
 
 # -- recipes and the end-to-end path --------------------------------------------------------------

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 import losses
 from align.config import Strict, format_validation_error
+from align.objective import ObjectiveConfig, objective_mapping, takes_beta
 
-ENTRY_KEYS = ("name", "label", "data", "k", "options")
 SAMPLERS = ("uniform", "ref", "policy")
+
+# the lab's objective entry is the one every recipe shares (align/objective.py)
+ObjectiveEntry = ObjectiveConfig
 
 
 def bandit_objectives() -> list[str]:
@@ -22,63 +25,19 @@ def bandit_objectives() -> list[str]:
     return sorted(n for n, cls in losses.REGISTRY.items() if "online" in cls.feeds or cls.paired)
 
 
-class ObjectiveEntry(Strict):
-    """One objective to train. Keys other than the ones below are options of ``losses.build``."""
+def source(entry: ObjectiveConfig, sampler: Any) -> Literal["policy", "sampler"]:
+    """Where the entry's batches come from: its ``data``, else (auto) the policy for an objective
+    trained only online or when the sampler is the policy, the sampler's pairs otherwise."""
+    if entry.data not in (None, "auto"):
+        return entry.data
+    if "offline" not in losses.REGISTRY[entry.name].feeds or sampler == "policy":
+        return "policy"
+    return "sampler"
 
-    name: str = Field(..., description="a name in losses.REGISTRY")
-    label: str | None = Field(None, description="key in results.json (default: the name, made unique)")
-    data: Literal["auto", "policy", "sampler"] = Field(
-        "auto",
-        description="policy: fresh samples of the policy; sampler: pairs from `sampler`, used without "
-        "importance weights; auto: reinforce/rloo/rcfd policy, copg/dpo/ipo the sampler's pairs",
-    )
-    k: int | None = Field(
-        None,
-        ge=1,
-        description="samples per group from the policy (default: the recipe's k); with data: sampler, "
-        "k: 1 puts every row in its own group (rloo then has no baseline: plain policy gradient)",
-    )
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="options for losses.build (beta defaults to the recipe's)"
-    )
 
-    @model_validator(mode="before")
-    @classmethod
-    def flat_options(cls, value: Any) -> Any:
-        """Accept ``dpo`` or ``{name: dpo, average_logprobs: true}``: unknown keys are objective options."""
-        if isinstance(value, str):
-            return {"name": value}
-        if isinstance(value, dict):
-            value = dict(value)
-            extra = {k: value.pop(k) for k in list(value) if k not in ENTRY_KEYS}
-            value["options"] = {**dict(value.get("options") or {}), **extra}
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def known(cls, name: str) -> str:
-        if name not in bandit_objectives():
-            raise ValueError(f"unknown objective {name!r}; expected one of {bandit_objectives()}")
-        return name
-
-    @model_validator(mode="after")
-    def known_options(self) -> ObjectiveEntry:
-        losses.build(self.name, **self.options)  # unknown options, then the objective's own checks
-        return self
-
-    def source(self, sampler: Any) -> Literal["policy", "sampler"]:
-        if self.data != "auto":
-            return self.data
-        if "offline" not in losses.REGISTRY[self.name].feeds or sampler == "policy":
-            return "policy"
-        return "sampler"
-
-    def build(self, beta: float) -> losses.Objective:
-        return losses.build(self.name, **{"beta": beta, **self.options})
-
-    @property
-    def averaged(self) -> bool:
-        return bool(self.options.get("average_logprobs", False))
+def averaged(entry: ObjectiveConfig) -> bool:
+    """The entry's objective compares length-averaged log-probs (its fixed point is per token)."""
+    return bool(entry.options.get("average_logprobs", False))
 
 
 class PairSampler(Strict):
@@ -113,9 +72,7 @@ class SequenceConfig(Strict):
     """A tabular autoregressive policy: logits[position, previous token, token], token 0 is EOS."""
 
     vocab_size: int = Field(4, ge=2, description="tokens including EOS (token 0)")
-    max_length: int = Field(
-        8, ge=2, description="a sequence that has not ended by then is cut (EOS counts as a token)"
-    )
+    max_length: int = Field(8, ge=2, description="a sequence that has not ended by then is cut (EOS counts as a token)")
     ref_eos_prob: float = Field(
         0.25, gt=0, lt=1, description="reference: P(EOS) at every position, other tokens uniform"
     )
@@ -126,27 +83,26 @@ class SequenceConfig(Strict):
 
 class BanditRecipe(Strict):
     description: str = ""
-    mode: Literal["bandit", "sequence"] = Field(
-        "bandit", description="K-armed bandit, or tabular sequence policy"
-    )
+    mode: Literal["bandit", "sequence"] = Field("bandit", description="K-armed bandit, or tabular sequence policy")
     rewards: list[float] = Field(
         [1.0, 0.8, 0.5, 0.2, 0.0], min_length=2, description="bandit: r(a) for each of the K arms"
     )
     ref_logits: list[float] | None = Field(
         [0.0, 0.5, 1.0, 0.0, -0.5], description="bandit: reference logits, K floats (null: uniform)"
     )
-    beta: float = Field(0.25, gt=0, description="KL coefficient, passed to every objective")
+    beta: float = Field(0.25, gt=0, description="KL coefficient of every objective entry that gives none")
     demo_reward: float = Field(0.5, description="RCfD: the demonstration's reward r_d")
     sampler: Literal["uniform", "ref", "policy"] | PairSampler | ReplaySampler = Field(
         "uniform",
         description="pairs for copg, dpo, ipo: uniform, ref, policy, or {mu1, mu2, dataset_size}",
     )
-    objectives: list[ObjectiveEntry] = Field(
+    # before ``objectives``: its validator gives entries without a k of their own this one
+    k: int = Field(4, ge=2, description="samples per group from the policy (rloo, rcfd, on-policy copg)")
+    objectives: list[ObjectiveConfig] = Field(
         default_factory=lambda: [{"name": n} for n in ("reinforce", "rloo", "copg", "dpo", "ipo", "rcfd")],
         min_length=1,
-        description="names, or mappings {name, label, data, k, <objective options>}",
+        description="names, or mappings {name, label, data, k, beta, <objective options>}",
     )
-    k: int = Field(4, ge=2, description="samples per group from the policy (rloo, rcfd, on-policy copg)")
     steps: int = Field(800, gt=0, description="optimizer steps")
     batch_size: int = Field(
         512,
@@ -200,17 +156,46 @@ class BanditRecipe(Strict):
                     raise ValueError(f"{name}: expected {K} probabilities (one per reward), got {len(mu)}")
         return value
 
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def recipe_defaults(cls, entries: Any, info: ValidationInfo) -> Any:
+        """An entry that gives no β or k takes the recipe's ``beta`` and ``k``, so that after
+        validation each entry's own ``beta`` and ``k`` are the ones it trains with."""
+        if not isinstance(entries, list):
+            return entries
+        out = []
+        for raw in entries:
+            entry = objective_mapping(raw)
+            if isinstance(entry, dict):
+                name = entry.get("name")
+                if isinstance(name, str) and name not in bandit_objectives():
+                    raise ValueError(f"unknown objective {name!r}; expected one of {bandit_objectives()}")
+                if entry.get("beta") is None and "beta" in info.data and takes_beta(name):
+                    entry["beta"] = info.data["beta"]
+                if entry.get("k") is None and "k" in info.data:
+                    entry["k"] = info.data["k"]
+            out.append(entry)
+        return out
+
     @field_validator("objectives")
     @classmethod
-    def unique_labels(cls, entries: list[ObjectiveEntry]) -> list[ObjectiveEntry]:
+    def unique_labels(cls, entries: list[ObjectiveConfig]) -> list[ObjectiveConfig]:
         """Default label: the name (+ "_avg" for average_logprobs), then "_2", "_3" ... if taken."""
+        for i, entry in enumerate(entries):
+            entry.refuse(
+                f"objectives[{i}]",
+                {
+                    "mode": "the lab picks its samples with data (policy, sampler)",
+                    "train": "a study run's changes to its base train section; the lab has none",
+                },
+            )
         explicit = [e.label for e in entries if e.label is not None]
         if len(set(explicit)) != len(explicit):
             raise ValueError(f"labels must be unique, got {explicit}")
         taken = set(explicit)
         for entry in entries:
             if entry.label is None:
-                base = entry.name + ("_avg" if entry.averaged else "")
+                base = entry.name + ("_avg" if averaged(entry) else "")
                 entry.label, n = base, 2
                 while entry.label in taken:
                     entry.label, n = f"{base}_{n}", n + 1

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 import losses
-from align.jobs.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler, ReplaySampler
+from align.jobs.bandit.config import BanditRecipe, PairSampler, ReplaySampler, averaged, source
 from align.jobs.bandit.targets import kl_to_tilt, target_tilt, tilt_law
 from align.jobs.bandit.worlds import Bandit, Sample, SequenceWorld
+from align.objective import ObjectiveConfig
 from align.schedule import lr_scheduler
 
 World = Bandit | SequenceWorld
@@ -76,20 +77,14 @@ class PairSource:
         out.replay = deque(maxlen=self.replay.maxlen)
         return out
 
-    def _fresh(
-        self, policy_logits: Tensor | None, n: int, generator: torch.Generator
-    ) -> tuple[Sample, Sample, Tensor]:
-        first_logits, second_logits = (
-            (policy_logits, policy_logits) if policy_logits is not None else self.logits
-        )
+    def _fresh(self, policy_logits: Tensor | None, n: int, generator: torch.Generator) -> tuple[Sample, Sample, Tensor]:
+        first_logits, second_logits = (policy_logits, policy_logits) if policy_logits is not None else self.logits
         y = self.world.sample(first_logits, self.seeds, n, generator)
         y2 = self.world.sample(second_logits, self.seeds, n, generator)
         p_first = torch.sigmoid(self.world.reward(y) - self.world.reward(y2))
         return y, y2, torch.rand(p_first.shape, generator=generator) < p_first
 
-    def draw(
-        self, policy_logits: Tensor | None, n: int, generator: torch.Generator
-    ) -> tuple[Sample, Sample, Tensor]:
+    def draw(self, policy_logits: Tensor | None, n: int, generator: torch.Generator) -> tuple[Sample, Sample, Tensor]:
         """n pairs per seed; from the policy when ``policy_logits`` is given."""
         if policy_logits is None and self.logits is None:
             raise ValueError("sampler: policy needs the policy's logits")
@@ -123,7 +118,7 @@ class PairSource:
 
 
 def make_batch(
-    entry: ObjectiveEntry,
+    entry: ObjectiveConfig,
     objective: losses.Objective,
     recipe: BanditRecipe,
     world: World,
@@ -134,8 +129,8 @@ def make_batch(
 ) -> tuple[losses.LossBatch, int]:
     """One step's batch for all seeds, and the number of loss units of one seed. ``value_table``
     [S, T]: the critic of objectives that need ``values``, one learned value per seed and position."""
-    S, k = recipe.seeds, entry.k or recipe.k
-    from_policy = entry.source(recipe.sampler) == "policy"
+    S, k = recipe.seeds, entry.k  # the recipe's k where the entry gives none (BanditRecipe)
+    from_policy = source(entry, recipe.sampler) == "policy"
     pair_local = None
     sampler_logprobs = None  # [S, n, T] π_old where a fixed sampler drew the batch (None: the policy did)
     if from_policy and "online" in objective.feeds:
@@ -203,23 +198,23 @@ class Evaluator:
 
 
 def train_objective(
-    entry: ObjectiveEntry, recipe: BanditRecipe, world: World, pairs: PairSource, index: int
+    entry: ObjectiveConfig, recipe: BanditRecipe, world: World, pairs: PairSource, index: int
 ) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(recipe.seed * 1000 + 1 + index)
-    objective = entry.build(recipe.beta)
+    objective = entry.build()  # β: the entry's own, the recipe's where it gave none (BanditRecipe)
     beta = float(objective.beta)
     sequence = isinstance(world, SequenceWorld)
-    from_policy = entry.source(recipe.sampler) == "policy" or pairs.laws is None
+    from_policy = source(entry, recipe.sampler) == "policy" or pairs.laws is None
     tilt = target_tilt(
         objective.fixed_point,
-        entry.averaged,
+        averaged(entry),
         sequence,
         world.outcome_reward(),
         world.ref_outcome_law(),
         beta,
         recipe.demo_reward,
         None if from_policy else pairs.laws,
-        entry.k or recipe.k,
+        entry.k,
     )
     evaluate = Evaluator(world, beta, tilt)
 
@@ -254,7 +249,7 @@ def train_objective(
     result: dict[str, Any] = {
         "name": entry.name,
         "options": entry.options,
-        "data": entry.source(recipe.sampler),
+        "data": source(entry, recipe.sampler),
         "beta": beta,
         "final": final,
         "curves": curves,

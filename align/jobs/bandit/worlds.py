@@ -29,9 +29,7 @@ class Sample:
 
     @staticmethod
     def cat(parts: list[Sample]) -> Sample:
-        return Sample(
-            *(torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("tokens", "mask", "outcome"))
-        )
+        return Sample(*(torch.cat([getattr(p, f) for p in parts], dim=1) for f in ("tokens", "mask", "outcome")))
 
     def where(self, cond: Tensor, other: Sample) -> Sample:
         """Row-wise choice between two samples of the same shape: self where ``cond[S, n]``."""

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from align.jobs.report import save_figure
+
 CURVE_KEYS = ("kl", "kl_k3", "gold", "reward", "win_rate", "length")
 COST_KEYS = ("seconds", "wall_seconds", "tokens_per_s", "peak_rss_mib")
 CLOSE = 0.2  # "≈": within 20 % of the on-policy run's gain in the regularised objective
@@ -215,7 +217,6 @@ def plot(report: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, o in report["objectives"].items():
         for ax, key in zip(axes, ("gold", "kl", "win_rate")):
@@ -227,10 +228,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "curves_vs_step.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    curves = save_figure(fig, out / "curves_vs_step.png")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, o in report["objectives"].items():
         order = np.argsort(o["kl"])
@@ -243,11 +241,7 @@ def plot(report: dict, out: Path) -> list[Path]:
     ax.set_ylabel("gold reward")
     ax.set_title("reward-KL frontier (checkpoints; dots: seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "gold_vs_kl.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    return [curves, save_figure(fig, out / "gold_vs_kl.png")]
 
 
 def write_report(report: dict, out: Path) -> list[Path]:

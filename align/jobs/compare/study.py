@@ -4,7 +4,7 @@ needs them -- the same SFT policy, prompts, seeds and samples per step for every
 1. Every objective × seed trains on the task's reward (``reward``) through the one trainer,
    ``samples_per_step / k`` prompts per step, a checkpoint every ``eval.every`` steps.
 2. At step 0 and every checkpoint, one sample per held-out prompt (the keyed sampler of
-   ``align.jobs.report.evaluate_policy``): KL k1/k3 to the reference, the task's reward, the gold
+   ``align.evaluation.evaluate_policy``): KL k1/k3 to the reference, the task's reward, the gold
    reward (``gold``, default the task's reward) and the win-rate against the SFT policy's sample of
    the same prompt under the gold (ties count half).
 3. Each run's cost, measured while it trains (``align.jobs.study.train_measured``): wall seconds,
@@ -15,16 +15,14 @@ needs them -- the same SFT policy, prompts, seeds and samples per step for every
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from align.config import dump_recipe
 from align.jobs import study as engine
-from align.jobs.compare.config import CompareRecipe, load_study, run_recipe
+from align.jobs.compare.config import CompareRecipe, run_recipe
 from align.recipe import Recipe
 
 
@@ -53,7 +51,7 @@ def win_rate(gold: list[float], sft_gold: list[float]) -> float:
 def evaluate(recipe: Recipe, models, policy, prompts: list[str], judge: Judge, device, sft_gold: list[float] | None):
     """One sample per held-out prompt: KL to the reference, reward, gold, win-rate against the SFT
     policy; with ``sft_gold`` None (the SFT policy itself) the per-prompt gold is returned too."""
-    from align.jobs.report import evaluate_policy
+    from align.evaluation import evaluate_policy
 
     policy.eval()
     sampled = evaluate_policy(recipe, models, policy, prompts, None, device)
@@ -74,25 +72,14 @@ def run_study(study: CompareRecipe, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from align.jobs.compare.report import build_report, write_report
-    from align.models import load_models
 
     start = time.perf_counter()
-    out = Path(study.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_recipe(study, out / "recipe.yaml")
-    first = run_recipe(study, study.objectives[0], study.seeds[0])
-    if study.prepare == "quickstart":
-        from align.jobs.quickstart.pipeline import prepare_quickstart
-
-        prepare_quickstart(first)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = load_models(first, device, need_reference=True)
-    models.policy.to(device).eval()
+    first, models, device = engine.start_study(study)
     judge = Judge(study, device)
     source = study.eval.prompts or first.data.eval_prompts
     prompts = engine.read_prompts(source, first.data.prompt_column, study.eval.n_prompts)
 
-    runs = [(spec, seed) for spec in study.objectives for seed in study.seeds]
+    runs = study.runs()
     per_run = [len(engine.eval_steps(run_recipe(study, s, seed), study.eval.every)) - 1 for s, seed in runs]
     total = sum(n + run_recipe(study, s, seed).train.steps for n, (s, seed) in zip(per_run, runs))
     bar = tqdm(total=total, desc="compare", unit="step", dynamic_ncols=True, disable=not progress)
@@ -114,18 +101,11 @@ def run_study(study: CompareRecipe, progress: bool = True) -> dict:
         results.setdefault(spec.run_name, {})[seed] = {"records": records, "cost": cost, "spec": spec}
     bar.close()
     report = build_report(study, results, seconds=time.perf_counter() - start)
-    write_report(report, out)
+    write_report(report, Path(study.out))
     return report
 
 
 def main(args: Any) -> int:
-    study = load_study(args.recipe, list(args.overrides))
-    if study.threads:
-        torch.set_num_threads(study.threads)
-    engine.quiet_libraries()
     from align.jobs.compare.report import print_summary
 
-    report = run_study(study)
-    print_summary(report)
-    print(f"align compare: report in {Path(study.out) / 'report.md'} ({report['seconds']:.0f} s)", file=sys.stdout)
-    return 0
+    return engine.main(args, CompareRecipe, run_study, print_summary)

@@ -1,22 +1,29 @@
 """``align overopt``'s study recipe: the proxy, evaluation and best-of-n settings, the objectives
-to sweep, and how each (objective, seed) run's trainer recipe and directory are derived."""
+to sweep, and how each (objective, seed) run's trainer recipe and directory are derived (the rest of
+a study recipe, its checks and its runs' directories: ``align.jobs.study``)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from align.config import RecipeError, Strict, load_recipe, validate
+from align.config import Strict
+from align.jobs import study as engine
 from align.jobs.rm import RMTrain
-from align.jobs.study import EvalConfig, ObjectiveSpec, checkpoint_output, eval_steps  # noqa: F401 -- re-exported
-from align.recipe import Recipe, RewardComponent
+from align.jobs.study import (  # noqa: F401 -- re-exported
+    EvalConfig,
+    ObjectiveSpec,
+    checkpoint_output,
+    eval_steps,
+    run_dir,
+    run_recipe,
+)
+from align.recipe import RewardComponent
 
 PAIR_SEED_OFFSET = 20_011  # proxy-pair samples never reuse a training or evaluation key
 BON_SEED_OFFSET = 30_011
-STUDY_KEYS = ("objective", "reward", "output", "resume", "prepare")  # set by the study, not by ``base``
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,67 +56,24 @@ class BonConfig(Strict):
         return sorted(set(ns))
 
 
-class OveroptRecipe(Strict):
-    description: str = ""
-    prepare: Literal["quickstart"] | None = Field(None, description="build the quickstart assets first if missing")
+class OveroptRecipe(engine.StudyRecipe):
+    job: ClassVar[str] = "overopt"
+
     out: str = Field("runs/overopt", description="study directory: proxy, runs, report")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed of each run")
     gold: list[RewardComponent] = Field(..., min_length=1, description="the gold reward (never optimised)")
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
-    base: dict[str, Any] = Field(
-        ..., description="training recipe shared by every run, without objective/reward/output"
-    )
-    objectives: list[ObjectiveSpec] = Field(..., min_length=1)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
     bon: BonConfig = Field(default_factory=BonConfig)
-    threads: int | None = Field(None, gt=0, description="torch CPU threads (small models: 1 is often fastest)")
-    keep_checkpoints: bool = Field(False, description="keep each run's checkpoints after they are evaluated")
 
-    @model_validator(mode="after")
-    def consistent(self) -> OveroptRecipe:
-        names = [o.run_name for o in self.objectives]
-        offline = [o.name for o in self.objectives if not o.online]
-        if offline:
-            raise ValueError(f"objectives: {offline} train on a fixed dataset; the study trains against the proxy")
-        if len(set(names)) != len(names):
-            raise ValueError(f"objectives: names must be unique (set label), got {names}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: must be unique, got {self.seeds}")
-        taken = sorted(set(STUDY_KEYS) & set(self.base))
-        if taken:
-            raise ValueError(f"base: {taken} are set by the study; remove them")
-        model = self.base.get("model")
-        if isinstance(model, dict) and model.get("lora") is not None:
-            raise ValueError("base.model.lora: overopt evaluates full checkpoints; LoRA is not supported")
-        return self
+    def run_reward(self) -> list[dict]:
+        """Every run trains against the proxy reward model."""
+        return [{"name": "reward_model", "label": "proxy", "options": {"model": str(proxy_dir(self))}}]
 
 
 def load_study(path: str | Path | None, overrides: list[str] | None = None) -> OveroptRecipe:
     """The study recipe, with every run's training recipe validated (RecipeError: one line)."""
-    if path is None:
-        raise RecipeError("recipe: a study recipe YAML is required (e.g. recipes/overopt/quickstart.yaml)")
-    study = load_recipe(OveroptRecipe, path, overrides)
-    for spec in study.objectives:
-        run_recipe(study, spec, study.seeds[0], source=f"recipe {str(path)!r}")
-    if not (study.eval.prompts or run_recipe(study, study.objectives[0], study.seeds[0]).data.eval_prompts):
-        raise RecipeError(f"recipe {str(path)!r}: field 'eval.prompts': held-out prompts are required")
-    return study
-
-
-def run_dir(study: OveroptRecipe, spec: ObjectiveSpec, seed: int) -> Path:
-    return Path(study.out) / "runs" / spec.run_name / f"seed{seed}"
+    return engine.load_study(OveroptRecipe, path, overrides)
 
 
 def proxy_dir(study: OveroptRecipe) -> Path:
     return Path(study.out) / "proxy" / "model"
-
-
-def run_recipe(study: OveroptRecipe, spec: ObjectiveSpec, seed: int, source: str = "recipe") -> Recipe:
-    """The training recipe of one (objective, seed) run: ``base`` + objective + proxy reward."""
-    raw = copy.deepcopy(study.base)
-    raw["objective"] = spec.objective_section()
-    raw["reward"] = [{"name": "reward_model", "label": "proxy", "options": {"model": str(proxy_dir(study))}}]
-    raw["train"] = {**(raw.get("train") or {}), **spec.train, "seed": seed}
-    steps = validate(Recipe, {**raw, "output": {}}, source=f"{source}: run {spec.run_name}").train.steps
-    raw["output"] = checkpoint_output(run_dir(study, spec, seed), steps, study.eval.every)
-    return validate(Recipe, raw, source=f"{source}: run {spec.run_name}")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from align.jobs.overopt.metrics import divergence, fit_gao_bon, fit_gao_rl, gao_bon, gao_rl, peak, sqrt_kl
+from align.jobs.report import save_figure
 
 
 def _scalar_keys(records: list[dict]) -> list[str]:
@@ -355,10 +356,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         ax.set_title(f"{key} (mean ± sd over seeds)" + ("; dashed: Gao fit" if key == "gold" else ""))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    first = out / "gold_proxy_vs_kl.png"
-    fig.savefig(first, dpi=110)
-    plt.close(fig)
+    first = save_figure(fig, out / "gold_proxy_vs_kl.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for idx, (name, o) in enumerate(report["objectives"].items()):
@@ -372,11 +370,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         ax.set_title(key)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    second = out / "curves_vs_step.png"
-    fig.savefig(second, dpi=110)
-    plt.close(fig)
-    return [first, second]
+    return [first, save_figure(fig, out / "curves_vs_step.png")]
 
 
 def write_report(report: dict, out: Path) -> list[Path]:

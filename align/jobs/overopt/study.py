@@ -14,7 +14,7 @@ The protocol, in the order it runs:
    from the same SFT policy on the same prompts (``base``: a training recipe without objective,
    reward or output), saving a checkpoint every ``eval.every`` steps.
 4. **Evaluation.** At step 0 and at every checkpoint, one fresh sample per held-out prompt
-   (``align.jobs.report.evaluate_policy``: the keyed sampler, KL k1 and k3 to the reference) is scored
+   (``align.evaluation.evaluate_policy``: the keyed sampler, KL k1 and k3 to the reference) is scored
    by the gold and the proxy; also distinct-1/2, the samples' mean token log-likelihood under the
    SFT model and their length.
 5. **Best-of-n.** n samples of the SFT policy per held-out prompt, the proxy picks one, the gold
@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from align.config import RecipeError, dump_recipe, validate
+from align.config import RecipeError, validate
 from align.jobs import study as engine
 from align.jobs.overopt.config import (  # noqa: F401 -- re-exported: the study's recipe API
     BON_SEED_OFFSET,
@@ -105,7 +104,7 @@ def evaluate_checkpoint(
 ) -> dict:
     """One sample per prompt from ``policy``: KL k1/k3 to the reference, gold, proxy, diversity, and
     (given the demonstrations' proxy scores) the KL between the two proxy-score histograms."""
-    from align.jobs.report import evaluate_policy
+    from align.evaluation import evaluate_policy
 
     policy.eval()
     sampled = evaluate_policy(recipe, models, policy, prompts, None, device)
@@ -197,6 +196,7 @@ def train_proxy(study: OveroptRecipe, recipe: Recipe, models, gold, device) -> d
             "data": {"path": str(pairs_file), "eval_fraction": cfg.eval_fraction},
             "train": cfg.train.model_dump(mode="json"),
             "output_dir": str(proxy_dir(study)),
+            "overwrite": True,  # the proxy is retrained on every study run
         },
         source="proxy",
     )
@@ -279,27 +279,16 @@ def run_study(study: OveroptRecipe, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from align.jobs.overopt.report import build_report, write_report
-    from align.models import load_models
 
     start = time.perf_counter()
-    out = Path(study.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_recipe(study, out / "recipe.yaml")
-    first = run_recipe(study, study.objectives[0], study.seeds[0])
-    if study.prepare == "quickstart":
-        from align.jobs.quickstart.pipeline import prepare_quickstart
-
-        prepare_quickstart(first)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = load_models(first, device, need_reference=True)
-    models.policy.to(device).eval()
+    first, models, device = engine.start_study(study)
     gold = build_gold(study, device)
     proxy_info = train_proxy(study, first, models, gold, device)
     scorers = build_scorers(study, first, device)
     prompts = held_out_prompts(study, first, study.eval.n_prompts)
     demo_proxy = demonstration_scores(first, scorers, study.eval.n_prompts)
 
-    runs = [(spec, seed) for spec in study.objectives for seed in study.seeds]
+    runs = study.runs()
     per_run = len(eval_steps(first, study.eval.every)) - 1 + first.train.steps
     bar = tqdm(total=len(runs) * per_run, desc="overopt", unit="step", dynamic_ncols=True, disable=not progress)
     initial: dict[int, dict] = {}
@@ -317,18 +306,11 @@ def run_study(study: OveroptRecipe, progress: bool = True) -> dict:
         results.setdefault(spec.run_name, {})[seed] = records
     bar.close()
     report = build_report(study, results, bon, proxy_info, seconds=time.perf_counter() - start)
-    write_report(report, out)
+    write_report(report, Path(study.out))
     return report
 
 
 def main(args: Any) -> int:
-    study = load_study(args.recipe, list(args.overrides))
-    if study.threads:
-        torch.set_num_threads(study.threads)
-    engine.quiet_libraries()
     from align.jobs.overopt.report import print_summary
 
-    report = run_study(study)
-    print_summary(report)
-    print(f"align overopt: report in {Path(study.out) / 'report.md'} ({report['seconds']:.0f} s)", file=sys.stdout)
-    return 0
+    return engine.main(args, OveroptRecipe, run_study, print_summary)

@@ -36,6 +36,7 @@ import json
 import os
 import random
 import shutil
+import string
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -131,6 +132,25 @@ def _noun(rng: random.Random) -> tuple[str, str]:
     return noun, "were" if plural else "was"
 
 
+# The sentence templates, one drawn per review. Slots: {n1} {was1} {n2} {was2} two distinct nouns
+# and their copulas; {adj} an adjective phrase and {vp} a verb phrase of the review's polarity;
+# {contrast} an adjective phrase of another polarity; {verb} a verb of the review's polarity;
+# {neutral} a neutral adjective. Slots are filled left to right, each drawing as it is reached.
+REVIEW_TEMPLATES = (
+    "the {n1} {was1} {adj} .",
+    "the {n1} {was1} {adj} and the {n2} {vp} .",
+    # VADER weighs the clause after "but" more: the second clause sets the polarity.
+    "the {n1} {was1} {contrast} but the {n2} {was2} {adj} .",
+    "the {n1} {vp} .",
+    "i thought the {n1} {was1} {adj} .",
+    "for me , the {n1} {was1} {adj} .",
+    "this movie was {adj} , and the {n1} {vp} .",
+    "in the end i {verb} the {n1} .",
+    "overall , the film was {adj} .",
+    "the {n1} {was1} {adj} , and the {n2} {was2} {neutral} .",
+)
+
+
 def _review(rng: random.Random) -> str:
     polarity = rng.choices(list(POLARITY_WEIGHTS), weights=list(POLARITY_WEIGHTS.values()))[0]
     other = rng.choice([p for p in ("pos", "neg", "neu") if p != polarity])
@@ -138,30 +158,19 @@ def _review(rng: random.Random) -> str:
     n2, was2 = _noun(rng)
     while n2 == n1:
         n2, was2 = _noun(rng)
-    template = rng.randrange(10)
-    if template == 0:
-        text = f"the {n1} {was1} {_adj_phrase(rng, polarity)} ."
-    elif template == 1:
-        text = f"the {n1} {was1} {_adj_phrase(rng, polarity)} and the {n2} {_verb_phrase(rng, polarity)} ."
-    elif template == 2:
-        # VADER weighs the clause after "but" more: the second clause sets the polarity.
-        text = f"the {n1} {was1} {_adj_phrase(rng, other)} but the {n2} {was2} {_adj_phrase(rng, polarity)} ."
-    elif template == 3:
-        text = f"the {n1} {_verb_phrase(rng, polarity)} ."
-    elif template == 4:
-        text = f"i thought the {n1} {was1} {_adj_phrase(rng, polarity)} ."
-    elif template == 5:
-        text = f"for me , the {n1} {was1} {_adj_phrase(rng, polarity)} ."
-    elif template == 6:
-        text = f"this movie was {_adj_phrase(rng, polarity)} , and the {n1} {_verb_phrase(rng, polarity)} ."
-    elif template == 7:
-        verb = rng.choice({"pos": POSITIVE_VERB, "neg": NEGATIVE_VERB, "neu": NEUTRAL_VERB}[polarity])
-        text = f"in the end i {verb} the {n1} ."
-    elif template == 8:
-        text = f"overall , the film was {_adj_phrase(rng, polarity)} ."
-    else:
-        text = f"the {n1} {was1} {_adj_phrase(rng, polarity)} , and the {n2} {was2} {_adj(rng, 'neu')} ."
-    return text
+    fill = {
+        "n1": lambda: n1,
+        "was1": lambda: was1,
+        "n2": lambda: n2,
+        "was2": lambda: was2,
+        "adj": lambda: _adj_phrase(rng, polarity),
+        "contrast": lambda: _adj_phrase(rng, other),
+        "vp": lambda: _verb_phrase(rng, polarity),
+        "verb": lambda: rng.choice({"pos": POSITIVE_VERB, "neg": NEGATIVE_VERB, "neu": NEUTRAL_VERB}[polarity]),
+        "neutral": lambda: _adj(rng, "neu"),
+    }
+    template = REVIEW_TEMPLATES[rng.randrange(len(REVIEW_TEMPLATES))]
+    return "".join(text + (fill[slot]() if slot else "") for text, slot, _, _ in string.Formatter().parse(template))
 
 
 def generate_reviews(n: int, seed: int = 0) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from align.config import load_recipe
 
-_LAUNCH_VARIABLES = {
+LAUNCH_VARIABLES = {
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
@@ -62,9 +62,7 @@ def sft_once(sft_recipe: str | Path, overrides: list[str], sft_model: Path, log:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # under a multi-process launch the SFT runs once, as its own single process (the
             # launch's process group belongs to the run that asked for it)
-            env = {
-                k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("ACCELERATE_")
-            }
+            env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("ACCELERATE_")}
             argv = ["train", str(sft_recipe), *overrides, "output.overwrite=true"]
             subprocess.run([sys.executable, "-m", "align.cli", *argv], env=env, check=True)
             final = Path(recipe.output.dir) / "final"

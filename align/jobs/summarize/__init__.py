@@ -120,6 +120,7 @@ from align.jobs.summarize.pipeline import (  # noqa: F401 -- the job's public na
     torch_threads,
 )
 from align.jobs.summarize.report import (  # noqa: F401 -- the job's public names, one import away
+    GOLD_VERDICTS,
     REPORT_METRICS,
     evaluate_summaries,
     main,

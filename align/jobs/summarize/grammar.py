@@ -103,52 +103,47 @@ def _kind(name: str, pool: str, clause: str) -> Slot:
     return Slot(name, pool, clause + ".", clause + ".", clause)
 
 
-# fmt: off
+def _fact(name: str, pool: str, predicate: str, fragment: str) -> Slot:
+    """A fact the entity is the subject of: "{S} was founded in {v}." / "{name} was founded in {v}."."""
+    return Slot(name, pool, f"{{S}} {predicate}.", f"{{name}} {predicate}.", fragment)
+
+
+def _attribute(name: str, pool: str, attribute: str, fragment: str) -> Slot:
+    """An attribute the entity has: "{P} mayor is {v}." / "The mayor of {name} is {v}."."""
+    return Slot(name, pool, f"{{P}} {attribute} is {{v}}.", f"The {attribute} of {{name}} is {{v}}.", fragment)
+
+
+# Each entity type's kind fact: (type, slot, pool, its clause: sentence, statement and summary clause).
+_KINDS = (
+    ("city", "country", "country", "{name} is a city in {v}"),
+    ("company", "base", "town", "{name} is a company based in {v}"),
+    ("person", "occupation", "occupation", "{name} is a {v}"),
+)
+# The extra facts that may follow it, by type, in document order.
+_EXTRAS: tuple[tuple[str, Slot], ...] = (
+    ("city", _fact("population", "population", "has {v} inhabitants", "with {v} inhabitants")),
+    ("city", _attribute("mayor", "person", "mayor", "whose mayor is {v}")),
+    ("city", _fact("founded", "year", "was founded in {v}", "founded in {v}")),
+    ("city", _fact("river", "river", "lies on the {v} river", "on the {v} river")),
+    ("city", _attribute("industry", "industry", "main industry", "known for {v}")),
+    ("city", _fact("landmark", "landmark", "is famous for its {v}", "famous for its {v}")),
+    ("company", _fact("founded", "year", "was founded in {v}", "founded in {v}")),
+    ("company", _attribute("ceo", "person", "chief executive", "led by {v}")),
+    ("company", _fact("product", "product", "makes {v}", "which makes {v}")),
+    ("company", _fact("employees", "employees", "employs {v} people", "with {v} employees")),
+    ("company", _attribute("rival", "company", "main rival", "whose rival is {v}")),
+    ("person", _fact("country", "country", "comes from {v}", "from {v}")),
+    ("person", _fact("born", "year", "was born in {v}", "born in {v}")),
+    ("person", _fact("home", "town", "lives in {v}", "who lives in {v}")),
+    ("person", _fact("prize", "prize", "won the {v}", "who won the {v}")),
+    ("person", _fact("spouse", "person", "is married to {v}", "married to {v}")),
+    ("person", _fact("instrument", "instrument", "plays the {v}", "who plays the {v}")),
+)
 TYPES: dict[str, EntityType] = {
-    "city": EntityType(
-        "city",
-        _kind("country", "country", "{name} is a city in {v}"),
-        (
-            Slot("population", "population", "{S} has {v} inhabitants.", "{name} has {v} inhabitants.",
-                 "with {v} inhabitants"),
-            Slot("mayor", "person", "{P} mayor is {v}.", "The mayor of {name} is {v}.", "whose mayor is {v}"),
-            Slot("founded", "year", "{S} was founded in {v}.", "{name} was founded in {v}.", "founded in {v}"),
-            Slot("river", "river", "{S} lies on the {v} river.", "{name} lies on the {v} river.",
-                 "on the {v} river"),
-            Slot("industry", "industry", "{P} main industry is {v}.", "The main industry of {name} is {v}.",
-                 "known for {v}"),
-            Slot("landmark", "landmark", "{S} is famous for its {v}.", "{name} is famous for its {v}.",
-                 "famous for its {v}"),
-        ),
-    ),
-    "company": EntityType(
-        "company",
-        _kind("base", "town", "{name} is a company based in {v}"),
-        (
-            Slot("founded", "year", "{S} was founded in {v}.", "{name} was founded in {v}.", "founded in {v}"),
-            Slot("ceo", "person", "{P} chief executive is {v}.", "The chief executive of {name} is {v}.",
-                 "led by {v}"),
-            Slot("product", "product", "{S} makes {v}.", "{name} makes {v}.", "which makes {v}"),
-            Slot("employees", "employees", "{S} employs {v} people.", "{name} employs {v} people.",
-                 "with {v} employees"),
-            Slot("rival", "company", "{P} main rival is {v}.", "The main rival of {name} is {v}.",
-                 "whose rival is {v}"),
-        ),
-    ),
-    "person": EntityType(
-        "person",
-        _kind("occupation", "occupation", "{name} is a {v}"),
-        (
-            Slot("country", "country", "{S} comes from {v}.", "{name} comes from {v}.", "from {v}"),
-            Slot("born", "year", "{S} was born in {v}.", "{name} was born in {v}.", "born in {v}"),
-            Slot("home", "town", "{S} lives in {v}.", "{name} lives in {v}.", "who lives in {v}"),
-            Slot("prize", "prize", "{S} won the {v}.", "{name} won the {v}.", "who won the {v}"),
-            Slot("spouse", "person", "{S} is married to {v}.", "{name} is married to {v}.", "married to {v}"),
-            Slot("instrument", "instrument", "{S} plays the {v}.", "{name} plays the {v}.", "who plays the {v}"),
-        ),
-    ),
+    name: EntityType(name, _kind(slot, pool, clause), tuple(extra for t, extra in _EXTRAS if t == name))
+    for name, slot, pool, clause in _KINDS
 }
-# fmt: on
+
 # Labels of the NLI model, in id order (config.id2label).
 LABELS = ("ENTAILMENT", "NEUTRAL", "CONTRADICTION")
 ENTAILMENT, NEUTRAL, CONTRADICTION = range(3)

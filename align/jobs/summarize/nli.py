@@ -1,19 +1,20 @@
-"""Tokenizers and the tiny NLI model: built, trained here with an auxiliary word-overlap loss,
+"""Tokenizers and the tiny NLI model: built, trained with an auxiliary word-overlap loss through
+the supervised loop (``align/supervised.py``: metrics.jsonl, checkpoints, exact resume),
 evaluated, saved with ``save_pretrained``."""
 
 from __future__ import annotations
 
 import json
-import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from align.jobs.quickstart.corpus import save_quietly
 from align.jobs.summarize.grammar import FEMALE_NAMES, LABELS, MALE_NAMES, POOLS, SURNAMES, TYPES
-from align.schedule import lr_scheduler
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizers and models
@@ -145,6 +146,11 @@ class NLITrainConfig:
     # whether the same token occurs in the premise (a per-token signal the label alone lacks)
     match_loss: float = 3.0
     time_limit_s: float | None = None  # stop early (after a batch) when training takes longer
+    save_every: int | None = None  # a checkpoint every N steps (always one at SIGINT/SIGTERM)
+
+
+# what a resume may change; every other field is part of what the checkpoint's steps meant
+CHANGEABLE = ("time_limit_s", "save_every")
 
 
 def token_in_premise(enc, sep_token_id: int) -> tuple[Any, Any]:
@@ -181,7 +187,7 @@ def nli_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 128) -> d
     predictions: list[int] = []
     with torch.no_grad():
         for enc, _ in _nli_batches(tokenizer, rows, batch_size):
-            predictions += model(**enc).logits.argmax(-1).tolist()
+            predictions += model(**enc.to(model.device)).logits.argmax(-1).tolist()
     correct = [int(p == r["label"]) for p, r in zip(predictions, rows)]
     by_label = {LABELS[label]: _mean([c for c, r in zip(correct, rows) if r["label"] == label]) for label in range(3)}
     kinds = sorted({r["kind"] for r in rows})
@@ -193,57 +199,97 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
+class WithMatchHead(torch.nn.Module):
+    """The classifier and the auxiliary match head, trained as one module (one forward, so DDP
+    sees every parameter used). ``save_pretrained`` writes the classifier alone: checkpoints'
+    ``model/`` is the NLI model as ``from_pretrained`` loads it; the head is training scaffolding."""
+
+    def __init__(self, model: Any, match_head: torch.nn.Module | None):
+        super().__init__()
+        self.model, self.match_head = model, match_head
+
+    def forward(self, **enc: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.model(**enc, output_hidden_states=self.match_head is not None)
+        if self.match_head is None:
+            return out.logits, None
+        return out.logits, self.match_head(out.hidden_states[-1]).squeeze(-1)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None, **kwargs: Any) -> None:
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        self.model.save_pretrained(path, state_dict=state_dict, **kwargs)
+
+
+@dataclass
+class NLITask:
+    """Cross-entropy on the label plus ``match_loss`` × the per-token match loss, for the
+    supervised loop (align/supervised.py); held-out accuracy is measured once, after training."""
+
+    tokenizer: Any
+    match_loss: float
+    device: Any
+
+    def loss(self, model: WithMatchHead, rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        enc, labels = next(_nli_batches(self.tokenizer, rows, len(rows)))
+        enc, labels = enc.to(self.device), labels.to(self.device)
+        logits, match_logits = model(**enc)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        if match_logits is not None:
+            target, mask = token_in_premise(enc, self.tokenizer.sep_token_id)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(match_logits, target, reduction="none")
+            loss = loss + self.match_loss * (bce * mask).sum() / mask.sum().clamp(min=1)
+        hits = float((logits.argmax(-1) == labels).sum())
+        return loss, {"loss": loss.item() * len(rows), "accuracy": hits}
+
+    def evaluate(self, model: WithMatchHead) -> dict[str, float]:
+        return {}
+
+
 def train_nli(
-    train_rows: list[dict], eval_rows: list[dict], tokenizer, out_dir: Path, cfg: NLITrainConfig | None = None
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    tokenizer,
+    out_dir: Path,
+    cfg: NLITrainConfig | None = None,
+    run_dir: Path | None = None,
+    resume: str | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the tiny NLI classifier with cross-entropy, save it with its tokenizer and
-    ``metrics.json`` (held-out accuracy) to ``out_dir``; returns the metrics."""
-    import torch
+    """Train the tiny NLI classifier through the supervised loop, save it with its tokenizer and
+    ``metrics.json`` (held-out accuracy) to ``out_dir``; returns the metrics.
+
+    ``run_dir`` (default ``out_dir``) holds the run: ``metrics.jsonl`` and ``checkpoints/``;
+    ``resume`` ("latest" or a checkpoint directory) continues it exactly. A run stopped by
+    SIGINT/SIGTERM saves a checkpoint, nothing else, and returns ``stopped_by``, ``steps`` and
+    ``checkpoint``."""
+    from align.supervised import claimed_run, loop_accelerator, loop_config, run_supervised
 
     cfg = cfg or NLITrainConfig()
     start = time.perf_counter()
-    model = build_nli_model(
-        tokenizer, cfg.hidden, cfg.layers, cfg.heads, cfg.seed, cfg.match_init, cfg.position_init_scale
-    )
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        match_head = torch.nn.Linear(cfg.hidden, 1)  # auxiliary, not saved
-    params = [*model.parameters(), *match_head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-
-    scheduler = lr_scheduler(optimizer, total, "linear", cfg.warmup_steps)  # warm-up, then linear decay to 0
-    rng = random.Random(cfg.seed)
-    step, history, stopped = 0, [], False
-    for epoch in range(cfg.epochs):
-        rows = train_rows[:]
-        rng.shuffle(rows)
-        losses, hits = [], []
-        for enc, labels in _nli_batches(tokenizer, rows, cfg.batch_size):
-            out = model(**enc, output_hidden_states=cfg.match_loss > 0)
-            logits = out.logits
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            if cfg.match_loss > 0:
-                target, mask = token_in_premise(enc, tokenizer.sep_token_id)
-                match_logits = match_head(out.hidden_states[-1]).squeeze(-1)
-                bce = torch.nn.functional.binary_cross_entropy_with_logits(match_logits, target, reduction="none")
-                loss = loss + cfg.match_loss * (bce * mask).sum() / mask.sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            hits.append(float((logits.argmax(-1) == labels).float().mean()))
-            if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
-                stopped = True
-                break
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": _mean(losses), "train_accuracy": _mean(hits)})
-        if stopped:
-            break
+    run_dir = Path(run_dir or out_dir)
+    meaning = {**asdict(cfg), "rows": len(train_rows)}
+    accelerator = loop_accelerator()
+    with claimed_run(run_dir, resume, False, meaning, CHANGEABLE, accelerator) as checkpoint:
+        model = build_nli_model(
+            tokenizer, cfg.hidden, cfg.layers, cfg.heads, cfg.seed, cfg.match_init, cfg.position_init_scale
+        )
+        match_head = None
+        if cfg.match_loss > 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                match_head = torch.nn.Linear(cfg.hidden, 1)
+        trainee = WithMatchHead(model, match_head).to(accelerator.device)
+        # warm-up, then linear decay to 0; the gradient norm clipped at 1
+        loop = loop_config(cfg, lr_scheduler="linear", max_grad_norm=1.0)
+        task = NLITask(tokenizer, cfg.match_loss, accelerator.device)
+        result = run_supervised(
+            trainee, tokenizer, train_rows, task, loop, accelerator, run_dir, meaning, checkpoint, on_step
+        )
+    if result.stopped_by is not None:
+        return {"stopped_by": result.stopped_by, "steps": result.step, "checkpoint": str(result.checkpoint)}
+    if not accelerator.is_main_process:
+        return {}
+    model = accelerator.unwrap_model(result.model).model
     held_out = nli_accuracy(model, tokenizer, eval_rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,9 +298,9 @@ def train_nli(
         "eval_accuracy": held_out["accuracy"],
         "eval": held_out,
         "n_train": len(train_rows),
-        "steps": step,
-        "stopped_early": stopped,
-        "history": history,
+        "steps": result.step,
+        "stopped_early": result.stopped_early,
+        "history": result.history,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

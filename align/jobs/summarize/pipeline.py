@@ -4,11 +4,16 @@ in a temporary directory renamed into place."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from align.jobs.quickstart.corpus import atomic_dir, read_jsonl
+from align.jobs.quickstart.pipeline import LAUNCH_VARIABLES
 from align.jobs.summarize.corpus import CorpusSizes, corpus_texts, write_corpus
 from align.jobs.summarize.nli import NLITrainConfig, train_nli, train_nli_tokenizer, train_policy_tokenizer
 
@@ -105,23 +110,58 @@ def nli_model_dir(recipe) -> Path:
 
 def ensure_nli_model(target: Path, data_dir: Path, setup: Setup) -> Path:
     """``target`` (by default ``root/nli_model``): the trained NLI classifier, its tokenizer and
-    ``metrics.json``."""
+    ``metrics.json``. Its training run (metrics.jsonl, checkpoints) is ``TARGET_run`` beside it:
+    a run stopped by SIGINT/SIGTERM continues there the next time."""
     target = Path(target)
     if target.is_dir():
         return target
+    run_dir = target.with_name(f"{target.name}_run")
 
     def build(out: Path) -> None:
-        train_rows = read_jsonl(Path(data_dir) / "nli_train.jsonl")
-        eval_rows = read_jsonl(Path(data_dir) / "nli_eval.jsonl")
-        _log(f"training the NLI model on {len(train_rows)} statements into {target}")
-        tokenizer = train_nli_tokenizer(corpus_texts(data_dir), out)
-        metrics = train_nli(train_rows, eval_rows, tokenizer, out, setup.nli)
-        _log(
-            f"NLI held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval']['n']} statements "
-            f"({metrics['seconds']:.0f} s)"
-        )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # the launch's process group belongs to the run that asked for the model (and the other
+            # processes wait on the prepare lock): train as one process of its own, as sft_once does
+            launch = [k for k in os.environ if k in LAUNCH_VARIABLES or k.startswith("ACCELERATE_")]
+            env = {k: v for k, v in os.environ.items() if k not in launch}
+            argv = [str(data_dir), str(out), str(run_dir), json.dumps(asdict(setup.nli))]
+            subprocess.run([sys.executable, "-c", _NLI_PROCESS, *argv], env=env, check=True)
+        else:
+            build_nli(Path(data_dir), out, run_dir, setup.nli)
 
     return atomic_dir(target, build)
+
+
+_NLI_PROCESS = "import sys; from align.jobs.summarize.pipeline import nli_process; nli_process(sys.argv[1:])"
+
+
+def nli_process(argv: list[str]) -> None:
+    """``build_nli`` in a process of its own: DATA_DIR OUT RUN_DIR NLI_CONFIG_JSON."""
+    data_dir, out, run_dir, cfg = argv
+    build_nli(Path(data_dir), Path(out), Path(run_dir), NLITrainConfig(**json.loads(cfg)))
+
+
+def build_nli(data_dir: Path, out: Path, run_dir: Path, cfg: NLITrainConfig) -> None:
+    """Tokenizer and trained NLI model into ``out``; the run in ``run_dir``, continued if stopped."""
+    from align.supervised import ResumeMismatch
+
+    train_rows = read_jsonl(data_dir / "nli_train.jsonl")
+    eval_rows = read_jsonl(data_dir / "nli_eval.jsonl")
+    _log(f"training the NLI model on {len(train_rows)} statements into {out} (run: {run_dir})")
+    tokenizer = train_nli_tokenizer(corpus_texts(data_dir), out)
+    try:
+        metrics = train_nli(train_rows, eval_rows, tokenizer, out, cfg, run_dir=run_dir, resume="latest")
+    except ResumeMismatch as err:  # checkpoints of other settings: the run directory is ours to rebuild
+        _log(f"{err}; starting the NLI training over")
+        shutil.rmtree(run_dir)
+        metrics = train_nli(train_rows, eval_rows, tokenizer, out, cfg, run_dir=run_dir)
+    if metrics.get("stopped_by"):
+        stop = f"NLI training stopped by {metrics['stopped_by']} at step {metrics['steps']}"
+        _log(f"{stop}; the next run continues from {metrics['checkpoint']}")
+        raise KeyboardInterrupt  # the CLI's clean exit; atomic_dir removes the half-built directory
+    _log(
+        f"NLI held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval']['n']} statements "
+        f"({metrics['seconds']:.0f} s)"
+    )
 
 
 def ensure_sft_model(sft_model: Path, base_model: Path, data_dir: Path, setup: Setup) -> Path:

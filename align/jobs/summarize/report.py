@@ -18,13 +18,11 @@ from align.jobs.summarize.pipeline import RL_RECIPE, Setup, _log, prepare_summar
 # The report: SFT policy (before) against RL policy (after) on held-out documents
 # ---------------------------------------------------------------------------------------------
 
+GOLD_VERDICTS = ("faithful", "contradicted", "unsupported", "unparsed")  # corpus.gold_judgement's
 REPORT_METRICS = (
     ("entailment_rate", "entailment rate", "{:.3f}"),
     ("entailment_prob", "mean P(entail)", "{:.3f}"),
-    ("gold_faithful_rate", "gold faithful", "{:.3f}"),
-    ("gold_contradicted_rate", "gold contradicted", "{:.3f}"),
-    ("gold_unsupported_rate", "gold unsupported", "{:.3f}"),
-    ("gold_unparsed_rate", "gold unparsed", "{:.3f}"),
+    *((f"gold_{verdict}_rate", f"gold {verdict}", "{:.3f}") for verdict in GOLD_VERDICTS),
     ("false_entailment_rate", "NLI entailed, gold not", "{:.3f}"),
     ("rougeL", "ROUGE-L", "{:.3f}"),
     ("length_tokens", "length (tokens)", "{:.1f}"),
@@ -51,7 +49,7 @@ def score_summaries(
         "rougeL": _mean(rouge),
         "length_words": _mean([len(t.split()) for t in texts]),
     }
-    for verdict in ("faithful", "contradicted", "unsupported", "unparsed"):
+    for verdict in GOLD_VERDICTS:
         out[f"gold_{verdict}_rate"] = _mean([float(g == verdict) for g in gold])
     # where the reward and the truth disagree: the room a policy has to hack the NLI model
     out["false_entailment_rate"] = _mean([float(p > 0.5 and g != "faithful") for p, g in zip(probs, gold)])
@@ -63,11 +61,11 @@ def evaluate_summaries(
     recipe, policy_dir: str | Path, reference_dir: str | Path, eval_rows: list[dict], nli_model: str | Path
 ) -> dict[str, dict]:
     """Sample one summary per held-out document from the reference (SFT) policy and from
-    ``policy_dir`` with the recipe's generation settings (align.jobs.report.evaluate_policy, which
+    ``policy_dir`` with the recipe's generation settings (align.evaluation.evaluate_policy, which
     also gives the KL to the reference) and score both."""
     import torch
 
-    from align.jobs.report import evaluate_policy
+    from align.evaluation import evaluate_policy
     from align.models import load_models
 
     device = torch.device("cpu")

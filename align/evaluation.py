@@ -1,0 +1,133 @@
+"""Evaluation of a policy: keyed samples on prompts, their reward and KL to the reference, and
+held-out preference pairs' implicit-reward margin and accuracy.
+
+The end-of-run report (``align.jobs.report``), ``align sample``, the studies (``align compare``,
+``align overopt``) and ``align summarize`` all evaluate through these functions, so a number means
+the same thing in each of them."""
+
+from __future__ import annotations
+
+import torch
+
+import losses
+from align import data as data_lib
+from align import formats
+from align.logprobs import completion_logprobs
+from align.models import reference_model
+from align.rollout import decode_completions, generate_with, sample_keys
+
+EVAL_SEED_OFFSET = 10_007  # evaluation samples never reuse a training step's keys
+
+
+@torch.no_grad()
+def sample_prompts(recipe, models, policy, prompts: list[str], seed: int, k: int, device, first_index: int = 0):
+    """k keyed samples per prompt (prompt i of the list is sample index ``first_index + i``): the same
+    prompts, seed and index always draw the same completions."""
+    ids = data_lib.encode_prompts(models.tokenizer, prompts, recipe.data.max_prompt_tokens)
+    prompt_ids, prompt_mask = data_lib.pad(ids, models.pad_token_id, "left", device)
+    keys = sample_keys(seed, 0, torch.arange(first_index, first_index + len(prompts)), k)
+    return generate_with(policy, prompt_ids, prompt_mask, keys, k, recipe.generation, models)
+
+
+@torch.no_grad()
+def evaluate_policy(
+    recipe,
+    models,
+    policy,
+    prompts: list[str],
+    reward,
+    device,
+    columns: dict | None = None,
+    messages: list | None = None,
+) -> dict:
+    """One sample per prompt from ``policy``; its reward and its KL to the reference (k1, k3)."""
+    gen = recipe.generation
+    rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)
+    texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, gen.temperature)
+    logp = completion_logprobs(policy, *args)
+    with reference_model(models) as ref:
+        ref_logp = completion_logprobs(ref, *args)
+    mask = rollout.completion_mask
+    out = {
+        "kl_k1": float(losses.sequence_kl(logp, ref_logp, mask, "k1").mean()),
+        "kl_k3": float(losses.sequence_kl(logp, ref_logp, mask, "k3").mean()),
+        "length": float(rollout.completion_mask.sum(-1).float().mean()),
+        "texts": texts,
+    }
+    if reward is not None:
+        scores, components = reward.score(prompts, texts, columns or {}, update=False, messages=messages)
+        out["reward"] = float(scores.float().nanmean())  # over the samples some reward scored
+        out["components"] = {k: float(torch.tensor(v).nanmean()) for k, v in components.items()}
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(recipe, models, policy, held_out, device) -> dict:
+    """Held-out pairs (chosen, rejected) under the policy and the reference, as TRL's DPO logs them:
+    the implicit reward β·(ℓ_π(y) − ℓ_ref(y)) of each side (ℓ summed over the completion's
+    tokens), their mean margin and how often chosen's is higher (``reward_accuracy``); and how often
+    each model alone gives chosen the higher log-likelihood (``loglik_accuracy``)."""
+    beta = float(getattr(recipe.build_objective(), "beta", 0.0) or 0.0)
+    chunk = max(1, recipe.train.batch_size)
+    n = len(held_out)
+    sums: dict[str, list[torch.Tensor]] = {"policy": [], "reference": []}
+    with reference_model(models) as reference:
+        for lo in range(0, n, chunk):
+            rows = list(range(lo, min(lo + chunk, n)))
+            p_ids, p_mask = data_lib.pad(
+                [held_out.prompt_ids[i] for _ in range(2) for i in rows], models.pad_token_id, "left", device
+            )
+            c_ids, c_mask = data_lib.pad(
+                [held_out.completion_ids[t][i] for t in range(2) for i in rows], models.pad_token_id, "right", device
+            )
+            for name, model in (("policy", policy), ("reference", reference)):
+                lp = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask)
+                sums[name].append(losses.sequence_logprobs(lp, c_mask.to(lp.dtype)).double().view(2, -1).cpu())
+    policy_lp, ref_lp = torch.cat(sums["policy"], 1), torch.cat(sums["reference"], 1)
+    implicit = beta * (policy_lp - ref_lp)  # [2, P]: chosen, rejected
+    margin = implicit[0] - implicit[1]
+    return {
+        "pairs": n,
+        "beta": beta,
+        "reward_margin": float(margin.mean()),
+        "reward_accuracy": float((margin > 0).double().mean()),
+        "loglik_accuracy": float((policy_lp[0] > policy_lp[1]).double().mean()),
+        "loglik_accuracy_reference": float((ref_lp[0] > ref_lp[1]).double().mean()),
+        "chosen_logp": float(policy_lp[0].mean()),
+        "rejected_logp": float(policy_lp[1].mean()),
+    }
+
+
+def eval_prompts(recipe, dataset, tokenizer, limit: int = 64) -> tuple[list[str], dict[str, list], str, list]:
+    """(prompts, their rows' other columns, what they are, their chat messages for TRL rewards --
+    None unless the data's prompts are messages): the
+    held-out ``data.eval_prompts`` rendered like training prompts (template, chat template, TRL's
+    formats), else the first training prompts."""
+    cfg = recipe.data
+    if cfg.eval_prompts:
+        table = data_lib.load_table(cfg.eval_prompts)
+        table = formats.normalise(table.select(range(min(limit, len(table)))), cfg, "online", cfg.eval_prompts)
+        columns = data_lib.read_columns(cfg.eval_prompts, table, list(table.column_names), [])
+        prompts, _, messages = data_lib.prompt_rows(tokenizer, columns, cfg, cfg.eval_prompts)
+        conversational = data_lib.is_conversational(columns, cfg)
+        columns.pop(cfg.prompt_column, None)
+        return prompts, columns, "held-out prompts", messages if conversational else None
+    if dataset is None:
+        return [], {}, "", None
+    columns = {name: values[:limit] for name, values in dataset.columns.items()}
+    messages = dataset.messages[:limit] if dataset.conversational else None
+    return dataset.prompts[:limit], columns, "training prompts (no data.eval_prompts)", messages
+
+
+class models_in_eval:
+    """``with models_in_eval(policy):`` the policy in eval mode, its training mode restored after."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)

@@ -1,0 +1,56 @@
+"""Recipes (align/recipe.py, align/config.py): a schema error is one line, exit 2, before any model
+loads; online objectives need a reward and sample from the full softmax, offline ones keep the
+sampling filters; `align recipes` lists the bundled recipes."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import run_cli
+
+from align.config import RecipeError, validate
+from align.recipe import Recipe
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "field 'train.stepz': unknown key"),
+        ("train.steps=many", "field 'train.steps'"),
+        ("objective.name=trpo", "field 'objective.name'"),
+        ("objective.options.gamma=1", "unknown option(s) ['gamma'] for 'rloo'"),
+        ("generation.min_new_tokens=99", "min_new_tokens (99) > max_new_tokens (32)"),
+        ("objective.k=1", "objective.k"),
+        ("objective.options.kl_estimator=k3", "kl_estimator: 'k3' in the detached reward"),
+        ("generation.top_k=5", "generation.top_k: online objectives sample from the full softmax"),
+        ("generation.top_p=0.9", "generation.top_p: online objectives"),
+        ("generation.min_new_tokens=2", "generation.min_new_tokens: online objectives"),
+    ],
+)
+def test_recipe_errors_are_one_line_before_any_model_loads(override, message, tmp_path):
+    path = tmp_path / "r.yaml"
+    # the model path does not exist: a schema error must come first
+    path.write_text(
+        "model: {path: /nonexistent}\ndata: {train: x.jsonl}\nobjective: {name: rloo}\nreward: [sentiment]\n"
+    )
+    out = run_cli("train", str(path), override)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_sampling_filters_stay_available_to_offline_objectives():
+    """Filters only change what an online loss scores; DPO's eval samples may use them."""
+    raw = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "objective": {"name": "dpo"}}
+    recipe = validate(Recipe, {**raw, "generation": {"top_k": 5, "top_p": 0.9, "min_new_tokens": 2}})
+    assert recipe.generation.top_k == 5
+
+
+def test_online_objective_without_reward_is_rejected():
+    with pytest.raises(RecipeError, match="reward: objective 'rloo' is trained online and needs a reward"):
+        validate(Recipe, {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "objective": {"name": "rloo"}})
+
+
+def test_recipes_command_lists_bundled_recipes():
+    out = run_cli("recipes")
+    assert out.returncode == 0
+    assert "quickstart " in out.stdout and "pythia1b_tldr_rloo" in out.stdout
