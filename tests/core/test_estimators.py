@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from helpers import make_recipe
+from safetensors.torch import load_file
 
 import align.trainer as trainer_mod
 import losses
