@@ -1,47 +1,63 @@
-"""Step batches: what one optimizer step trains on, built by a rollout (online: prompts → k
-completions → rewards) or read from a fixed file (offline: pairs or rows, reference log-probs
-cached once). Rows are a pure function of (seed, step), so resumes and process counts agree."""
+"""Step batches: what one optimizer step trains on, built from a scored rollout (online) or read
+from a fixed file (offline: pairs or rows, reference log-probs cached once). Rows are a pure
+function of (seed, step), so resumes and process counts agree. A batch is a value: made once by
+its constructor, never written afterwards; what a step learns about it (π_old, the reference's
+log-probs, V_old) is a ``KeptLogprobs`` beside it."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from align import data as data_lib
-from align import formats
-from align.distributed import gathered_for_generation
 from align.logprobs import completion_logprobs, fused_head_weight
 from align.models import Models, reference_model
-from align.recipe import Recipe
-from align.rewards_adapter import RewardFunction
-from align.rollout import Rollout, decode_completions, generate_with, sample_keys
-from align.run_data import OfflineData, OnlineData
+from align.rollout import Rollout
+from align.run_data import OfflineData
+from align.scoring import RolloutScores
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepBatch:
-    """Everything one optimizer step trains on, for this process, split into micro-batches later."""
+    """Everything one optimizer step trains on, for this process, split into micro-batches."""
 
     prompt_ids: Tensor
     prompt_mask: Tensor
     completion_ids: Tensor
     completion_mask: Tensor
-    micro_batches: list[Tensor]  # row indices of each micro-batch (whole groups / pairs)
+    # row indices of each micro-batch (whole groups / pairs), unscored samples left out
+    micro_batches: list[Tensor]
     rewards: Tensor | None = None  # [B] or [B, C]
     group: Tensor | None = None
     pairs: Tensor | None = None
     demo_rewards: Tensor | None = None
-    ref_logprobs: Tensor | None = None  # precomputed (offline cache; online: kept by the first update)
-    old_logprobs: Tensor | None = None  # π_old, kept by the first of several updates on this batch
-    old_values: Tensor | None = None  # the critic's V_old, kept likewise (objectives that read values)
+    ref_logprobs: Tensor | None = None  # offline: the reference's log-probs, cached once per row
     sampler_probs: Tensor | None = None  # [T, B, V] the rollout's softmax, for the policy's log-probs
-    texts: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)
+    texts: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KeptLogprobs:
+    """Per-token values of every row of a batch, taken before its first optimizer step ([B, T],
+    the batch's width): π_old, the reference's log-probs, the critic's V_old (None: not kept)."""
+
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    old_values: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a step's rows are drawn and split, resolved once from the recipe's ``train`` section."""
+
+    batch_size: int  # prompts (or pairs, rows) per micro-batch
+    gradient_accumulation_steps: int = 1
+    mini_batches: int = 1
+    seed: int = 0
 
 
 def split_micro_batches(n_units: int, rows_per_unit: int, units_per_micro: int, layout: str) -> list[Tensor]:
@@ -57,242 +73,121 @@ def split_micro_batches(n_units: int, rows_per_unit: int, units_per_micro: int, 
     return out
 
 
-def local_rows(recipe: Recipe, n_rows: int, step: int, accelerator) -> list[int]:
+def local_rows(layout: BatchLayout, n_rows: int, step: int, num_processes: int, process_index: int) -> list[int]:
     """This process's rows of the step: its share of each mini-batch, so a mini-batch holds the
     same rows whatever the process count."""
-    per_process = recipe.train.batch_size * recipe.train.gradient_accumulation_steps
-    mini_batches, procs, rank = recipe.train.mini_batches, accelerator.num_processes, accelerator.process_index
-    rows = data_lib.step_rows(n_rows, step, per_process * procs * mini_batches, recipe.train.seed)
+    per_process = layout.batch_size * layout.gradient_accumulation_steps
+    rows = data_lib.step_rows(n_rows, step, per_process * num_processes * layout.mini_batches, layout.seed)
     out: list[int] = []
-    for j in range(mini_batches):
-        mini_batch = rows[j * per_process * procs : (j + 1) * per_process * procs]
-        out += mini_batch[rank * per_process : (rank + 1) * per_process]
+    for j in range(layout.mini_batches):
+        mini_batch = rows[j * per_process * num_processes : (j + 1) * per_process * num_processes]
+        out += mini_batch[process_index * per_process : (process_index + 1) * per_process]
     return out
 
 
 def rollout_batch(
-    recipe: Recipe, models: Models, dataset: OnlineData, reward: RewardFunction, step: int, accelerator
+    rollout: Rollout, scores: RolloutScores, layout: BatchLayout, prompts: list[str], device, metrics: dict[str, float]
 ) -> StepBatch:
-    """prompts → k completions each (KV cache, left padding) → rewards."""
-    gen, k = recipe.generation, recipe.objective.k
-    rows = local_rows(recipe, len(dataset), step, accelerator)
-    prompt_ids, prompt_mask = data_lib.pad(
-        [dataset.prompt_ids[i] for i in rows], models.pad_token_id, "left", accelerator.device
-    )
-    keys = sample_keys(recipe.train.seed, step, torch.tensor(rows), k)
-    chunk = gen.batch_size or len(rows)
-    keep_probs = reuse_sampler_probs(recipe, models, n_chunks=-(-len(rows) // chunk), rows=len(rows) * k)
-    parts: list[Rollout] = []
-    start = time.perf_counter()
-    with gathered_for_generation(models.policy, accelerator) as policy:  # whole weights once per rollout
-        for lo in range(0, len(rows), chunk):
-            sel = slice(lo, lo + chunk)
-            # re-pad the chunk so its prompts are as short as they can be
-            ids, mask = _trim_left(prompt_ids[sel], prompt_mask[sel])
-            keys_chunk = keys[lo * k : (lo + chunk) * k]
-            parts.append(generate_with(policy, ids, mask, keys_chunk, k, gen, models, keep_probs))
-    rollout = _concat_rollouts(parts, models.pad_token_id)
-    texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
-    generation_seconds = time.perf_counter() - start
-    prompts = [dataset.prompts[i] for i in rows for _ in range(k)]
-    columns = {name: [values[i] for i in rows for _ in range(k)] for name, values in dataset.columns.items()}
-    rewards, components = reward.score(
-        prompts,
-        texts,
-        columns,
-        gather=_all_ranks(accelerator),
-        messages=[dataset.messages[i] for i in rows for _ in range(k)] if dataset.conversational else None,
-        completion_ids=[ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
-        if reward.takes_trl_inputs
-        else None,
-        step=step,
-        max_steps=recipe.train.steps,
-    )
-    scored = reward.last_scored
-    batch = StepBatch(
+    """A scored rollout as a step batch. Samples no reward scored leave the loss: they are taken
+    out of their micro-batch, so a group baseline, the unit count and the metrics see only scored
+    samples (a micro-batch left with none still runs, at zero weight, so every process runs the
+    same forwards). Their reward becomes 0 so it cannot turn a loss NaN."""
+    n_prompts = int(rollout.group.max()) + 1 if rollout.group.numel() else 0
+    k = rollout.completion_ids.shape[0] // max(n_prompts, 1)
+    micro_batches = split_micro_batches(n_prompts, k, layout.batch_size, "grouped")
+    rewards, demo_rewards, sampler_probs = scores.rewards, scores.demo_rewards, rollout.probs
+    scored = scores.scored
+    if not bool(scored.all()):
+        micro_batches = [rows[scored[rows]] for rows in micro_batches]
+        rewards = _zero_where(~scored, rewards)
+        demo_rewards = None if demo_rewards is None else _zero_where(~scored, demo_rewards)
+        sampler_probs = None  # kept for every row in order; the training forward computes its own
+    return StepBatch(
         prompt_ids=rollout.prompt_ids,
         prompt_mask=rollout.prompt_mask,
         completion_ids=rollout.completion_ids,
         completion_mask=rollout.completion_mask,
-        micro_batches=split_micro_batches(len(rows), k, recipe.train.batch_size, "grouped"),
-        rewards=rewards.to(accelerator.device),
-        group=torch.arange(len(rows), device=accelerator.device).repeat_interleave(k),
-        texts=texts,
-        prompts=prompts,
-        metrics=component_means(components, _all_ranks(accelerator)),
-        sampler_probs=rollout.probs,
+        micro_batches=micro_batches,
+        rewards=rewards.to(device),
+        group=rollout.group.to(device),
+        demo_rewards=None if demo_rewards is None else demo_rewards.to(device),
+        sampler_probs=sampler_probs,
+        texts=tuple(rollout.texts),
+        prompts=tuple(prompts),
+        metrics={**(scores.metrics or {}), **metrics},
     )
-    batch.metrics["generation_s"] = generation_seconds
-    if "demo_rewards" in recipe.objective.needs:  # RCfD: each component against the demonstration's
-        demos = [formats.completion_text(d) for d in columns[recipe.data.demonstration_column]]
-        demo_ids = None
-        if reward.takes_trl_inputs:
-            demo_ids = models.tokenizer(demos, add_special_tokens=False)["input_ids"]
-        demo_scores = reward.score_demonstrations(
-            prompts,
-            demos,
-            columns,
-            messages=[dataset.messages[i] for i in rows for _ in range(k)] if dataset.conversational else None,
-            completion_ids=demo_ids,
-            step=step,
-            max_steps=recipe.train.steps,
-        )
-        components_tensor = reward.last_components_tensor()
-        # RCfD compares every component: the sample and its demonstration must both be scored
-        scored = ~(components_tensor.isnan().any(-1) | demo_scores.isnan().any(-1))
-        batch.demo_rewards = reward.clip_components(demo_scores).to(accelerator.device)
-        batch.rewards = reward.clip_components(components_tensor).to(accelerator.device)
-    drop_unscored(batch, scored)
-    gather = _all_ranks(accelerator)
-    if gather is not None:  # every process's count, as one process on the same rows would log
-        batch.metrics["unscored"] = float(sum(gather([batch.metrics["unscored"]])))
-    return batch
 
 
-def component_means(components: dict[str, list[float]], gather=None) -> dict[str, float]:
-    """``reward/<name>``: each component's mean over the step's samples of every process (NaN,
-    a sample the component did not score, left out); one gather for all components."""
-    rows = [list(row) for row in zip(*components.values())]
-    if gather is not None:
-        rows = gather(rows)
-    table = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(components))
-    return {f"reward/{name}": float(table[:, c].nanmean()) for c, name in enumerate(components)}
-
-
-def drop_unscored(batch: StepBatch, scored: Tensor) -> None:
-    """Samples no reward scored (a TRL reward returned None) leave the loss: they are taken out of
-    their micro-batch, so a group baseline, the unit count and the metrics see only scored samples
-    (a micro-batch left with none keeps one row, at zero weight, so every process still runs the
-    same forwards). Their reward becomes 0 so it cannot turn a loss NaN; counted as
-    ``unscored``."""
-    unscored = int((~scored).sum())
-    batch.metrics["unscored"] = float(unscored)
-    if not unscored:
-        return
-    scored = scored.to(batch.completion_ids.device)
-    zero = torch.zeros((), dtype=batch.rewards.dtype, device=batch.rewards.device)
-    missing = ~scored.to(batch.rewards.device)
-    batch.rewards = torch.where(missing[:, None] if batch.rewards.dim() == 2 else missing, zero, batch.rewards)
-    if batch.demo_rewards is not None:
-        where = missing[:, None] if batch.demo_rewards.dim() == 2 else missing
-        batch.demo_rewards = torch.where(where, zero, batch.demo_rewards)
-    batch.micro_batches = [rows[scored[rows]] for rows in batch.micro_batches]
-    batch.sampler_probs = None  # kept for every row in order; the training forward computes its own
-
-
-def _all_ranks(accelerator) -> Callable[[list[float]], list[float]] | None:
-    """Every process's list, concatenated in rank order (None on one process)."""
-    if accelerator.num_processes == 1:
-        return None
-    from accelerate.utils import gather_object
-
-    return lambda values: [v for part in gather_object([list(values)]) for v in part]
+def _zero_where(missing: Tensor, values: Tensor) -> Tensor:
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    return torch.where(missing[:, None] if values.dim() == 2 else missing, zero, values)
 
 
 KEEP_PROBS_MAX_BYTES = 1 << 30  # the kept softmax is sized for max_new_tokens: at most 1 GiB of it
 
 
-def reuse_sampler_probs(recipe: Recipe, models: Models, n_chunks: int, rows: int) -> bool:
+def reuse_sampler_probs(
+    policy, *, online: bool, one_pass: bool, one_micro_batch: bool, one_call: bool, max_new_tokens: int, rows: int
+) -> bool:
     """Whether the rollout keeps its softmax for the policy's log-probs (its training forward then
     skips the LM head's matmul and softmax): the same weights see the same tokens in the same
     mode -- no dropout (``disable_dropout``, the policy in eval mode), one optimizer step per
-    rollout (the online objectives) -- and the step is one generation call of ``rows`` sequences
-    and one micro-batch (no gradient accumulation), so the buffer replaces the one the training
-    forward would hold. It is allocated for ``max_new_tokens`` before the lengths are known, so
-    beyond ``KEEP_PROBS_MAX_BYTES`` the training forward computes the softmax itself instead."""
-    weight = fused_head_weight(models.policy)
+    rollout (``one_pass``: one update, one mini-batch) -- and the step is one generation call of
+    ``rows`` sequences and one micro-batch (no gradient accumulation), so the buffer replaces the
+    one the training forward would hold. It is allocated for ``max_new_tokens`` before the
+    lengths are known, so beyond ``KEEP_PROBS_MAX_BYTES`` the training forward computes the
+    softmax itself instead."""
+    weight = fused_head_weight(policy)
     return (
-        recipe.objective.online
-        and recipe.train.updates_per_batch == 1
-        and recipe.train.mini_batches == 1
-        and n_chunks == 1
-        and recipe.train.gradient_accumulation_steps == 1
-        and not models.policy.training
+        online
+        and one_pass
+        and one_micro_batch
+        and one_call
+        and not policy.training
         and weight is not None
-        and recipe.generation.max_new_tokens * rows * weight.shape[0] * 4 <= KEEP_PROBS_MAX_BYTES
-    )
-
-
-def _trim_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    keep = int(mask.sum(-1).max())
-    return ids[:, ids.shape[1] - keep :], mask[:, mask.shape[1] - keep :]
-
-
-def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    if len(parts) == 1:
-        return parts[0]
-    P = max(p.prompt_ids.shape[1] for p in parts)
-    T = max(p.completion_ids.shape[1] for p in parts)
-
-    def left(x: Tensor, value: int) -> Tensor:
-        return torch.nn.functional.pad(x, (P - x.shape[1], 0), value=value)
-
-    def right(x: Tensor, value: int) -> Tensor:
-        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
-
-    return Rollout(
-        prompt_ids=torch.cat([left(p.prompt_ids, pad_id) for p in parts]),
-        prompt_mask=torch.cat([left(p.prompt_mask, 0) for p in parts]),
-        completion_ids=torch.cat([right(p.completion_ids, pad_id) for p in parts]),
-        completion_mask=torch.cat([right(p.completion_mask, 0) for p in parts]),
+        and max_new_tokens * rows * weight.shape[0] * 4 <= KEEP_PROBS_MAX_BYTES
     )
 
 
 def offline_batch(
-    recipe: Recipe, models: Models, dataset: OfflineData, reward: RewardFunction | None, step: int, accelerator
+    layout: BatchLayout,
+    dataset: OfflineData,
+    rows: list[int],
+    pad_token_id: int,
+    device,
+    rewards: Tensor | None = None,
 ) -> StepBatch:
-    """A step's pairs (chosen block, then rejected block: one forward for both) or SFT rows."""
-    rows = local_rows(recipe, len(dataset), step, accelerator)
+    """A step's pairs (chosen block, then rejected block: one forward for both) or SFT rows;
+    ``rewards``: per text, for an objective that reads them on a pair file (CoPG)."""
     n_texts = len(dataset.completion_ids)
     prompt_rows = [dataset.prompt_ids[i] for _ in range(n_texts) for i in rows]
     completion_rows = [dataset.completion_ids[t][i] for t in range(n_texts) for i in rows]
-    prompt_ids, prompt_mask = data_lib.pad(prompt_rows, models.pad_token_id, "left", accelerator.device)
-    completion_ids, completion_mask = data_lib.pad(completion_rows, models.pad_token_id, "right", accelerator.device)
-    batch = StepBatch(
+    prompt_ids, prompt_mask = data_lib.pad(prompt_rows, pad_token_id, "left", device)
+    completion_ids, completion_mask = data_lib.pad(completion_rows, pad_token_id, "right", device)
+    n = len(rows)
+    ref_logprobs = None
+    if dataset.ref_cache is not None:
+        T = completion_ids.shape[1]
+        cached = [dataset.ref_cache[i][t] for t in range(n_texts) for i in rows]
+        ref_logprobs = torch.stack([torch.nn.functional.pad(c, (0, T - c.shape[0]))[:T] for c in cached]).to(device)
+    return StepBatch(
         prompt_ids,
         prompt_mask,
         completion_ids,
         completion_mask,
-        micro_batches=split_micro_batches(
-            len(rows), 1, recipe.train.batch_size, "paired" if dataset.paired else "grouped"
-        ),
-        prompts=[dataset.prompts[i] for _ in range(n_texts) for i in rows],
+        micro_batches=split_micro_batches(n, 1, layout.batch_size, "paired" if dataset.paired else "grouped"),
+        pairs=torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(device) if dataset.paired else None,
+        rewards=None if rewards is None else rewards.to(device),
+        ref_logprobs=ref_logprobs,
+        prompts=tuple(dataset.prompts[i] for _ in range(n_texts) for i in rows),
     )
-    if dataset.paired:
-        n = len(rows)
-        batch.pairs = torch.stack([torch.arange(n), torch.arange(n) + n], 1).to(accelerator.device)
-        if "rewards" in recipe.objective.needs:  # copg on a pair file: rewards per text
-            batch.rewards = pair_rewards(recipe, dataset, reward, rows, _all_ranks(accelerator)).to(accelerator.device)
-    if dataset.ref_cache is not None:
-        T = completion_ids.shape[1]
-        cached = [dataset.ref_cache[i][t] for t in range(n_texts) for i in rows]
-        batch.ref_logprobs = torch.stack([torch.nn.functional.pad(c, (0, T - c.shape[0]))[:T] for c in cached]).to(
-            accelerator.device
-        )
-    return batch
-
-
-def pair_rewards(
-    recipe: Recipe, dataset: OfflineData, reward: RewardFunction | None, rows: list[int], gather=None
-) -> Tensor:
-    """Offline CoPG rewards: the pair file's chosen_reward/rejected_reward columns, else the
-    recipe's reward on the texts, else ½ for chosen and 0 for rejected: with a reward gap of ½,
-    CoPG's minimiser is IPO's at the same β, and its loss is β/2 times IPO's."""
-    if dataset.pair_rewards is not None:
-        return torch.tensor([dataset.pair_rewards[t][i] for t in range(2) for i in rows], dtype=torch.float32)
-    if reward is not None:
-        prompts = [dataset.prompts[i] for _ in range(2) for i in rows]
-        texts = [dataset.completion_texts[t][i] for t in range(2) for i in rows]
-        messages = [dataset.messages[i] for _ in range(2) for i in rows] if dataset.conversational else None
-        return reward.score(prompts, texts, {}, gather=gather, messages=messages)[0]
-    return torch.cat([torch.full((len(rows),), 0.5), torch.zeros(len(rows))])
 
 
 @torch.no_grad()
-def cache_reference_logprobs(recipe: Recipe, models: Models, dataset: OfflineData, accelerator) -> None:
+def cache_reference_logprobs(models: Models, dataset: OfflineData, chunk: int, accelerator) -> None:
     """Offline data: reference log-probs computed once per row, in canonical chunks (dataset order,
-    ``batch_size`` rows) so the values do not depend on step, resume or process count."""
-    n, chunk = len(dataset), recipe.train.batch_size
+    ``chunk`` rows) so the values do not depend on step, resume or process count."""
+    n = len(dataset)
     all_starts = list(range(0, n, chunk))
     starts = all_starts[accelerator.process_index :: accelerator.num_processes]
     # a sharded reference makes every forward a collective call: every process runs as many

@@ -14,19 +14,25 @@ from align import data as data_lib
 from align import formats
 from align.logprobs import completion_logprobs
 from align.models import reference_model
-from align.rollout import decode_completions, generate_with, sample_keys
+from align.native_engine import decode_completions, generate
+from align.rollout import Rollout, sampling_settings
+from align.sampling import sample_keys
 
 EVAL_SEED_OFFSET = 10_007  # evaluation samples never reuse a training step's keys
 
 
 @torch.no_grad()
-def sample_prompts(recipe, models, policy, prompts: list[str], seed: int, k: int, device, first_index: int = 0):
-    """k keyed samples per prompt (prompt i of the list is sample index ``first_index + i``): the same
-    prompts, seed and index always draw the same completions."""
+def sample_prompts(
+    recipe, models, policy, prompts: list[str], seed: int, k: int, device, first_index: int = 0
+) -> Rollout:
+    """k keyed samples per prompt (prompt i of the list is sample index ``first_index + i``), decoded:
+    the same prompts, seed and index always draw the same completions."""
     ids = data_lib.encode_prompts(models.tokenizer, prompts, recipe.data.max_prompt_tokens)
     prompt_ids, prompt_mask = data_lib.pad(ids, models.pad_token_id, "left", device)
     keys = sample_keys(seed, 0, torch.arange(first_index, first_index + len(prompts)), k)
-    return generate_with(policy, prompt_ids, prompt_mask, keys, k, recipe.generation, models)
+    sampling = sampling_settings(recipe.generation, models.eos_token_id, models.pad_token_id)
+    rollout = generate(policy, prompt_ids, prompt_mask, keys, k=k, sampling=sampling)
+    return decode_completions(rollout, models.tokenizer, sampling)
 
 
 @torch.no_grad()
@@ -41,10 +47,10 @@ def evaluate_policy(
     messages: list | None = None,
 ) -> dict:
     """One sample per prompt from ``policy``; its reward and its KL to the reference (k1, k3)."""
-    gen = recipe.generation
     rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)
-    texts = decode_completions(rollout, models.tokenizer, gen.stop_strings, models.pad_token_id)
-    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, gen.temperature)
+    texts = list(rollout.texts)
+    temperature = recipe.generation.temperature
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, temperature)
     logp = completion_logprobs(policy, *args)
     with reference_model(models) as ref:
         ref_logp = completion_logprobs(ref, *args)
@@ -56,9 +62,9 @@ def evaluate_policy(
         "texts": texts,
     }
     if reward is not None:
-        scores, components = reward.score(prompts, texts, columns or {}, update=False, messages=messages)
-        out["reward"] = float(scores.float().nanmean())  # over the samples some reward scored
-        out["components"] = {k: float(torch.tensor(v).nanmean()) for k, v in components.items()}
+        scores = reward.score(prompts, texts, columns or {}, update=False, messages=messages)
+        out["reward"] = float(scores.total.float().nanmean())  # over the samples some reward scored
+        out["components"] = {k: float(torch.tensor(v).nanmean()) for k, v in scores.components.items()}
     return out
 
 

@@ -24,11 +24,12 @@ uninterrupted one would.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 
 import torch
 
-from align.batches import StepBatch, _concat_rollouts, split_micro_batches
-from align.rollout import Rollout
+from align.batches import KeptLogprobs, StepBatch, split_micro_batches
+from align.rollout import Rollout, concat_rollouts, pad_to
 
 _ROW_TENSORS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards", "demo_rewards")
 # [rows, T] per-token values of the step that sampled (None where the objective reads none)
@@ -41,18 +42,23 @@ class ReplayBuffer:
         self.micro_batch_groups, self.pad_id, self.seed = micro_batch_groups, pad_id, seed
         self.steps: deque[dict] = deque(maxlen=capacity_steps)
 
-    def add(self, batch: StepBatch, step: int) -> None:
-        """Keep this step's groups (CPU copies; unscored rows are remembered as such)."""
+    def add(self, batch: StepBatch, kept: KeptLogprobs | None, step: int) -> None:
+        """Keep this step's groups (CPU copies; unscored rows are remembered as such) with the
+        per-token values ``kept`` of the policy that sampled them."""
         scored = torch.zeros(batch.completion_ids.shape[0], dtype=torch.bool)
         scored[torch.cat(batch.micro_batches).cpu()] = True
         entry = {"step": step, "scored": scored, "texts": list(batch.texts), "prompts": list(batch.prompts)}
-        for name in _ROW_TENSORS + _TOKEN_TENSORS:
+        for name in _ROW_TENSORS:
             value = getattr(batch, name)
+            entry[name] = None if value is None else value.detach().cpu().clone()
+        for name in _TOKEN_TENSORS:
+            value = None if kept is None else getattr(kept, name)
             entry[name] = None if value is None else value.detach().cpu().clone()
         self.steps.append(entry)
 
-    def mix_into(self, batch: StepBatch, step: int, process_index: int) -> StepBatch:
-        """The step's training batch: its first round(mix·G) fresh groups, the rest from the buffer."""
+    def mix_into(self, batch: StepBatch, step: int, process_index: int) -> tuple[StepBatch, KeptLogprobs | None]:
+        """The step's training batch: its first round(mix·G) fresh groups, the rest from the
+        buffer; with their samplers' per-token values where the buffer keeps them."""
         k = self.k
         groups = batch.completion_ids.shape[0] // k
         fresh = round(self.mix * groups)
@@ -65,7 +71,8 @@ class ReplayBuffer:
         per_token: dict[str, list] = {name: [] for name in _TOKEN_TENSORS}
         for entry_index, g in picks:
             entry, rows = self.steps[entry_index], torch.arange(g * k, (g + 1) * k)
-            parts.append(Rollout(*(entry[name][rows] for name in _ROW_TENSORS[:4])))
+            ids, mask, c_ids, c_mask = (entry[name][rows] for name in _ROW_TENSORS[:4])
+            parts.append(Rollout(ids, mask, c_ids, c_mask, group=torch.zeros(k, dtype=torch.long)))
             ages.append(step - entry["step"])
             scored.append(entry["scored"][rows])
             texts += [entry["texts"][i] for i in rows.tolist()]
@@ -75,11 +82,18 @@ class ReplayBuffer:
                 demo_rewards.append(entry["demo_rewards"][rows])
             for name in _TOKEN_TENSORS:
                 per_token[name].append(None if entry.get(name) is None else entry[name][rows])
-        rollout = _concat_rollouts(parts, self.pad_id)
+        rollout = concat_rollouts(parts, self.pad_id)
         device = batch.completion_ids.device
         keep = torch.cat(scored)
         micro = split_micro_batches(groups, k, self.micro_batch_groups, "grouped")
-        out = StepBatch(
+        width = rollout.completion_ids.shape[1]
+        tokens = {}
+        for name, parts_of in per_token.items():
+            if parts_of and all(p is not None for p in parts_of):
+                # the mixed batch is as wide as its widest group's step: pad each to it
+                tokens[name] = torch.cat([pad_to(p, width) for p in parts_of]).to(device)
+        mixed = replace(
+            batch,
             prompt_ids=rollout.prompt_ids.to(device),
             prompt_mask=rollout.prompt_mask.to(device),
             completion_ids=rollout.completion_ids.to(device),
@@ -88,19 +102,17 @@ class ReplayBuffer:
             rewards=torch.cat(rewards).to(device),
             group=torch.arange(groups, device=device).repeat_interleave(k),
             demo_rewards=torch.cat(demo_rewards).to(device) if demo_rewards else None,
-            texts=texts,
-            prompts=prompts,
-            metrics=dict(batch.metrics),
+            ref_logprobs=None,
+            sampler_probs=None,
+            texts=tuple(texts),
+            prompts=tuple(prompts),
+            metrics={
+                **batch.metrics,
+                "replayed_fraction": (groups - fresh) / max(groups, 1),
+                "replay_age": sum(ages) / max(len(ages), 1),
+            },
         )
-        width = out.completion_ids.shape[1]
-        for name, parts_of in per_token.items():
-            if parts_of and all(p is not None for p in parts_of):
-                # the mixed batch is as wide as its widest group's step: pad each to it
-                padded = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts_of]
-                setattr(out, name, torch.cat(padded).to(device))
-        out.metrics["replayed_fraction"] = (groups - fresh) / max(groups, 1)
-        out.metrics["replay_age"] = sum(ages) / max(len(ages), 1)
-        return out
+        return mixed, (KeptLogprobs(**tokens) if tokens else None)
 
     def state_dict(self) -> dict:
         return {"steps": [dict(entry) for entry in self.steps]}

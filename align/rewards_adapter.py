@@ -7,9 +7,20 @@ convention); this module only turns the recipe's component list into one object 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One ``RewardFunction.score`` call's result."""
+
+    total: Tensor  # [N] weighted total, NaN where no component scored the sample
+    components: dict[str, list[float]]  # each component's raw scores, NaN where it returned None
+    raw: Tensor  # [N, C] the same raw scores as a tensor, in component order
+    scored: Tensor  # [N] bool: some component scored the sample
 
 
 class RewardFunction:
@@ -23,8 +34,6 @@ class RewardFunction:
         # a component written for TRL reads message lists, completion ids and the trainer state
         self.takes_trl_inputs = any(rewards_lib.base.trl_convention(c.fn) for c in self.combined.components)
         self.demo_cache = rewards_lib.DemoRewardCache(self.combined)
-        self._last: Tensor | None = None
-        self.last_scored: Tensor | None = None  # [N] bool: some component scored the sample
 
     def score(
         self,
@@ -37,9 +46,9 @@ class RewardFunction:
         completion_ids: list[list[int]] | None = None,
         step: int | None = None,
         max_steps: int | None = None,
-    ) -> tuple[Tensor, dict[str, list[float]]]:
+    ) -> Scores:
         """Weighted total per sample [N] and each component's raw scores, NaN where a reward
-        returned None (``last_scored`` says which samples some component scored). ``gather``:
+        returned None (``Scores.scored`` says which samples some component scored). ``gather``:
         every process's scores concatenated, so whitening moments stay equal on all ranks;
         ``update=False`` (evaluation) leaves the moments as training left them.
 
@@ -53,13 +62,12 @@ class RewardFunction:
         total = self.combined.combine(components, update=update, gather=gather)
         nan = float("nan")
         components = {name: [nan if v is None else v for v in values] for name, values in components.items()}
-        self.last_scored = torch.tensor([t is not None for t in total], dtype=torch.bool)
-        self._last = torch.tensor([components[name] for name in components], dtype=torch.float32).T
-        return torch.tensor([nan if t is None else t for t in total], dtype=torch.float32), components
-
-    def last_components_tensor(self) -> Tensor:
-        """[N, C] raw component scores of the last ``score`` call (RCfD compares each one)."""
-        return self._last
+        return Scores(
+            total=torch.tensor([nan if t is None else t for t in total], dtype=torch.float32),
+            components=components,
+            raw=torch.tensor([components[name] for name in components], dtype=torch.float32).T,
+            scored=torch.tensor([t is not None for t in total], dtype=torch.bool),
+        )
 
     def score_demonstrations(
         self,
@@ -83,14 +91,11 @@ class RewardFunction:
     def clip_components(self, components: Tensor) -> Tensor:
         """[N, C] raw scores → each component clipped to its ``reward[i].clip`` (RCfD compares
         clipped policy and demonstration scores)."""
-        return self._clip_components(components.double()).float()
-
-    def _clip_components(self, values: Tensor) -> Tensor:
-        out = values.clone()
+        out = components.double().clone()
         for c, component in enumerate(self.combined.components):
             if component.clip is not None:
                 out[:, c] = out[:, c].clamp(*component.clip)
-        return out
+        return out.float()
 
     def state_dict(self) -> dict:
         return self.combined.state_dict()

@@ -8,70 +8,106 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 import losses
-from align.batches import StepBatch, _trim_left
+from align.batches import KeptLogprobs, StepBatch
 from align.critic import completion_values
 from align.logprobs import completion_logprobs
 from align.models import Models, reference_model
-from align.recipe import Recipe
+from align.rollout import trim_left
 from align.step_metrics import Sums, add_sums, finish, sequence_sums
 from losses import LossBatch
 from losses.base import select_pairs
 
 
-def train_on_batch(
-    recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch, optimizer, scheduler, accelerator
-) -> dict[str, float] | None:
-    """``train.updates_per_batch`` passes over the rollout batch, each one optimizer step per
-    mini-batch (``train.mini_batches``; TRL's PPO epochs × mini-batches). Returns the last pass's
-    metrics, merged exactly over its mini-batches and every process (align/step_metrics.py), or
-    None when a step was skipped."""
-    mini_batches = recipe.train.mini_batches
+@dataclass(frozen=True)
+class StepSettings:
+    """What the optimizer step reads of the recipe, resolved once per run."""
+
+    updates_per_batch: int = 1  # passes over each batch (TRL's PPO epochs)
+    mini_batches: int = 1  # optimizer steps per pass
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    temperature: float = 1.0  # of the loss's log-probs: the sampler's (online), 1 (offline rows)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every optimizer step of a run works with."""
+
+    settings: StepSettings
+    models: Models
+    objective: losses.Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: this process's metric sums, the gradient norm (None: DeepSpeed clips
+    inside its engine) and the per-token values later passes over the batch read."""
+
+    sums: Sums
+    grad_norm: float | None
+    kept: KeptLogprobs
+
+
+def train_on_batch(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs | None = None) -> dict[str, float] | None:
+    """``updates_per_batch`` passes over the batch, each one optimizer step per mini-batch (TRL's
+    PPO epochs × mini-batches). ``kept``: π_old (and the reference's log-probs, V_old) of every row
+    where already known (a replayed batch carries its samplers'). Returns the last pass's metrics,
+    merged exactly over its mini-batches and every process (align/step_metrics.py), or None when a
+    step was skipped."""
+    settings, objective = ctx.settings, ctx.objective
     reads = set(objective.stats_read)
+    kept = kept or KeptLogprobs(ref_logprobs=batch.ref_logprobs)
     # π_old for every row before the first step: later mini-batches, or statistics that read it
-    # (replayed batches carry their samplers' already)
-    if batch.old_logprobs is None and (mini_batches > 1 or reads & {"old_logprobs", "ref_logprobs", "old_values"}):
-        keep_rollout_logprobs(recipe, models, objective, batch, accelerator)
-    stats = whole_batch_stats(objective, batch, accelerator) if reads else None
+    if kept.old_logprobs is None and (
+        settings.mini_batches > 1 or reads & {"old_logprobs", "ref_logprobs", "old_values"}
+    ):
+        kept = keep_rollout_logprobs(ctx, batch, kept)
+    stats = whole_batch_stats(objective, batch, kept, ctx.accelerator) if reads else None
     last_pass: Sums = {}
-    for update in range(recipe.train.updates_per_batch):
+    for update in range(settings.updates_per_batch):
         last_pass = {}
-        for mini_batch in range(mini_batches):
-            step = optimizer_step(
-                recipe, models, objective, batch, optimizer, scheduler, accelerator, update, mini_batch, stats
-            )
+        for mini_batch in range(settings.mini_batches):
+            rows = mini_batch_rows(batch, settings.mini_batches, mini_batch)
+            step = optimizer_step(ctx, batch, kept, stats, rows, update)
             if step is None:
                 return None
-            sums, grad_norm = step
-            add_sums(last_pass, sums)
-    metrics = finish(last_pass, accelerator)
-    metrics["grad_norm"] = grad_norm
-    metrics["lr"] = scheduler.get_last_lr()[0]
+            add_sums(last_pass, step.sums)
+            kept = step.kept
+    metrics = finish(last_pass, ctx.accelerator)
+    metrics["grad_norm"] = step.grad_norm
+    metrics["lr"] = ctx.scheduler.get_last_lr()[0]
     metrics.update(batch.metrics)
     return metrics
 
 
 @torch.no_grad()
-def whole_batch_stats(objective: losses.Objective, batch: StepBatch, accelerator) -> dict[str, Tensor]:
-    """The objective's ``batch_stats`` over every scored row of the rollout batch (π_old, the
-    reference and V_old as kept before the first step), summed over processes: the same sums on
-    every process, whatever the micro-batching."""
+def whole_batch_stats(
+    objective: losses.Objective, batch: StepBatch, kept: KeptLogprobs, accelerator
+) -> dict[str, Tensor]:
+    """The objective's ``batch_stats`` over every scored row of the batch (π_old, the reference and
+    V_old as kept before the first step), summed over processes: the same sums on every process,
+    whatever the micro-batching."""
     live = torch.cat(batch.micro_batches)
     mask = batch.completion_mask[live].float()
 
     def rows_of(name: str) -> Tensor | None:
-        value = getattr(batch, name)
+        value = getattr(kept, name)
         if value is not None:
             return value[live]
         # a process whose samples all went unscored kept none: zero rows of it add nothing
         return torch.zeros_like(mask) if name in objective.stats_read and live.numel() == 0 else None
 
     old = rows_of("old_logprobs")
-    full = _loss_batch(
+    full = loss_batch(
         batch,
         logprobs=old if old is not None else torch.zeros_like(mask),
         rows=live,
@@ -87,133 +123,170 @@ def whole_batch_stats(objective: losses.Objective, batch: StepBatch, accelerator
 
 
 def optimizer_step(
-    recipe: Recipe,
-    models: Models,
-    objective: losses.Objective,
+    ctx: StepContext,
     batch: StepBatch,
-    optimizer,
-    scheduler,
-    accelerator,
-    update: int = 0,
-    mini_batch: int = 0,
-    stats: dict[str, Tensor] | None = None,
-) -> tuple[Sums, float | None] | None:
-    """logprobs → objective → backward for each micro-batch, then one clipped optimizer step.
-
-    ``update`` counts the passes over this batch (``train.updates_per_batch``) and ``mini_batch``
-    which of its ``train.mini_batches`` this step trains on. With one mini-batch, the first pass
-    keeps the policy's log-probs as π_old (``batch.old_logprobs``) and the reference's, so later
-    passes read their importance ratios against the sampling policy and skip the reference
-    forward; with several, ``keep_rollout_logprobs`` has kept them before the first step. ``stats``:
-    the objective's whole-batch statistics (``whole_batch_stats``). Returns this process's metric
-    sums (align/step_metrics.py) and the gradient norm, or None when the step was skipped
-    (non-finite loss or gradient).
-    """
-    updates = recipe.train.updates_per_batch
-    temperature = recipe.generation.temperature if recipe.objective.online else 1.0
-    micro_batches = mini_batch_rows(batch, recipe.train.mini_batches, mini_batch)
+    kept: KeptLogprobs,
+    stats: dict[str, Tensor] | None,
+    micro_batches: list[Tensor],
+    update: int,
+) -> StepResult | None:
+    """log-probs → objective → backward for each of ``micro_batches`` (one mini-batch), then one
+    clipped optimizer step; None when it was skipped (a non-finite loss or gradient). ``update``
+    counts the passes over the batch: with one mini-batch the first of several keeps its log-probs
+    as π_old (and the reference's, the critic's V_old) for the passes that follow, which read their
+    importance ratios against the sampling policy and skip the reference forward."""
+    settings, models, objective, accelerator = ctx.settings, ctx.models, ctx.objective, ctx.accelerator
     live = torch.cat(micro_batches)  # every row unless unscored samples were dropped
-    whole = live.numel() == batch.completion_ids.shape[0]
-    width = batch.completion_mask.shape[1]
-    zeros = torch.zeros(len(live), width, device=batch.completion_mask.device)
-    full = _loss_batch(batch, logprobs=zeros, rows=None if whole else live)
-    local_units = torch.tensor(float(objective.count_units(full)), device=accelerator.device)
-    global_units = (
-        float(accelerator.reduce(local_units, reduction="sum")) if accelerator.num_processes > 1 else float(local_units)
-    )
-    global_units = max(global_units, 1.0)  # a step whose samples all went unscored trains on nothing
-    scale = accelerator.num_processes  # DDP averages gradients over processes; our loss is already global
+    units = global_units(objective, batch, live, accelerator)
     sums: Sums = {}
-    policy_lp, ref_lp, value_lp = [], [], []
-    critic = models.critic
-    finite = True
+    outputs, finite = [], True
     for i, rows in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        # a micro-batch emptied by unscored samples still runs (a sharded forward is collective), at zero weight
-        placeholder = rows.numel() == 0
-        if placeholder:
-            rows = torch.zeros(1, dtype=torch.long, device=rows.device)
         # gradients are all-reduced (DDP) / the DeepSpeed engine steps only on the last micro-batch
         accelerator.gradient_state._set_sync_gradients(last)
-        with _no_sync_unless(last, accelerator, models.policy, critic):
-            p_ids, p_mask, c_ids, c_mask = micro_inputs(batch, rows)
-            width = c_ids.shape[1]
-            kept = batch.sampler_probs  # only ever kept for a step of one micro-batch (reuse_sampler_probs)
-            logprobs = completion_logprobs(
-                models.policy, p_ids, p_mask, c_ids, c_mask, temperature, None if kept is None else kept[:width]
-            )
-            if batch.ref_logprobs is not None:
-                ref = batch.ref_logprobs[rows][:, :width]
-            elif objective.uses_reference:
-                with torch.no_grad(), reference_model(models, accelerator) as ref_model:
-                    ref = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, temperature)
-            else:
-                ref = None
-            old = None if batch.old_logprobs is None else batch.old_logprobs[rows][:, :width]
-            values = old_values = None
-            if critic is not None:
-                values = completion_values(critic, p_ids, p_mask, c_ids, c_mask.to(logprobs.dtype))
-                old_values = None if batch.old_values is None else batch.old_values[rows][:, :width]
-            micro = _loss_batch(
-                batch, logprobs=logprobs, rows=rows, mask=c_mask, ref=ref, old=old, values=values, old_values=old_values
-            )
-            micro.stats = stats
-            loss, metric_sums = objective.evaluate(micro, num_units=global_units)
-            if placeholder:
-                loss = loss * 0.0
-            loss_value = float(loss.detach())
-            if not torch.isfinite(loss) or not torch.isfinite(logprobs.detach()).all():
-                finite = False
-            # accelerate (and DeepSpeed) divide by the accumulation count; our loss is already
-            # normalised by the global unit count, so undo it
-            accelerator.backward(loss * scale * accelerator.gradient_accumulation_steps)
+        with _no_sync_unless(last, accelerator, models.policy, models.critic):
+            out = micro_batch_backward(ctx, batch, kept, stats, rows, units)
         # the loss is already normalised by the step's global unit count: processes' losses add up
-        add_sums(sums, {"loss": (loss_value, 0.0), **metric_sums}, weight=0.0 if placeholder else 1.0)
-        if placeholder:
-            continue
-        policy_lp.append(_pad_to(logprobs.detach(), batch.completion_mask.shape[1]))
-        if ref is not None:
-            ref_lp.append(_pad_to(ref.detach(), batch.completion_mask.shape[1]))
-        if values is not None:
-            value_lp.append(_pad_to(values.detach(), batch.completion_mask.shape[1]))
-    batch.sampler_probs = None  # the backward has consumed it in place
+        add_sums(sums, {"loss": (out.loss, 0.0), **out.metric_sums}, weight=0.0 if out.placeholder else 1.0)
+        finite = finite and out.finite
+        if not out.placeholder:
+            outputs.append(out)
+    grad_norm = clip_gradients(models, settings.max_grad_norm, accelerator)
+    if not finite or (grad_norm is not None and not math.isfinite(grad_norm)):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        return None
+    width = batch.completion_mask.shape[1]
+    policy_lp = [_pad_to(out.logprobs, width) for out in outputs]
+    ref_lp = [_pad_to(out.ref, width) for out in outputs if out.ref is not None]
+    if update == 0 and settings.updates_per_batch > 1 and policy_lp and kept.old_logprobs is None:
+        kept = first_pass_kept(
+            batch, kept, live, policy_lp, ref_lp, [_pad_to(o.values, width) for o in outputs if o.values is not None]
+        )
+    ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if policy_lp:  # the step's rows in micro-batch order (``live``)
+        old = None if kept.old_logprobs is None else kept.old_logprobs[live]
+        ref = torch.cat(ref_lp) if ref_lp else None
+        full = loss_batch(batch, logprobs=torch.cat(policy_lp), rows=live, ref=ref, old=old)
+    else:  # every sample went unscored: report the names the other processes do, adding nothing
+        empty = torch.zeros(0, width, device=batch.completion_mask.device)
+        with_ref = kept.ref_logprobs is not None or objective.uses_reference
+        full = loss_batch(batch, logprobs=empty, rows=live, ref=empty if with_ref else None)
+    if update == settings.updates_per_batch - 1:  # once per batch: a moving baseline absorbs each batch once
+        objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
+    add_sums(sums, sequence_sums(full, offline_pairs=batch.pairs is not None))
+    return StepResult(sums, grad_norm, kept)
+
+
+def global_units(objective: losses.Objective, batch: StepBatch, live: Tensor, accelerator) -> float:
+    """The units (sequences, pairs or tokens) the step trains on, over every process."""
+    whole = live.numel() == batch.completion_ids.shape[0]
+    zeros = torch.zeros(len(live), batch.completion_mask.shape[1], device=batch.completion_mask.device)
+    full = loss_batch(batch, logprobs=zeros, rows=None if whole else live)
+    local = torch.tensor(float(objective.count_units(full)), device=accelerator.device)
+    units = float(accelerator.reduce(local, reduction="sum")) if accelerator.num_processes > 1 else float(local)
+    return max(units, 1.0)  # a step whose samples all went unscored trains on nothing
+
+
+@dataclass(frozen=True)
+class MicroBatchOutput:
+    """What a micro-batch's forward and backward leave for the rest of the step (detached)."""
+
+    loss: float
+    metric_sums: dict[str, tuple[float, float]]
+    finite: bool
+    placeholder: bool  # a micro-batch emptied by unscored samples, run at zero weight
+    logprobs: Tensor
+    ref: Tensor | None
+    values: Tensor | None
+
+
+def micro_batch_backward(
+    ctx: StepContext, batch: StepBatch, kept: KeptLogprobs, stats: dict[str, Tensor] | None, rows: Tensor, units: float
+) -> MicroBatchOutput:
+    """One micro-batch's log-probs (policy, reference, critic), loss and backward."""
+    settings, models, objective, accelerator = ctx.settings, ctx.models, ctx.objective, ctx.accelerator
+    # a micro-batch emptied by unscored samples still runs (a sharded forward is collective), at zero weight
+    placeholder = rows.numel() == 0
+    if placeholder:
+        rows = torch.zeros(1, dtype=torch.long, device=rows.device)
+    p_ids, p_mask, c_ids, c_mask = micro_inputs(batch, rows)
+    width = c_ids.shape[1]
+    probs = batch.sampler_probs  # only ever kept for a step of one micro-batch (reuse_sampler_probs)
+    logprobs = completion_logprobs(
+        models.policy, p_ids, p_mask, c_ids, c_mask, settings.temperature, None if probs is None else probs[:width]
+    )
+    if kept.ref_logprobs is not None:
+        ref = kept.ref_logprobs[rows][:, :width]
+    elif objective.uses_reference:
+        with torch.no_grad(), reference_model(models, accelerator) as ref_model:
+            ref = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, settings.temperature)
+    else:
+        ref = None
+    old = None if kept.old_logprobs is None else kept.old_logprobs[rows][:, :width]
+    values = old_values = None
+    if models.critic is not None:
+        values = completion_values(models.critic, p_ids, p_mask, c_ids, c_mask.to(logprobs.dtype))
+        old_values = None if kept.old_values is None else kept.old_values[rows][:, :width]
+    micro = loss_batch(
+        batch, logprobs, rows=rows, mask=c_mask, ref=ref, old=old, values=values, old_values=old_values, stats=stats
+    )
+    loss, metric_sums = objective.evaluate(micro, num_units=units)
+    if placeholder:
+        loss = loss * 0.0
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(logprobs.detach()).all())
+    # accelerate (and DeepSpeed) divide by the accumulation count, and DDP averages over processes;
+    # our loss is already normalised by the step's global unit count, so undo both
+    accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
+    return MicroBatchOutput(
+        loss=float(loss.detach()),
+        metric_sums=metric_sums,
+        finite=finite,
+        placeholder=placeholder,
+        logprobs=logprobs.detach(),
+        ref=None if ref is None else ref.detach(),
+        values=None if values is None else values.detach(),
+    )
+
+
+def clip_gradients(models: Models, max_grad_norm: float | None, accelerator) -> float | None:
+    """The policy's and critic's gradients clipped together (as TRL's PPO does); their norm, or
+    None where DeepSpeed clips inside its engine."""
+    critic = models.critic
     params = list(models.policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
-    if recipe.train.max_grad_norm is not None:  # policy and critic clipped together, as TRL's PPO does
-        norm = accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+    if max_grad_norm is not None:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     else:
         grads = [p.grad.norm() for p in params if p.grad is not None]
         norm = torch.norm(torch.stack(grads)) if grads else None
-    grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
-    if not finite or (grad_norm is not None and not math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    # π_old and the reference, for the passes that follow (kept already with several mini-batches)
-    if update == 0 and updates > 1 and policy_lp and batch.old_logprobs is None:
-        kept = torch.cat(policy_lp)  # rows in ``live`` order, padded to the batch's width
-        batch.old_logprobs = kept.new_zeros(batch.completion_mask.shape[0], kept.shape[1])
-        batch.old_logprobs[live] = kept
-        if ref_lp and batch.ref_logprobs is None:
-            batch.ref_logprobs = torch.zeros_like(batch.old_logprobs)
-            batch.ref_logprobs[live] = torch.cat(ref_lp)
-        if value_lp:  # V_old: the advantages and value clip of later updates read the rollout's critic
-            batch.old_values = torch.zeros_like(batch.old_logprobs)
-            batch.old_values[live] = torch.cat(value_lp)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    if policy_lp:  # the step's rows in micro-batch order (``live``)
-        old = None if batch.old_logprobs is None else batch.old_logprobs[live]
-        full = _loss_batch(
-            batch, logprobs=torch.cat(policy_lp), rows=live, ref=torch.cat(ref_lp) if ref_lp else None, old=old
-        )
-    else:  # every sample went unscored: report the names the other processes do, adding nothing
-        empty = torch.zeros(0, batch.completion_mask.shape[1], device=batch.completion_mask.device)
-        with_ref = batch.ref_logprobs is not None or objective.uses_reference
-        full = _loss_batch(batch, logprobs=empty, rows=live, ref=empty if with_ref else None)
-    if update == updates - 1:  # once per batch: a moving baseline absorbs each batch once
-        objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
-    add_sums(sums, sequence_sums(full, offline_pairs=batch.pairs is not None))
-    return sums, grad_norm
+    return None if norm is None else float(norm)
+
+
+def first_pass_kept(
+    batch: StepBatch,
+    kept: KeptLogprobs,
+    live: Tensor,
+    policy_lp: list[Tensor],
+    ref_lp: list[Tensor],
+    value_lp: list[Tensor],
+) -> KeptLogprobs:
+    """π_old, the reference's log-probs and V_old from the first pass's own forwards, for the
+    passes that follow (rows in ``live`` order, padded to the batch's width)."""
+    rows = batch.completion_mask.shape[0]
+
+    def scatter(parts: list[Tensor]) -> Tensor:
+        values = torch.cat(parts)
+        out = values.new_zeros(rows, values.shape[1])
+        out[live] = values
+        return out
+
+    return KeptLogprobs(
+        old_logprobs=scatter(policy_lp),
+        ref_logprobs=scatter(ref_lp) if ref_lp and kept.ref_logprobs is None else kept.ref_logprobs,
+        # V_old: the advantages and value clip of later updates read the rollout's critic
+        old_values=scatter(value_lp) if value_lp else kept.old_values,
+    )
 
 
 def mini_batch_rows(batch: StepBatch, mini_batches: int, index: int) -> list[Tensor]:
@@ -225,38 +298,37 @@ def mini_batch_rows(batch: StepBatch, mini_batches: int, index: int) -> list[Ten
 
 def micro_inputs(batch: StepBatch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A micro-batch's prompts (re-padded as short as they can be) and completions (cut to its longest)."""
-    p_ids, p_mask = _trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
+    p_ids, p_mask = trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
     c_ids, c_mask = batch.completion_ids[rows], batch.completion_mask[rows]
     width = max(int(c_mask.sum(-1).max()), 1)
     return p_ids, p_mask, c_ids[:, :width], c_mask[:, :width]
 
 
 @torch.no_grad()
-def keep_rollout_logprobs(
-    recipe: Recipe, models: Models, objective: losses.Objective, batch: StepBatch, accelerator
-) -> None:
+def keep_rollout_logprobs(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs | None = None) -> KeptLogprobs:
     """π_old, the reference's log-probs and V_old for every row, before the batch's first optimizer
     step: with several mini-batches the later ones are trained after the weights have moved, so
     their ratios must read the policy that sampled (TRL's PPO computes them in its rollout too).
     The same micro-batches, widths and mode as the training forward, so a ratio the first step
-    reads is exactly 1."""
-    temperature = recipe.generation.temperature
+    reads is exactly 1. ``kept``: what is known already (a cached reference is not recomputed)."""
+    settings, models, objective, accelerator = ctx.settings, ctx.models, ctx.objective, ctx.accelerator
+    kept = kept or KeptLogprobs(ref_logprobs=batch.ref_logprobs)
     n, width = batch.completion_mask.shape
-    kept: dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
 
     def keep(name: str, rows: Tensor, value: Tensor) -> None:
-        if name not in kept:
-            kept[name] = value.new_zeros(n, width)
-        kept[name][rows, : value.shape[1]] = value
+        if name not in out:
+            out[name] = value.new_zeros(n, width)
+        out[name][rows, : value.shape[1]] = value
 
     for rows in batch.micro_batches:
         placeholder = rows.numel() == 0  # a sharded forward is collective: every process runs as many
         p_ids, p_mask, c_ids, c_mask = micro_inputs(batch, rows.new_zeros(1) if placeholder else rows)
-        policy_lp = completion_logprobs(models.policy, p_ids, p_mask, c_ids, c_mask, temperature)
+        policy_lp = completion_logprobs(models.policy, p_ids, p_mask, c_ids, c_mask, settings.temperature)
         ref_lp = values = None
-        if objective.uses_reference and batch.ref_logprobs is None:
+        if objective.uses_reference and kept.ref_logprobs is None:
             with reference_model(models, accelerator) as ref_model:
-                ref_lp = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, temperature)
+                ref_lp = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, settings.temperature)
         if models.critic is not None:
             values = completion_values(models.critic, p_ids, p_mask, c_ids, c_mask.to(policy_lp.dtype))
         if placeholder:
@@ -264,11 +336,9 @@ def keep_rollout_logprobs(
         for name, value in (("old", policy_lp), ("ref", ref_lp), ("values", values)):
             if value is not None:
                 keep(name, rows, value)
-    if "old" not in kept:  # every sample went unscored: the steps train on nothing
-        return
-    batch.old_logprobs = kept["old"]
-    batch.ref_logprobs = kept.get("ref", batch.ref_logprobs)
-    batch.old_values = kept.get("values")
+    if "old" not in out:  # every sample went unscored: the steps train on nothing
+        return kept
+    return KeptLogprobs(out["old"], out.get("ref", kept.ref_logprobs), out.get("values"))
 
 
 def _no_sync_unless(last: bool, accelerator, *models) -> contextlib.AbstractContextManager:
@@ -289,7 +359,7 @@ def _pad_to(x: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
-def _loss_batch(
+def loss_batch(
     batch: StepBatch,
     logprobs: Tensor,
     rows: Tensor | None = None,
@@ -298,7 +368,9 @@ def _loss_batch(
     old: Tensor | None = None,
     values: Tensor | None = None,
     old_values: Tensor | None = None,
+    stats: dict[str, Tensor] | None = None,
 ) -> LossBatch:
+    """The objective's view of ``rows`` of the batch (all rows: None) with these per-token values."""
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     pairs = batch.pairs
     if pairs is not None and rows is not None:
@@ -314,6 +386,7 @@ def _loss_batch(
         old_logprobs=old,
         values=values,
         old_values=old_values,
+        stats=stats,
     )
 
 

@@ -48,14 +48,14 @@ def _align_step0(recipe_raw: dict) -> tuple[list[dict], dict, dict]:
     """One align step in this process: (the rollout's completions per prompt, gradients by name, metrics)."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    import align.batches as batches
+    import align.native_engine as engine
     import align.trainer as trainer_lib
     from align.recipe import Recipe
 
     completions: dict[tuple, list[list[int]]] = {}
     models: dict = {}
     grads: dict = {}
-    real_generate, real_train_on_batch = batches.generate_with, trainer_lib.train_on_batch
+    real_generate, real_train_on_batch = engine.generate, trainer_lib.train_on_batch
 
     def recording_generate(*args, **kwargs):
         rollout = real_generate(*args, **kwargs)
@@ -65,9 +65,9 @@ def _align_step0(recipe_raw: dict) -> tuple[list[dict], dict, dict]:
             completions.setdefault(prompt, []).append(rollout.completion_ids[row, : lengths[row]].tolist())
         return rollout
 
-    def capturing_train_on_batch(recipe, run_models, *args, **kwargs):
-        models["policy"] = run_models.policy
-        return real_train_on_batch(recipe, run_models, *args, **kwargs)
+    def capturing_train_on_batch(ctx, *args, **kwargs):
+        models["policy"] = ctx.models.policy
+        return real_train_on_batch(ctx, *args, **kwargs)
 
     def save_first_grads(optimizer, args, kwargs):
         if not grads and "policy" in models:
@@ -75,13 +75,13 @@ def _align_step0(recipe_raw: dict) -> tuple[list[dict], dict, dict]:
             grads.update({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
 
     metrics: dict = {}
-    batches.generate_with, trainer_lib.train_on_batch = recording_generate, capturing_train_on_batch
+    engine.generate, trainer_lib.train_on_batch = recording_generate, capturing_train_on_batch
     hook = register_optimizer_step_pre_hook(save_first_grads)
     try:
         trainer_lib.train(Recipe.model_validate(recipe_raw), on_step=lambda step, record: metrics.update(record))
     finally:
         hook.remove()
-        batches.generate_with, trainer_lib.train_on_batch = real_generate, real_train_on_batch
+        engine.generate, trainer_lib.train_on_batch = real_generate, real_train_on_batch
     entries = [{"prompt_ids": list(p), "completion_ids": c} for p, c in completions.items()]
     return entries, grads, metrics
 

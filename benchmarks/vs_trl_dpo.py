@@ -89,8 +89,9 @@ def align_step0(model: Path, reference: Path, pairs: Path, average: bool, n: int
     import losses
     from align import data as data_lib
     from align.logprobs import completion_logprobs
+    from align.models import load_models
     from align.recipe import Recipe
-    from align.trainer import OfflineData, load_models
+    from align.run_data import OfflineData
 
     recipe = Recipe.model_validate(align_recipe(model, pairs, 1, average, reference))
     device = torch.device("cpu")

@@ -71,7 +71,7 @@ RunQuantity = Literal["reward_weights", "max_new_tokens", "k"]
 RUN_QUANTITIES: tuple[str, ...] = get_args(RunQuantity)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossBatch:
     logprobs: Tensor
     mask: Tensor

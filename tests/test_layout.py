@@ -121,3 +121,140 @@ def test_no_package_file_over_500_lines() -> None:
     lines = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in modules().values()}
     long = {path: n for path, n in lines.items() if n > MAX_LINES}
     assert not long, long
+
+
+def _project_modules_imported(tree: ast.AST) -> dict[str, str]:
+    """Local name -> project module, for every ``import align.x as m`` / ``from align import x``."""
+    mods = modules()
+    names: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in mods and alias.asname:
+                    names[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in mods:
+                    names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return names
+
+
+def private_imports(path: Path) -> list[str]:
+    """Every private name (``_x``, not dunder) this file takes from another project module."""
+    mods, tree = modules(), ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in mods and not node.level:
+            found += [f"from {node.module} import {a.name}" for a in node.names if _private(a.name)]
+    aliases = _project_modules_imported(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            if _private(node.attr):
+                found.append(f"{aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    wrong = [f"{path.relative_to(ROOT)}: {use}" for path in modules().values() for use in private_imports(path)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_private_import_finder_finds_both_forms(tmp_path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("import align.step as s\nfrom align.batches import _zero_where\ns._no_sync_unless\ns.public\n")
+    assert private_imports(source) == ["from align.batches import _zero_where", "align.step._no_sync_unless"]
+
+
+# the values one step passes between its stages: made by their constructors, never written after
+BATCH_CLASSES = {
+    "align.rollout": ["Rollout"],
+    "align.scoring": ["RolloutScores"],
+    "align.batches": ["StepBatch", "KeptLogprobs"],
+    "losses.base": ["LossBatch"],
+}
+
+
+def batch_field_names() -> set[str]:
+    import dataclasses
+    import importlib
+
+    names: set[str] = set()
+    for module, classes in BATCH_CLASSES.items():
+        for name in classes:
+            cls = getattr(importlib.import_module(module), name)
+            assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, f"{name} is not frozen"
+            names |= {f.name for f in dataclasses.fields(cls)}
+    return names
+
+
+def batch_writes(path: Path, fields: set[str]) -> list[str]:
+    """Every ``x.field = …`` / ``x.field[…] = …`` / ``x.field += …`` / ``setattr(x, …)`` on a batch
+    field outside ``self`` (a class's own constructor)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+            found.append(f"line {node.lineno}: setattr")
+        targets = [t for target in targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+        for target in targets:
+            base = target.value if isinstance(target, ast.Subscript) else target
+            if (
+                isinstance(base, ast.Attribute)
+                and base.attr in fields
+                and not (isinstance(base.value, ast.Name) and base.value.id == "self")
+            ):
+                found.append(f"line {node.lineno}: {ast.unparse(target)}")
+    return found
+
+
+def test_no_batch_is_written_outside_its_constructor() -> None:
+    """A batch (a rollout, its scores, a step batch, what a step keeps, an objective's view) is a
+    value: nothing in align/ or losses/ assigns to its fields after it is made."""
+    fields = batch_field_names()
+    wrong = [
+        f"{path.relative_to(ROOT)} {write}"
+        for name, path in modules().items()
+        if name.split(".")[0] in ("align", "losses")
+        for write in batch_writes(path, fields)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_batch_write_finder_finds_each_form(tmp_path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text(
+        "batch.old_logprobs = x\nbatch.metrics['a'] = 1\nmicro.stats = s\nbatch.rewards += 1\n"
+        "setattr(out, name, v)\nself.rewards = r\nrun.step = 1\n"
+    )
+    assert batch_writes(source, {"old_logprobs", "metrics", "stats", "rewards"}) == [
+        "line 1: batch.old_logprobs",
+        "line 2: batch.metrics['a']",
+        "line 3: micro.stats",
+        "line 4: batch.rewards",
+        "line 5: setattr",
+    ]
+
+
+# the functions every step passes through stay short enough to read at once
+SHORT_FUNCTIONS = {"align/step.py": ["optimizer_step", "train_on_batch"], "align/native_engine.py": ["generate"]}
+
+
+def test_the_step_and_the_decode_loop_fit_on_a_screen() -> None:
+    long = []
+    for file, names in SHORT_FUNCTIONS.items():
+        tree = ast.parse((ROOT / file).read_text())
+        found = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        for name in names:
+            node = found[name]
+            lines = node.end_lineno - min([node.lineno, *(d.lineno for d in node.decorator_list)]) + 1
+            if lines > 60:
+                long.append(f"{file}:{name} is {lines} lines")
+    assert not long, "\n".join(long)

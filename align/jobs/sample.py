@@ -31,7 +31,6 @@ def main(args) -> int:
     from align.models import Models, load_saved_policy, load_tokenizer
     from align.recipe import Recipe
     from align.rewards_adapter import build_reward
-    from align.rollout import decode_completions
     from align.run_data import OnlineData
 
     if args.recipe is None:
@@ -65,12 +64,13 @@ def main(args) -> int:
         policy = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch_dtype(recipe.model.dtype)).eval()
     models = Models(policy, None, tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id)
     rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)
-    texts = decode_completions(rollout, tokenizer, recipe.generation.stop_strings, tokenizer.pad_token_id)
+    texts = list(rollout.texts)
     scores, components = [None] * len(texts), {}
     if recipe.reward:
         reward = build_reward(recipe.reward, device)
-        total, components = reward.score(prompts, texts, columns, update=False, messages=messages)
-        scores = [None if s != s else float(s) for s in total.tolist()]  # NaN: no reward scored it
+        scored = reward.score(prompts, texts, columns, update=False, messages=messages)
+        components = scored.components
+        scores = [None if s != s else float(s) for s in scored.total.tolist()]  # NaN: no reward scored it
     rows = [
         {
             "prompt": p,

@@ -182,13 +182,10 @@ def read_prompts(source: str, column: str, limit: int | None = None) -> list[str
 def sample(recipe: Recipe, models, policy, prompts: list[str], seed: int, k: int, device, chunk: int = 64) -> list[str]:
     """k samples per prompt (prompt-major: prompt i's samples at i·k … i·k+k−1), keyed by seed."""
     from align.evaluation import sample_prompts
-    from align.rollout import decode_completions
 
     texts: list[str] = []
     for lo in range(0, len(prompts), chunk):
-        rollout = sample_prompts(recipe, models, policy, prompts[lo : lo + chunk], seed, k, device, first_index=lo)
-        stops = recipe.generation.stop_strings
-        texts += decode_completions(rollout, models.tokenizer, stops, models.pad_token_id)
+        texts += sample_prompts(recipe, models, policy, prompts[lo : lo + chunk], seed, k, device, first_index=lo).texts
     return texts
 
 

@@ -12,7 +12,7 @@ import torch
 from helpers import write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import align.trainer as trainer_mod
+import align.run_setup as trainer_mod
 from align.config import validate
 from align.data import DataError
 from align.jobs import train as train_job

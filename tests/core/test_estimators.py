@@ -70,9 +70,9 @@ def test_rcfd_with_one_reward_is_rloo_on_the_squared_gap(tiny_model_dir, tiny_da
         demonstrations.extend(zip(prompts, demos))
         return score_demonstrations(self, prompts, demos, *args, **kwargs)
 
-    def spy_step(recipe, models, objective, batch, *args):
+    def spy_step(ctx, batch, *args):
         steps.append(batch)
-        return train_on_batch(recipe, models, objective, batch, *args)
+        return train_on_batch(ctx, batch, *args)
 
     def spy_evaluate(self, batch, num_units=None):
         out = evaluate(self, batch, num_units)
@@ -86,7 +86,7 @@ def test_rcfd_with_one_reward_is_rloo_on_the_squared_gap(tiny_model_dir, tiny_da
     (step,), ((batch, loss),) = steps, evaluated
     # each row's demonstration is one the data file gives its prompt
     data = {(row["prompt"], row["demonstration"]) for row in _rows(tiny_data_files["demos"])}
-    assert [p for p, _ in demonstrations] == step.prompts and set(demonstrations) <= data
+    assert [p for p, _ in demonstrations] == list(step.prompts) and set(demonstrations) <= data
     r = torch.tensor([len(t) / 10 for t in step.texts], dtype=torch.float64)
     r_demo = torch.tensor([len(d) / 10 for _, d in demonstrations], dtype=torch.float64)
     calibrated = -((r - r_demo) ** 2)
@@ -142,13 +142,13 @@ def test_replayed_groups_keep_the_log_probs_of_the_policy_that_sampled_them(
     fresh_batches, trained = [], []
     add, train_on_batch = ReplayBuffer.add, trainer_mod.train_on_batch
 
-    def spy_add(self, batch, step):
-        fresh_batches.append(batch)
-        return add(self, batch, step)
+    def spy_add(self, batch, kept, step):
+        fresh_batches.append((batch, kept))
+        return add(self, batch, kept, step)
 
-    def spy_step(recipe, models, objective, batch, *args):
-        trained.append(batch)
-        return train_on_batch(recipe, models, objective, batch, *args)
+    def spy_step(ctx, batch, kept):
+        trained.append((batch, kept))
+        return train_on_batch(ctx, batch, kept)
 
     monkeypatch.setattr(ReplayBuffer, "add", spy_add)
     monkeypatch.setattr(trainer_mod, "train_on_batch", spy_step)
@@ -161,15 +161,15 @@ def test_replayed_groups_keep_the_log_probs_of_the_policy_that_sampled_them(
         return tuple(batch.prompt_ids[rows][batch.prompt_mask[rows].bool()].tolist()), tuple(batch.texts[rows])
 
     sampled = {}  # a group -> (its step, its π_old when it was sampled)
-    for step, batch in enumerate(fresh_batches):
-        assert batch.old_logprobs is not None
+    for step, (batch, kept) in enumerate(fresh_batches):
+        assert kept.old_logprobs is not None
         for g in range(groups):
-            sampled.setdefault(key(batch, g), (step, batch.old_logprobs[g * k : (g + 1) * k]))
+            sampled.setdefault(key(batch, g), (step, kept.old_logprobs[g * k : (g + 1) * k]))
     ages = []
-    for step, batch in enumerate(trained):
+    for step, (batch, replayed) in enumerate(trained):
         for g in range(groups):
             at, kept = sampled[key(batch, g)]
-            mine = batch.old_logprobs[g * k : (g + 1) * k]
+            mine = replayed.old_logprobs[g * k : (g + 1) * k]
             assert torch.equal(mine[:, : kept.shape[1]], kept) and not mine[:, kept.shape[1] :].any()
             ages.append(step - at)
     assert max(ages) > 0  # some groups were sampled by an older policy

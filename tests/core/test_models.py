@@ -138,7 +138,7 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, tiny_data_
             )
         }
     )
-    import align.trainer as trainer_mod
+    import align.run_setup as trainer_mod
 
     seen = {}
     original = trainer_mod.load_models

@@ -8,9 +8,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import align.rollout as rollout_lib
+import align.native_engine as engine_lib
 from align.decode import decode_step_for
-from align.rollout import generate, inverse_cdf_sample, sample_keys
+from align.rollout import SamplingSettings
+from align.sampling import inverse_cdf_sample, sample_keys
+
+
+def generate(model, ids, mask, keys, *, k, keep_probs=False, eos_token_id=None, **sampling):
+    """The native engine's ``generate`` with sampling settings given as keywords."""
+    eos = () if eos_token_id is None else (eos_token_id,)
+    settings = SamplingSettings(eos_token_ids=eos, **sampling)
+    return engine_lib.generate(model, ids, mask, keys, k=k, sampling=settings, keep_probs=keep_probs)
 
 
 def _flat_search(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -88,7 +96,7 @@ def test_split_head_decoding_samples_what_the_models_own_logits_sample(arch_mode
     ids, mask = _prompts()
     keys = sample_keys(3, 1, torch.arange(3), 4)
     split = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
-    monkeypatch.setattr(rollout_lib, "fused_head_weight", lambda model: None)
+    monkeypatch.setattr(engine_lib, "fused_head_weight", lambda model: None)
     plain = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
     assert torch.equal(split.completion_ids, plain.completion_ids)
 
@@ -150,6 +158,18 @@ def test_kept_probs_are_the_models_unfiltered_distribution_and_change_no_sample(
         assert torch.allclose(kept.probs[real].double(), expected[real], atol=1e-5)
         assert (kept.probs[:, :, 1] > 0).all()  # EOS keeps its mass: masking was for sampling only
         assert ((kept.probs[real] > 0).sum(-1) > 20).all()  # not the top-k filtered distribution
+        # the sampler's log-prob of each token: under the distribution it was drawn from (EOS
+        # masked before min_new_tokens, top-k renormalised), 0 past the completion
+        drawn = expected.clone()
+        drawn[:3, :, 1] = 0.0
+        if top_k:
+            kth = drawn.topk(top_k, -1).values[..., -1:]
+            drawn = torch.where(drawn >= kth, drawn, torch.zeros_like(drawn))
+        drawn = drawn / drawn.sum(-1, keepdim=True)
+        picked = drawn.gather(-1, kept.completion_ids.t()[..., None])[..., 0].log().t()
+        assert torch.allclose(kept.sampler_logprobs[real.t()].double(), picked[real.t()], atol=1e-4)
+        assert (kept.sampler_logprobs[~real.t()] == 0).all()
+        assert torch.equal(plain.sampler_logprobs, kept.sampler_logprobs)
 
 
 def _written_out_against_transformers(model, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -201,7 +221,7 @@ def test_written_out_decode_equals_transformers_decode(arch_model_dir, monkeypat
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     keys = sample_keys(3, 1, torch.arange(3), 4)
     with_step = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
-    monkeypatch.setattr(rollout_lib, "decode_step_for", lambda *args: None)
+    monkeypatch.setattr(engine_lib, "decode_step_for", lambda *args: None)
     without = generate(model, ids, mask, keys, k=4, max_new_tokens=12, temperature=0.8)
     assert torch.equal(with_step.completion_ids, without.completion_ids)
     monkeypatch.undo()

@@ -19,16 +19,16 @@ from align.trainer import train
 
 def _record_reuse_decisions(monkeypatch) -> list[bool]:
     """Every ``reuse_sampler_probs`` decision of the runs that follow, in order."""
-    import align.batches as batches_mod
+    import align.run_setup as setup_mod
 
     decisions: list[bool] = []
-    decide = batches_mod.reuse_sampler_probs
+    decide = setup_mod.reuse_sampler_probs
 
     def spy(*args, **kwargs) -> bool:
         decisions.append(decide(*args, **kwargs))
         return decisions[-1]
 
-    monkeypatch.setattr(batches_mod, "reuse_sampler_probs", spy)
+    monkeypatch.setattr(setup_mod, "reuse_sampler_probs", spy)
     return decisions
 
 
@@ -116,7 +116,7 @@ def test_loss_logprobs_are_at_the_sampling_temperature(
     if not keep_probs:
         monkeypatch.setattr(batches_mod, "KEEP_PROBS_MAX_BYTES", 0)
     forwards, micro_batches = [], []
-    real_logprobs, real_loss_batch = step_mod.completion_logprobs, step_mod._loss_batch
+    real_logprobs, real_loss_batch = step_mod.completion_logprobs, step_mod.loss_batch
 
     def spy_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *args, **kwargs):
         out = real_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *args, **kwargs)
@@ -131,7 +131,7 @@ def test_loss_logprobs_are_at_the_sampling_temperature(
         return out
 
     monkeypatch.setattr(step_mod, "completion_logprobs", spy_logprobs)
-    monkeypatch.setattr(step_mod, "_loss_batch", spy_loss_batch)
+    monkeypatch.setattr(step_mod, "loss_batch", spy_loss_batch)
     recipe = make_recipe(
         tiny_model_dir,
         tiny_data_files,

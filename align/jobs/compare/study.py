@@ -36,8 +36,8 @@ class Judge:
         self.gold = build_reward(study.gold, device) if study.gold else self.reward
 
     def __call__(self, prompts: list[str], texts: list[str]) -> dict[str, list[float]]:
-        reward = self.reward.score(prompts, texts, {}, update=False)[0].tolist()
-        gold = reward if self.gold is self.reward else self.gold.score(prompts, texts, {}, update=False)[0].tolist()
+        reward = self.reward.score(prompts, texts, {}, update=False).total.tolist()
+        gold = reward if self.gold is self.reward else self.gold.score(prompts, texts, {}, update=False).total.tolist()
         return {"reward": reward, "gold": gold}
 
 

@@ -212,7 +212,7 @@ def vader_compound(texts: Iterable[str]) -> list[float]:
     return [analyzer.polarity_scores(t)["compound"] for t in texts]
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -253,11 +253,11 @@ def _write_corpus(data_dir: Path, n_train: int, n_eval: int, seed: int) -> None:
     held_out = [split_review(r, rng) for r in generate_reviews(n_eval, seed + 10_007)]
     scores = vader_compound(p + c for p, c in train)
 
-    _write_jsonl(data_dir / "sft.jsonl", ({"prompt": p, "completion": c} for p, c in train))
-    _write_jsonl(data_dir / "prompts.jsonl", ({"prompt": p} for p, _ in train))
-    _write_jsonl(data_dir / "eval_prompts.jsonl", ({"prompt": p} for p, _ in held_out))
-    _write_jsonl(data_dir / "pairs.jsonl", _preference_pairs(train, scores, rng))
-    _write_jsonl(data_dir / "demos.jsonl", ({"prompt": p, "demonstration": c} for p, c in train))
+    write_jsonl(data_dir / "sft.jsonl", ({"prompt": p, "completion": c} for p, c in train))
+    write_jsonl(data_dir / "prompts.jsonl", ({"prompt": p} for p, _ in train))
+    write_jsonl(data_dir / "eval_prompts.jsonl", ({"prompt": p} for p, _ in held_out))
+    write_jsonl(data_dir / "pairs.jsonl", _preference_pairs(train, scores, rng))
+    write_jsonl(data_dir / "demos.jsonl", ({"prompt": p, "demonstration": c} for p, c in train))
 
 
 def atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:

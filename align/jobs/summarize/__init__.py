@@ -42,6 +42,7 @@ Layout under ``root`` (the directory holding the RL recipe's ``model.path``; by 
     root/data/nli_eval.jsonl    the same, from other documents
     root/base_model/            untrained tiny GPT-2 + tokenizer
     root/nli_model/             trained NLI classifier + tokenizer + metrics.json
+    root/nli_model_run/         its training run (checkpoints, metrics.jsonl): a stopped build continues from it
     root/sft_model/             the SFT policy (the RL recipe's model.path)
 """
 

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.jobs.quickstart.corpus import _write_jsonl, read_jsonl
+from align.jobs.quickstart.corpus import read_jsonl, write_jsonl
 from align.jobs.summarize.grammar import (
     POOLS,
     PROMPT_TEMPLATE,
@@ -149,7 +149,7 @@ def write_corpus(data_dir: Path, seed: int = 0, sizes: CorpusSizes | None = None
         ("nli_train", nli_train),
         ("nli_eval", nli_eval),
     ]:
-        _write_jsonl(data_dir / f"{name}.jsonl", rows)
+        write_jsonl(data_dir / f"{name}.jsonl", rows)
 
 
 def corpus_texts(data_dir: Path) -> list[str]:

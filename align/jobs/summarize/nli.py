@@ -189,13 +189,13 @@ def nli_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 128) -> d
         for enc, _ in _nli_batches(tokenizer, rows, batch_size):
             predictions += model(**enc.to(model.device)).logits.argmax(-1).tolist()
     correct = [int(p == r["label"]) for p, r in zip(predictions, rows)]
-    by_label = {LABELS[label]: _mean([c for c, r in zip(correct, rows) if r["label"] == label]) for label in range(3)}
+    by_label = {LABELS[label]: mean_of([c for c, r in zip(correct, rows) if r["label"] == label]) for label in range(3)}
     kinds = sorted({r["kind"] for r in rows})
-    by_kind = {k: _mean([c for c, r in zip(correct, rows) if r["kind"] == k]) for k in kinds}
-    return {"accuracy": _mean(correct), "n": len(rows), "by_label": by_label, "by_kind": by_kind}
+    by_kind = {k: mean_of([c for c, r in zip(correct, rows) if r["kind"] == k]) for k in kinds}
+    return {"accuracy": mean_of(correct), "n": len(rows), "by_label": by_label, "by_kind": by_kind}
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean_of(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 

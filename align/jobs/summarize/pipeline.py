@@ -66,7 +66,7 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def _log(message: str) -> None:
+def log_progress(message: str) -> None:
     print(f"align summarize: {message}", file=sys.stderr, flush=True)
 
 
@@ -74,7 +74,7 @@ def ensure_corpus(root: Path, setup: Setup) -> Path:
     """``root/data`` (the corpus files of the module docstring)."""
     target = Path(root) / "data"
     if not target.is_dir():
-        _log(f"writing the synthetic corpus to {target}")
+        log_progress(f"writing the synthetic corpus to {target}")
     return atomic_dir(target, lambda d: write_corpus(d, setup.seed, setup.sizes))
 
 
@@ -146,19 +146,19 @@ def build_nli(data_dir: Path, out: Path, run_dir: Path, cfg: NLITrainConfig) -> 
 
     train_rows = read_jsonl(data_dir / "nli_train.jsonl")
     eval_rows = read_jsonl(data_dir / "nli_eval.jsonl")
-    _log(f"training the NLI model on {len(train_rows)} statements into {out} (run: {run_dir})")
+    log_progress(f"training the NLI model on {len(train_rows)} statements into {out} (run: {run_dir})")
     tokenizer = train_nli_tokenizer(corpus_texts(data_dir), out)
     try:
         metrics = train_nli(train_rows, eval_rows, tokenizer, out, cfg, run_dir=run_dir, resume="latest")
     except ResumeMismatch as err:  # checkpoints of other settings: the run directory is ours to rebuild
-        _log(f"{err}; starting the NLI training over")
+        log_progress(f"{err}; starting the NLI training over")
         shutil.rmtree(run_dir)
         metrics = train_nli(train_rows, eval_rows, tokenizer, out, cfg, run_dir=run_dir)
     if metrics.get("stopped_by"):
         stop = f"NLI training stopped by {metrics['stopped_by']} at step {metrics['steps']}"
-        _log(f"{stop}; the next run continues from {metrics['checkpoint']}")
+        log_progress(f"{stop}; the next run continues from {metrics['checkpoint']}")
         raise KeyboardInterrupt  # the CLI's clean exit; atomic_dir removes the half-built directory
-    _log(
+    log_progress(
         f"NLI held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval']['n']} statements "
         f"({metrics['seconds']:.0f} s)"
     )
@@ -175,7 +175,7 @@ def ensure_sft_model(sft_model: Path, base_model: Path, data_dir: Path, setup: S
         f"output.dir={sft_model.parent / 'sft_run'}",
         *setup.sft_overrides,
     ]
-    return sft_once(SFT_RECIPE, overrides, sft_model, _log)
+    return sft_once(SFT_RECIPE, overrides, sft_model, log_progress)
 
 
 def prepare_summarize(recipe, setup: Setup | None = None) -> dict[str, Path]:

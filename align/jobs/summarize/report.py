@@ -11,8 +11,8 @@ from typing import Any
 from align.jobs.quickstart.corpus import read_jsonl
 from align.jobs.summarize.corpus import document_from_json, gold_judgement
 from align.jobs.summarize.grammar import Document
-from align.jobs.summarize.nli import _mean
-from align.jobs.summarize.pipeline import RL_RECIPE, Setup, _log, prepare_summarize, torch_threads
+from align.jobs.summarize.nli import mean_of
+from align.jobs.summarize.pipeline import RL_RECIPE, Setup, log_progress, prepare_summarize, torch_threads
 
 # ---------------------------------------------------------------------------------------------
 # The report: SFT policy (before) against RL policy (after) on held-out documents
@@ -44,15 +44,15 @@ def score_summaries(
     rouge = rewards.build("rouge", rouge_type="rougeL")(["" for _ in texts], texts, reference=references)
     gold = [gold_judgement(d, t) for d, t in zip(documents, texts)]
     out = {
-        "entailment_rate": _mean([float(p > 0.5) for p in probs]),
-        "entailment_prob": _mean(probs),
-        "rougeL": _mean(rouge),
-        "length_words": _mean([len(t.split()) for t in texts]),
+        "entailment_rate": mean_of([float(p > 0.5) for p in probs]),
+        "entailment_prob": mean_of(probs),
+        "rougeL": mean_of(rouge),
+        "length_words": mean_of([len(t.split()) for t in texts]),
     }
     for verdict in GOLD_VERDICTS:
-        out[f"gold_{verdict}_rate"] = _mean([float(g == verdict) for g in gold])
+        out[f"gold_{verdict}_rate"] = mean_of([float(g == verdict) for g in gold])
     # where the reward and the truth disagree: the room a policy has to hack the NLI model
-    out["false_entailment_rate"] = _mean([float(p > 0.5 and g != "faithful") for p, g in zip(probs, gold)])
+    out["false_entailment_rate"] = mean_of([float(p > 0.5 and g != "faithful") for p, g in zip(probs, gold)])
     out["per_sample"] = {"entailment_prob": probs, "rougeL": rouge, "gold": gold}
     return out
 
@@ -162,7 +162,7 @@ def run_summarize(recipe, setup: Setup | None = None, eval_limit: int | None = N
         summary = train(recipe.model_copy(update={"prepare": None}))
     rl_s = time.perf_counter() - rl_start
     if summary.get("stopped_by"):
-        _log(f"stopped by {summary['stopped_by']} at step {summary['steps']}; no report")
+        log_progress(f"stopped by {summary['stopped_by']} at step {summary['steps']}; no report")
         return {"summary": summary}
     eval_rows = read_jsonl(assets["data"] / "eval.jsonl")[:eval_limit]
     with torch_threads(setup.threads):
@@ -183,7 +183,7 @@ def main(args) -> int:
 
     recipe = load_recipe(Recipe, args.recipe or RL_RECIPE, list(args.overrides))
     if recipe.prepare not in (None, "summarize"):
-        _log(f"recipe prepares {recipe.prepare!r}, not summarize")
+        log_progress(f"recipe prepares {recipe.prepare!r}, not summarize")
         return 2
     out = run_summarize(recipe)
     if "report" not in out:

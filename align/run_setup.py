@@ -1,0 +1,229 @@
+"""A run's setup: the recipe resolved once into the settings the loop reads (``RunSettings``), and
+everything a run holds between steps (``Run``): data, reward, models, optimizer, LR schedule,
+replay buffer, rollout engine. Built in the order that fails fastest; restored from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import losses
+from align.batches import BatchLayout, cache_reference_logprobs, reuse_sampler_probs
+from align.checkpoint import load_checkpoint
+from align.config import RecipeError
+from align.distributed import configure_deepspeed, prepare_reference, sharding
+from align.models import Models, check_loadable, check_positions, load_models, load_tokenizer
+from align.native_engine import NativeEngine
+from align.recipe import Recipe
+from align.replay import ReplayBuffer
+from align.rewards_adapter import RewardFunction, build_reward
+from align.rollout import SamplingSettings, sampling_settings
+from align.run_data import OfflineData, OnlineData
+from align.scoring import ScoreSettings
+from align.step import StepContext, StepSettings
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """A recipe resolved, once, into what a run reads (``align.trainer.train`` makes it): the loop's
+    settings as plain values, and the validated recipe itself for the loaders (model, data,
+    reward), the checkpoint and the model card."""
+
+    recipe: Recipe
+    run_dir: Path
+    resume: str | None
+    overwrite: bool
+    steps: int
+    online: bool
+    k: int  # completions per prompt (online)
+    layout: BatchLayout
+    step: StepSettings
+    scoring: ScoreSettings
+    max_bad_steps: int
+    save_every: int
+    keep_last: int
+    sample_every: int
+    disable_dropout: bool
+
+
+@dataclass
+class Run:
+    """Everything one run holds between steps; ``state()`` is what a checkpoint saves besides weights."""
+
+    recipe: Recipe
+    settings: RunSettings
+    objective: losses.Objective
+    dataset: OnlineData | OfflineData
+    reward: RewardFunction | None
+    models: Models
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+    replay: ReplayBuffer | None = None
+    engine: NativeEngine | None = None  # online: where rollouts come from
+    sampling: SamplingSettings | None = None  # online: how they are sampled
+    step: int = 0
+    bad_steps: int = 0
+
+    @property
+    def step_context(self) -> StepContext:
+        """What the optimizer steps work with (align/step.py)."""
+        return StepContext(
+            self.settings.step, self.models, self.objective, self.optimizer, self.scheduler, self.accelerator
+        )
+
+    def state(self) -> dict:
+        return {
+            "replay": self.replay.state_dict() if self.replay is not None else {},
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "recipe": json.dumps(self.recipe.model_dump(mode="json")),  # checked on resume
+            "objective": self.objective.state_dict(),
+            "reward": self.reward.state_dict() if self.reward is not None else {},
+        }
+
+
+def setup_run(settings: RunSettings, accelerator) -> Run:
+    """Data, reward, models, optimizer and LR schedule, in the order that fails fastest; offline
+    data's reference log-probs (cached once); the rollout engine for an online objective."""
+    from transformers import get_scheduler
+
+    recipe = settings.recipe
+    objective = recipe.build_objective()
+    # data and prompt budgets are checked with the tokenizer and config alone: a bad row or an
+    # over-long prompt fails in seconds, before any weights (policy, reference, reward) load
+    tokenizer = load_tokenizer(recipe)
+    if settings.online:
+        dataset = OnlineData(recipe, tokenizer)
+    else:
+        dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
+    check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
+    check_positions(recipe, dataset)
+    need_critic = "values" in objective.needs
+    if need_critic and sharding(accelerator) in ("zero2", "zero3", "fsdp2"):
+        # accelerate prepares one trained model under FSDP2 and one per DeepSpeed engine
+        raise RecipeError(
+            f"critic: {objective.name!r} trains a critic beside the policy, and accelerate prepares only "
+            f"one trained model under {sharding(accelerator)}; launch with DDP (one or more processes)"
+        )
+    reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
+    models = load_models(
+        recipe,
+        accelerator.device,
+        need_reference=objective.uses_reference,
+        tokenizer=tokenizer,
+        need_critic=need_critic,
+    )
+    cfg = recipe.train
+    groups = [[p for p in models.policy.parameters() if p.requires_grad]]
+    if models.critic is not None:
+        groups.append([p for p in models.critic.parameters() if p.requires_grad])
+    param_groups = [{"params": params, "lr": lr} for params, lr in zip(groups, base_lrs(recipe))]
+    trainable = [p for params in groups for p in params]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        fused = fused_optimizer_ok(trainable)
+        optimizer = torch.optim.AdamW(
+            param_groups, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused
+        )
+    passes = cfg.updates_per_batch * cfg.mini_batches  # optimizer steps per training step
+    scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps * passes,
+        num_training_steps=cfg.steps * passes,
+    )
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
+    if models.critic is not None:
+        models.policy, models.critic, optimizer = accelerator.prepare(models.policy, models.critic, optimizer)
+    else:
+        models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
+    models.reference = prepare_reference(models.reference, accelerator)  # placed like the policy
+    # the scheduler is not prepared: accelerate's wrapper steps once per process, which would make
+    # the schedule depend on the process count; its state goes into trainer_state.pt (plain types,
+    # loaded with weights_only=True) rather than accelerate's pickle of custom objects
+    replay = None
+    if cfg.replay is not None:
+        k, pad_id = recipe.objective.k, models.pad_token_id
+        replay = ReplayBuffer(cfg.replay.capacity_steps, cfg.replay.mix, k, cfg.batch_size, pad_id, cfg.seed)
+    if not settings.online and objective.uses_reference:
+        cache_reference_logprobs(models, dataset, cfg.batch_size, accelerator)
+    models.policy.train(not settings.disable_dropout)
+    if models.critic is not None:
+        models.critic.train(not settings.disable_dropout)
+    engine = sampling = None
+    if settings.online:
+        sampling = sampling_settings(recipe.generation, models.eos_token_id, models.pad_token_id)
+        engine = NativeEngine(models.policy, models.tokenizer, accelerator, keep_probs(settings, sampling, models))
+    return Run(
+        recipe,
+        settings,
+        objective,
+        dataset,
+        reward,
+        models,
+        optimizer,
+        scheduler,
+        accelerator,
+        replay,
+        engine,
+        sampling,
+    )
+
+
+def keep_probs(settings: RunSettings, sampling: SamplingSettings, models: Models) -> bool:
+    """Whether the native engine keeps its softmax for the step's training forward (``reuse_sampler_probs``)."""
+    prompts = settings.layout.batch_size * settings.layout.gradient_accumulation_steps * settings.layout.mini_batches
+    per_call = sampling.prompts_per_call or prompts
+    return reuse_sampler_probs(
+        models.policy,
+        online=settings.online,
+        one_pass=settings.step.updates_per_batch == 1 and settings.step.mini_batches == 1,
+        one_micro_batch=settings.layout.gradient_accumulation_steps == 1,
+        one_call=-(-prompts // per_call) == 1,
+        max_new_tokens=sampling.max_new_tokens,
+        rows=prompts * settings.k,
+    )
+
+
+def base_lrs(recipe: Recipe) -> list[float]:
+    """The learning rate of each optimizer parameter group: the policy's, then the critic's."""
+    critic = recipe.critic.lr if recipe.critic is not None and recipe.critic.lr is not None else None
+    return [recipe.train.lr, critic if critic is not None else recipe.train.lr]
+
+
+def fused_optimizer_ok(params: list[Tensor]) -> bool:
+    """torch's fused AdamW (one kernel over all parameters, ~2.5× faster than the per-tensor
+    default on CPU) where every parameter is a floating tensor on a device it supports."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
+    devices = set(_get_fused_kernels_supported_devices())
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
+def restore(run: Run, accelerator, checkpoint: Path, changes: dict) -> None:
+    """Weights, optimizer and RNG states, step counters, LR schedule, objective and reward state."""
+    state = load_checkpoint(accelerator, checkpoint)
+    run.step, run.bad_steps = state["step"], state["bad_steps"]
+    scheduler = run.scheduler
+    scheduler.load_state_dict(state["scheduler"])
+    if "train.lr" in changes or "critic.lr" in changes:  # applied from this step on, not replaced by the saved one
+        scheduler.base_lrs = base_lrs(run.recipe)[: len(scheduler.base_lrs)]
+        for group, base, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    run.objective.load_state_dict(state["objective"])
+    if run.replay is not None:
+        run.replay.load_state_dict(state.get("replay", {}))
+    if run.reward is not None:
+        run.reward.load_state_dict(state.get("reward", {}))
