@@ -114,7 +114,7 @@ def rollout_batch(
         sampler_probs=sampler_probs,
         texts=tuple(rollout.texts),
         prompts=tuple(prompts),
-        metrics={**(scores.metrics or {}), **metrics},
+        metrics={**scores.metrics, **metrics},
     )
 
 

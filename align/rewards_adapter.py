@@ -91,11 +91,8 @@ class RewardFunction:
     def clip_components(self, components: Tensor) -> Tensor:
         """[N, C] raw scores → each component clipped to its ``reward[i].clip`` (RCfD compares
         clipped policy and demonstration scores)."""
-        out = components.double().clone()
-        for c, component in enumerate(self.combined.components):
-            if component.clip is not None:
-                out[:, c] = out[:, c].clamp(*component.clip)
-        return out.float()
+        columns = [c.clipped(components[:, i].double().tolist()) for i, c in enumerate(self.combined.components)]
+        return torch.tensor(columns, dtype=torch.float64).T.float()
 
     def state_dict(self) -> dict:
         return self.combined.state_dict()

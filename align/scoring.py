@@ -9,7 +9,7 @@ are over every process's samples, as one process on the same rows would log them
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ class RolloutScores:
     rewards: Tensor
     scored: Tensor  # [N] bool: the sample (and its demonstration, for RCfD) was scored
     demo_rewards: Tensor | None = None  # [N, C] the demonstrations' clipped components (RCfD)
-    metrics: dict[str, float] | None = None  # ``reward/<name>`` means and ``unscored``, over every process
+    metrics: dict[str, float] = field(default_factory=dict)  # ``reward/<name>`` means, ``unscored``: every process
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,10 @@ class Component:
     clip: tuple[float, float] | None = None
     spec: dict[str, Any] = field(default_factory=dict)  # how it was built (cache fingerprints)
 
+    def clipped(self, values: list[float]) -> list[float]:
+        """Scores clipped to this component's ``clip`` (NaN stays NaN): the one place a component is clipped."""
+        return _clip(values, self.clip)
+
 
 class CombinedReward:
     """Weighted sum of reward components; also a reward callable itself."""
@@ -183,7 +187,7 @@ class CombinedReward:
                 present = self.moments[c.name].normalize(present, self.eps)
                 if update:
                     self.moments[c.name].update(gather(raw) if gather is not None else raw)
-            for i, v in zip(scored, _clip(present, c.clip)):
+            for i, v in zip(scored, c.clipped(present)):
                 total[i] = (total[i] or 0.0) + c.weight * v
         self.last_total = [None if t is None else _clip([t], self.clip)[0] for t in total]
         return self.last_total

@@ -189,3 +189,24 @@ def register_test_reward(name: str, scores_for_call):
 
     rewards.register(factory, name=name)
     return calls
+
+
+def with_rewards(recipe, *names: str):
+    """The recipe with its reward section made of these registered rewards (validated as a recipe's)."""
+    from align.config import validate
+    from align.recipe import Recipe
+
+    minimal = {"model": {"path": "m"}, "data": {"train": "d"}, "objective": {"name": "rloo"}, "reward": list(names)}
+    return recipe.model_copy(update={"reward": validate(Recipe, minimal).reward})
+
+
+def stop_at(step: int):
+    """An ``on_step`` hook that sends this process SIGTERM after ``step`` (the run saves and stops)."""
+    import os
+    import signal
+
+    def hook(at: int, record: dict) -> None:
+        if at == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook

@@ -6,15 +6,22 @@ run."""
 
 from __future__ import annotations
 
-import os
-import signal
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import SGD_LR, final_params, make_recipe, max_diff, register_test_reward, run_metrics
+from helpers import (
+    SGD_LR,
+    final_params,
+    make_recipe,
+    max_diff,
+    register_test_reward,
+    run_metrics,
+    stop_at,
+    with_rewards,
+)
 
-from align.config import RecipeError, validate
-from align.recipe import Recipe
+from align.config import RecipeError
 from align.trainer import TrainingError, train
 
 
@@ -32,11 +39,7 @@ def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
     interrupted = tmp_path / "interrupted"
     recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, key, model=dropout, steps=4, batch_size=4)
 
-    def stop_at_two(step: int, record: dict) -> None:
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    summary = train(recipe, on_step=stop_at_two)
+    summary = train(recipe, on_step=stop_at(2))
     assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2
     assert (interrupted / "checkpoints" / "step-000002" / "model" / "model.safetensors").is_file()
     assert not list((interrupted / "checkpoints").glob(".tmp-*"))
@@ -58,19 +61,9 @@ def test_resume_is_exact_with_several_updates_per_batch(key, mini_batches, tiny_
     schedule over all of their updates: SIGTERM at step 2 and a resume to 4 equal the
     uninterrupted run bit for bit (the scheduler's count included)."""
     fields = {"steps": 4, "batch_size": 4 // mini_batches, "updates_per_batch": 2, "mini_batches": mini_batches}
-    straight = tmp_path / "straight"
-    train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, **fields))
-    interrupted = tmp_path / "interrupted"
-    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, key, **fields)
-
-    def stop_at_two(step: int, record: dict) -> None:
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    assert train(recipe, on_step=stop_at_two)["steps"] == 2
-    assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == 4
-    a, b = final_params(straight), final_params(interrupted)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, interrupted = _straight_and_resumed(
+        tmp_path, lambda run: make_recipe(tiny_model_dir, tiny_data_files, run, key, **fields)
+    )
     lrs = [r["lr"] for r in run_metrics(straight)]
     assert lrs == [r["lr"] for r in run_metrics(interrupted)] and lrs[-1] == 0.0  # 8 updates scheduled, 8 taken
 
@@ -103,19 +96,7 @@ def test_nan_reward_skips_the_step_and_counts_it(tiny_model_dir, tiny_data_files
         lambda n, c: [float("nan") if n == 2 and i == 0 else 1.0 * len(x) for i, x in enumerate(c)],
     )
     recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rloo", steps=3, batch_size=4)
-    recipe = recipe.model_copy(
-        update={
-            "reward": validate(
-                Recipe,
-                {
-                    "model": {"path": "m"},
-                    "data": {"train": "d"},
-                    "objective": {"name": "rloo"},
-                    "reward": ["nan_on_second_call"],
-                },
-            ).reward
-        }
-    )
+    recipe = with_rewards(recipe, "nan_on_second_call")
     summary = train(recipe)
     assert summary["steps"] == 3 and summary["skipped_steps"] == 1
     records = run_metrics(tmp_path / "run")
@@ -141,21 +122,24 @@ def test_replay_trains_on_past_groups_and_resumes_exactly(key, tiny_model_dir, t
     the buffer is saved in the checkpoint, so SIGTERM at step 2 and a resume to 4 equal the
     uninterrupted run bit for bit; an offline objective is refused the buffer."""
     fields = {"steps": 4, "batch_size": 4, "replay": {"capacity_steps": 3, "mix": 0.5}}
-    straight = tmp_path / "straight"
-    train(make_recipe(tiny_model_dir, tiny_data_files, straight, key, **fields))
+    straight, _ = _straight_and_resumed(
+        tmp_path, lambda run: make_recipe(tiny_model_dir, tiny_data_files, run, key, **fields)
+    )
     records = run_metrics(straight)
     assert [r["replayed_fraction"] for r in records] == [0.5] * 4
     assert records[0]["replay_age"] == 0 and max(r["replay_age"] for r in records) > 0
-    interrupted = tmp_path / "interrupted"
-    recipe = make_recipe(tiny_model_dir, tiny_data_files, interrupted, key, **fields)
-
-    def stop_at_two(step: int, record: dict) -> None:
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    assert train(recipe, on_step=stop_at_two)["steps"] == 2
-    assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == 4
-    a, b = final_params(straight), final_params(interrupted)
-    assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(RecipeError, match=r"train.replay: 'dpo' is trained on a fixed dataset"):
         make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "x", "dpo", replay={"capacity_steps": 2})
+
+
+def _straight_and_resumed(tmp_path: Path, recipe_for) -> tuple[Path, Path]:
+    """``recipe_for(run_dir)`` trained straight through, and again stopped by SIGTERM after step 2
+    then resumed to the end: asserts the two end with bit-identical weights; their run directories."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(recipe_for(straight))
+    recipe = recipe_for(interrupted)
+    assert train(recipe, on_step=stop_at(2))["steps"] == 2
+    assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == recipe.train.steps
+    a, b = final_params(straight), final_params(interrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return straight, interrupted

@@ -19,6 +19,7 @@ from helpers import (
     max_diff,
     register_test_reward,
     run_metrics,
+    with_rewards,
 )
 from safetensors.torch import load_file
 
@@ -100,19 +101,7 @@ def test_a_raising_reward_stops_the_run_naming_it(tiny_model_dir, tiny_data_file
 
     register_test_reward("broken_scorer", lambda n, c: [0.0] * (len(c) - 1))
     recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rloo", steps=2, batch_size=4)
-    recipe = recipe.model_copy(
-        update={
-            "reward": validate(
-                Recipe,
-                {
-                    "model": {"path": "m"},
-                    "data": {"train": "d"},
-                    "objective": {"name": "rloo"},
-                    "reward": ["broken_scorer"],
-                },
-            ).reward
-        }
-    )
+    recipe = with_rewards(recipe, "broken_scorer")
     with pytest.raises(RewardError, match=r"reward 'broken_scorer' returned 7 scores for 8 completions"):
         train(recipe)
 
