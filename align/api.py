@@ -16,12 +16,14 @@ saved there as ``data/train.parquet``, so the run directory says what it trained
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.config import validate
+from align.config import RecipeError, validate
 from align.recipe import Recipe
+from align.rundir import held_run, refuse_a_second_run
 
 
 @dataclass
@@ -36,24 +38,90 @@ def _as_dict(recipe: Recipe | dict) -> dict:
     return recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else dict(recipe)
 
 
+def save_table(table: Any, path: Path, keep_existing: bool) -> None:
+    """An in-memory dataset as the run's parquet file, written atomically. ``keep_existing`` (a resumed
+    run): the file the run trained on stays; a dataset with other rows is refused, not swapped in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    table.to_parquet(str(tmp))
+    if keep_existing and path.exists():
+        same = tmp.read_bytes() == path.read_bytes()
+        tmp.unlink()
+        if not same:
+            raise RecipeError(
+                f"dataset: the resumed run in {str(path.parent.parent)!r} trained on {path.name}, and this "
+                "dataset has other rows; pass the same dataset to resume, or start a new output.dir"
+            )
+        return
+    os.replace(tmp, path)
+
+
+def as_table(value: Any, field: str):
+    """What TRL users pass as a dataset, as a ``datasets.Dataset``: a Dataset, a DatasetDict (its
+    ``train`` split), a list of rows, a dict of columns or a pandas DataFrame."""
+    import datasets
+
+    if isinstance(value, datasets.Dataset):
+        return value
+    if isinstance(value, datasets.DatasetDict):
+        if "train" not in value:
+            raise RecipeError(f"{field}: a DatasetDict without a 'train' split ({sorted(value)}); pass the split")
+        return value["train"]
+    if isinstance(value, list) and all(isinstance(row, dict) for row in value):
+        return datasets.Dataset.from_list(value)
+    if isinstance(value, dict):
+        return datasets.Dataset.from_dict(value)
+    if type(value).__name__ == "DataFrame" and hasattr(value, "to_parquet"):
+        return datasets.Dataset.from_pandas(value, preserve_index=False)
+    raise RecipeError(
+        f"{field}: expected a datasets.Dataset, a DatasetDict, a list of rows or a dict of columns; "
+        f"got {type(value).__name__}"
+    )
+
+
+def lora_section(peft_config: Any) -> dict:
+    """A peft ``LoraConfig`` (TRL's ``peft_config=``) as the recipe's ``model.lora`` section."""
+    if not all(hasattr(peft_config, name) for name in ("r", "lora_alpha", "lora_dropout", "target_modules")):
+        raise RecipeError(f"peft_config: expected a peft LoraConfig, got {type(peft_config).__name__}")
+    targets = peft_config.target_modules
+    return {
+        "r": int(peft_config.r),
+        "alpha": int(peft_config.lora_alpha),
+        "dropout": float(peft_config.lora_dropout),
+        "target_modules": sorted(targets) if isinstance(targets, set | list | tuple) else targets,
+    }
+
+
 def train(
     recipe: Recipe | dict,
     dataset: Any = None,
     reward_funcs: list | None = None,
     eval_dataset: Any = None,
     accelerator=None,
+    peft_config: Any = None,
 ) -> TrainResult:
-    """Train ``recipe`` (a Recipe or a plain dict of its fields) and return the trained model."""
+    """Train ``recipe`` (a Recipe or a plain dict of its fields) and return the trained model.
+
+    ``eval_dataset``: held-out prompts for an online objective, held-out pairs for an offline one;
+    ``peft_config``: a peft ``LoraConfig``, the same as the recipe's ``model.lora``."""
     import rewards
+    from align.objective import ObjectiveConfig
 
     raw = _as_dict(recipe)
+    if peft_config is not None:
+        raw["model"] = {**raw.get("model", {}), "lora": lora_section(peft_config)}
+    online = validate(ObjectiveConfig, raw.get("objective", {})).online
     run_dir = Path(raw.get("output", {}).get("dir", "runs/align"))
+    resuming, overwrite = raw.get("resume") is not None, bool(raw.get("output", {}).get("overwrite"))
+    held = held_run(run_dir)
+    if held and not resuming and not overwrite:  # refused before the run's data is touched
+        refuse_a_second_run(run_dir, held)
     data = dict(raw.get("data", {}))
-    for key, table, name in (("train", dataset, "train"), ("eval_prompts", eval_dataset, "eval")):
+    eval_key = "eval_prompts" if online else "eval_pairs"
+    for key, table, name in (("train", dataset, "dataset"), (eval_key, eval_dataset, "eval_dataset")):
         if table is not None:
-            path = run_dir / "data" / f"{name}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            table.to_parquet(str(path))
+            path = run_dir / "data" / f"{'train' if key == 'train' else 'eval'}.parquet"
+            save_table(as_table(table, name), path, keep_existing=resuming and bool(held))
             data[key] = str(path)
     raw["data"] = data
     section = raw.get("reward") or []

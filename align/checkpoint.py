@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from align.distributed import full_state_dict
 
@@ -54,6 +55,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (full disk, I/O error); the message names the path."""
 
 
+# what a failed write raises: the OS's errors, torch's zip writer ("unexpected pos ..."), and
+# safetensors' own error type (a full disk there is a SafetensorError, neither of the others)
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
+
+
 def save_checkpoint(
     accelerator, model, tokenizer, trainer_state: dict, run_dir: str | Path, keep_last: int, critic=None
 ) -> Path:
@@ -85,7 +91,7 @@ def save_checkpoint(
             critic_state = full_state_dict(accelerator, critic)
             if accelerator.is_main_process:
                 save_critic(critic_state, accelerator.unwrap_model(critic).backbone.config, tmp / "critic")
-    except (OSError, RuntimeError) as err:
+    except WRITE_ERRORS as err:
         failure = _reason(err)
     # every process learns whether any failed, so none waits forever for a rank that gave up
     failures = [f for f in _all_ranks(accelerator, failure) if f is not None]

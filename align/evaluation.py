@@ -78,18 +78,25 @@ def evaluate_pairs(recipe, models, policy, held_out, device) -> dict:
     chunk = max(1, recipe.train.batch_size)
     n = len(held_out)
     sums: dict[str, list[torch.Tensor]] = {"policy": [], "reference": []}
-    with reference_model(models) as reference:
-        for lo in range(0, n, chunk):
-            rows = list(range(lo, min(lo + chunk, n)))
-            p_ids, p_mask = data_lib.pad(
-                [held_out.prompt_ids[i] for _ in range(2) for i in rows], models.pad_token_id, "left", device
-            )
-            c_ids, c_mask = data_lib.pad(
-                [held_out.completion_ids[t][i] for t in range(2) for i in rows], models.pad_token_id, "right", device
-            )
-            for name, model in (("policy", policy), ("reference", reference)):
-                lp = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask)
-                sums[name].append(losses.sequence_logprobs(lp, c_mask.to(lp.dtype)).double().view(2, -1).cpu())
+
+    def sequence_sums(model, inputs) -> torch.Tensor:
+        lp = completion_logprobs(model, *inputs)
+        return losses.sequence_logprobs(lp, inputs[3].to(lp.dtype)).double().view(2, -1).cpu()
+
+    for lo in range(0, n, chunk):
+        rows = list(range(lo, min(lo + chunk, n)))
+        p_ids, p_mask = data_lib.pad(
+            [held_out.prompt_ids[i] for _ in range(2) for i in rows], models.pad_token_id, "left", device
+        )
+        c_ids, c_mask = data_lib.pad(
+            [held_out.completion_ids[t][i] for t in range(2) for i in rows], models.pad_token_id, "right", device
+        )
+        inputs = (p_ids, p_mask, c_ids, c_mask)
+        # the policy's pass outside the reference's: under LoRA the reference is the same model with
+        # its adapters switched off for as long as its context is open
+        sums["policy"].append(sequence_sums(policy, inputs))
+        with reference_model(models) as reference:
+            sums["reference"].append(sequence_sums(reference, inputs))
     policy_lp, ref_lp = torch.cat(sums["policy"], 1), torch.cat(sums["reference"], 1)
     implicit = beta * (policy_lp - ref_lp)  # [2, P]: chosen, rejected
     margin = implicit[0] - implicit[1]

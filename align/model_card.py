@@ -5,6 +5,7 @@ shared model says how it was made. LoRA adapters record an absolute (or hub) bas
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -17,8 +18,9 @@ def _base_model(path: str) -> str:
     return str(local.resolve()) if local.exists() else path  # a hub id stays as it is
 
 
-def write_model_card(final: Path, recipe: Recipe, summary: dict, last_metrics: dict) -> None:
-    lora = recipe.model.lora is not None
+def write_model_card(final: Path, recipe: Recipe, summary: dict, last_metrics: dict, merged: bool = False) -> None:
+    """``final/README.md``; ``merged``: the card of ``final_merged/`` (the adapters merged into the base)."""
+    lora = recipe.model.lora is not None and not merged
     base = _base_model(recipe.model.path)
     objective = recipe.objective
     meta = {
@@ -31,7 +33,12 @@ def write_model_card(final: Path, recipe: Recipe, summary: dict, last_metrics: d
     about = [f"`{objective.label}`"] if objective.label else []
     about += [f"β = {objective.beta:g}"] if objective.beta is not None else []
     rewards = ", ".join(c.label or c.name for c in recipe.reward) or "none (offline data)"
-    shown = {k: last_metrics[k] for k in ("reward_mean", "kl_k1", "loss", "completion_length") if k in last_metrics}
+    # a metric logged as null (NaN, or nothing scored) has no value to show
+    shown = {
+        k: v
+        for k in ("reward_mean", "kl_k1", "loss", "completion_length")
+        if isinstance(v := last_metrics.get(k), int | float) and math.isfinite(v)
+    }
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False).strip(),
@@ -43,6 +50,7 @@ def write_model_card(final: Path, recipe: Recipe, summary: dict, last_metrics: d
         + (f" ({', '.join(about)})" if about else "")
         + f", reward: {rewards}, {summary.get('steps')} steps"
         + (" (LoRA adapters)" if lora else "")
+        + (" (LoRA adapters merged into the base weights)" if merged else "")
         + ".",
         "",
         "Final step: " + (", ".join(f"{k} {v:.4g}" for k, v in shown.items()) if shown else "no metrics logged") + ".",

@@ -70,19 +70,28 @@ def _take_lock(run_dir: Path) -> Path:
     raise RecipeError(f"output.dir: {str(run_dir)!r}: could not take {LOCK}")
 
 
+def held_run(run_dir: Path) -> list[str]:
+    """What of a run ``run_dir`` holds (empty: no run there)."""
+    return [name for name in RUN_ENTRIES if (run_dir / name).exists()]
+
+
+def refuse_a_second_run(run_dir: Path, held: list[str]) -> None:
+    raise RecipeError(
+        f"output.dir: {str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
+        "resume=latest, or replace it with output.overwrite=true"
+    )
+
+
 def _check_and_take(run_dir: Path, resuming: bool, overwrite: bool) -> Path:
     lock = _take_lock(run_dir)
     swept = sweep_leftovers(run_dir)
     if swept:
         print(f"output.dir: {run_dir}: removed leftovers of an interrupted save or prune: {', '.join(swept)}")
-    held = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
+    held = held_run(run_dir)
     if held and not resuming:
         if not overwrite:
             lock.unlink(missing_ok=True)
-            raise RecipeError(
-                f"output.dir: {str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
-                "resume=latest, or replace it with output.overwrite=true"
-            )
+            refuse_a_second_run(run_dir, held)
         for name in held:
             entry = run_dir / name
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

@@ -274,11 +274,12 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
     }
     if stopped_by is None and run.recipe.output.save_model:
         final = run_dir / "final"
+        records = read_metrics(run_dir) if accelerator.is_main_process else []
+        last = records[-1] if records else {}
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             shutil.copytree(checkpoint / "model", final)
-            records = read_metrics(run_dir)
-            write_model_card(final, run.recipe, summary, records[-1] if records else {})
+            write_model_card(final, run.recipe, summary, last)
         summary["final_model"] = str(final)
         if (checkpoint / "critic").is_dir():
             if accelerator.is_main_process:
@@ -288,6 +289,7 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
         if run.recipe.output.merge_lora and run.recipe.model.lora is not None:
             if accelerator.is_main_process:
                 merge_adapters(run.recipe, final, run_dir / "final_merged", accelerator)
+                write_model_card(run_dir / "final_merged", run.recipe, summary, last, merged=True)
             summary["final_merged"] = str(run_dir / "final_merged")
     if stopped_by is None and on_end is not None and accelerator.is_main_process:
         prompts = run.dataset if run.recipe.objective.online else None
@@ -310,7 +312,10 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
 
 
 def merge_adapters(recipe: Recipe, final: Path, out: Path, accelerator) -> None:
-    """The base model with final/'s LoRA adapters merged in: a plain HF directory (written atomically)."""
+    """The base model with final/'s LoRA adapters merged in, and final/'s tokenizer with every file
+    it has (chat template included): a plain HF directory, written atomically."""
+    from transformers import AutoTokenizer
+
     from align.models import load_saved_policy
 
     with loading_whole_models(accelerator):
@@ -318,8 +323,6 @@ def merge_adapters(recipe: Recipe, final: Path, out: Path, accelerator) -> None:
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "README.md"):
-        if (final / name).is_file():
-            shutil.copy2(final / name, tmp / name)
+    AutoTokenizer.from_pretrained(final).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

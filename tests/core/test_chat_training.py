@@ -16,7 +16,7 @@ import align.run_setup as trainer_mod
 from align.config import validate
 from align.data import DataError
 from align.jobs import train as train_job
-from align.recipe import Recipe
+from align.recipe import LoraConfig, Recipe
 from align.run_data import OfflineData
 
 TEMPLATE = (
@@ -85,7 +85,10 @@ def _logprob_sums(model, prompt_ids: list[int], completion_ids: list[int]) -> fl
     return float(logits.log_softmax(-1).gather(-1, torch.tensor(completion_ids)[:, None]).sum())
 
 
-def test_dpo_on_implicit_prompt_conversations_reports_held_out_pairs(chat_model_dir, tiny_data_files, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_on_implicit_prompt_conversations_reports_held_out_pairs(lora, chat_model_dir, tiny_data_files, tmp_path):
+    """The report's held-out margin against plain forwards of final/ and of the starting model. With
+    LoRA the reference is the policy with its adapters off: the policy's own pass must keep them on."""
     pairs = _rows(tiny_data_files["pairs"])[:24]
 
     def turn(prompt, reply):
@@ -97,6 +100,10 @@ def test_dpo_on_implicit_prompt_conversations_reports_held_out_pairs(chat_model_
         chat_model_dir, data, tmp_path / "run", {"name": "dpo", "beta": 0.1}, {"eval_fraction": 0.25}, steps=3
     )
     recipe.output.report = True
+    if lora:
+        recipe = recipe.model_copy(
+            update={"model": recipe.model.model_copy(update={"lora": LoraConfig(r=8, alpha=16)})}
+        )
     tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
     rows = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
     held = rows.held_out
@@ -109,8 +116,14 @@ def test_dpo_on_implicit_prompt_conversations_reports_held_out_pairs(chat_model_
     report = json.loads((tmp_path / "run" / "report.json").read_text())["held_out_pairs"]
     assert report["pairs"] == len(held)
     # independent: plain forwards of final/ and of the starting model, one unpadded sequence each
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
     reference = AutoModelForCausalLM.from_pretrained(chat_model_dir).eval()
+    if lora:  # final/ holds the adapters; the base model is the reference
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(chat_model_dir)
+        policy = PeftModel.from_pretrained(base, tmp_path / "run" / "final").eval()
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
     margins, correct = [], 0
     for i in range(len(held)):
         sides = [

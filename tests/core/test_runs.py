@@ -201,6 +201,34 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_usable(
     assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == 3
 
 
+def test_a_full_disk_in_a_safetensors_write_is_one_line_and_leaves_nothing_half_written(
+    tiny_model_dir, tiny_data_files, tmp_path, monkeypatch
+):
+    """safetensors reports a full disk as its own ``SafetensorError`` (neither OSError nor
+    RuntimeError): the save still ends in one line, the temporary directory removed."""
+    import safetensors.torch as safetensors_torch
+    from safetensors import SafetensorError
+
+    from align.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=3, batch_size=4)
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"save_every": 1})})
+    real_serialize = safetensors_torch.serialize_file
+
+    def full_at_step_two(tensors, filename, *args, **kwargs):
+        if ".tmp-step-000002" in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_serialize(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors_torch, "serialize_file", full_at_step_two)
+    with pytest.raises(CheckpointError) as caught:
+        train(recipe)
+    message = str(caught.value)
+    assert "\n" not in message and "No space left on device" in message and "step-000001 is intact" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]  # no .tmp left
+
+
 def test_leftovers_of_interrupted_saves_and_prunes_are_swept_at_start(
     tiny_model_dir, tiny_data_files, tmp_path, capsys
 ):

@@ -137,3 +137,18 @@ def test_a_mini_batch_left_without_scored_samples_still_steps(tiny_model_dir, ti
     initial = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     final = final_params(tmp_path / "run")
     assert max_diff({k: final[k] for k in initial}, initial) > 1e-5
+
+
+def test_a_reward_that_scores_nothing_still_ends_the_run_with_its_files(tiny_model_dir, tiny_data_files, tmp_path):
+    """Every sample unscored (a TRL reward returning None): nothing trains, the logged reward is
+    null, and the run still writes final/ with its model card and summary.json."""
+    register_test_reward("scores_nothing", lambda n, c: [None] * len(c))
+    recipe = with_rewards(
+        make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rloo", steps=2), "scores_nothing"
+    )
+    summary = train(recipe)
+    records = run_metrics(tmp_path / "run")
+    assert [r["unscored"] for r in records] == [16.0, 16.0] and records[-1]["reward/scores_nothing"] is None
+    assert (tmp_path / "run" / "summary.json").is_file() and summary["steps"] == 2
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "reward_mean" not in card.split("Final step:")[1].split("\n")[0]

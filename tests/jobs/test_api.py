@@ -55,3 +55,71 @@ def test_a_callable_that_is_not_a_reward_is_refused(tiny_model_dir, tmp_path):
     recipe = {"model": {"path": str(tiny_model_dir)}, "data": {"train": "x.jsonl"}}
     with pytest.raises(TypeError, match="reward_funcs: .* is not a reward function"):
         train(recipe, reward_funcs=[lambda x: [0.0]])
+
+
+def test_a_refused_or_resumed_call_never_swaps_the_runs_training_data(tiny_model_dir, tmp_path):
+    """A second call into a run directory is refused before data/train.parquet is touched; a resume
+    with other rows is refused too (it would train the old run on new data); the same rows resume."""
+    import datasets
+
+    from align import train
+    from align.config import RecipeError
+
+    def table(tag: str):
+        return datasets.Dataset.from_list([{"prompt": f"{tag} {i}"} for i in range(8)])
+
+    recipe = {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"train": "unused.jsonl"},
+        "objective": {"name": "rloo", "k": 2},
+        "reward": {"name": "length", "options": {"target": 8}},
+        "generation": {"max_new_tokens": 4},
+        "train": {"steps": 1, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "run"), "report": False, "save_model": False},
+    }
+    train(recipe, dataset=table("A"))
+    saved = tmp_path / "run" / "data" / "train.parquet"
+    original = saved.read_bytes()
+    with pytest.raises(RecipeError, match="already holds a run"):
+        train(recipe, dataset=table("B"))
+    assert saved.read_bytes() == original
+    resumed = {**recipe, "resume": "latest", "train": {**recipe["train"], "steps": 2}}
+    with pytest.raises(RecipeError, match="dataset: the resumed run .* trained on train.parquet"):
+        train(resumed, dataset=table("B"))
+    assert saved.read_bytes() == original and not list(saved.parent.glob(".tmp-*"))
+    assert train(resumed, dataset=table("A")).summary["steps"] == 2
+
+
+def test_trl_style_arguments_a_list_a_dataset_dict_held_out_pairs_and_a_peft_config(tiny_model_dir, tmp_path):
+    """What a TRL user passes: rows as a list or a DatasetDict, DPO's ``eval_dataset`` of pairs (held
+    out, reported), ``peft_config=LoraConfig(...)`` (trained as the recipe's model.lora)."""
+    import json
+
+    import datasets
+    from peft import LoraConfig
+
+    from align import train
+    from align.config import RecipeError
+
+    rows = [{"prompt": f"the plot {i}", "chosen": " was good .", "rejected": " was bad ."} for i in range(12)]
+    recipe = {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"train": "unused.jsonl"},
+        "objective": {"name": "dpo", "beta": 0.1},
+        "train": {"steps": 2, "batch_size": 4, "lr": 1e-2},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
+    result = train(
+        recipe,
+        dataset=datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:8])}),
+        eval_dataset=rows[8:],
+        peft_config=lora,
+    )
+    assert result.summary["steps"] == 2
+    held = json.loads((tmp_path / "run" / "report.json").read_text())["held_out_pairs"]
+    assert held["pairs"] == 4 and held["reward_margin"] != 0.0
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["target_modules"] == ["c_attn"]
+    with pytest.raises(RecipeError, match="dataset: expected a datasets.Dataset"):
+        train({**recipe, "output": {"dir": str(tmp_path / "other")}}, dataset="rows.jsonl")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,22 +38,45 @@ def test_final_has_a_model_card(tiny_model_dir, tiny_data_files, tmp_path):
     assert "## Recipe" in card and "loss" in card
 
 
+def test_a_model_card_leaves_out_metrics_that_have_no_value(tiny_model_dir, tiny_data_files, tmp_path):
+    """A metric logged as null (a NaN, or no sample scored) is left out of the card, not formatted."""
+    from align.model_card import write_model_card
+
+    recipe = validate(Recipe, _raw(tiny_model_dir, tiny_data_files, tmp_path / "run"))
+    (tmp_path / "final").mkdir()
+    write_model_card(
+        tmp_path / "final", recipe, {"steps": 2}, {"reward_mean": None, "loss": 0.5, "kl_k1": float("nan")}
+    )
+    line = next(x for x in (tmp_path / "final" / "README.md").read_text().splitlines() if x.startswith("Final step"))
+    assert line == "Final step: loss 0.5."
+
+
 def test_lora_adapters_load_from_anywhere_and_merge(tiny_model_dir, tiny_data_files, tmp_path, monkeypatch):
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    relative = os.path.relpath(tiny_model_dir, tmp_path)
+    base_dir = tmp_path / "base"  # the tiny model with a chat template, which final_merged/ must keep
+    shutil.copytree(tiny_model_dir, base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(base_dir)
+    relative = os.path.relpath(base_dir, tmp_path)
     monkeypatch.chdir(tmp_path)
     raw = _raw(relative, tiny_data_files, tmp_path / "run", merge_lora=True)
     raw["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["c_attn"]}
     summary = train_job.run(validate(Recipe, raw))
     final = tmp_path / "run" / "final"
     config = json.loads((final / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())  # not the relative recipe path
+    assert config["base_model_name_or_path"] == str(base_dir.resolve())  # not the relative recipe path
     assert yaml.safe_load((final / "README.md").read_text().split("---")[1])["library_name"] == "peft"
     monkeypatch.chdir("/")
     adapted = AutoPeftModelForCausalLM.from_pretrained(final)  # resolves the base from the adapter config
     merged = AutoModelForCausalLM.from_pretrained(summary["final_merged"])
+    merged_tokenizer = AutoTokenizer.from_pretrained(summary["final_merged"])
+    assert merged_tokenizer.chat_template == tokenizer.chat_template  # not only a fixed list of files
+    card = (Path(summary["final_merged"]) / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["library_name"] == "transformers"
+    assert "LoRA adapters merged into the base weights" in card and "(LoRA adapters)" not in card
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.allclose(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
