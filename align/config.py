@@ -6,6 +6,7 @@ expected (``RecipeError``); the CLI prints it and exits with code 2, before any 
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,12 +71,94 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def format_validation_error(err: ValidationError) -> str:
+# TRL's names for a training recipe's fields (a GRPO/RLOO/DPO config's keys), and, where the
+# meaning differs, how: a TRL user's key gets "did you mean" with align's field
+TRL_NAMES: dict[str, tuple[str, str]] = {
+    "learning_rate": ("train.lr", ""),
+    "per_device_train_batch_size": (
+        "train.batch_size",
+        "it counts prompts, each sampled objective.k times, where TRL's counts completions",
+    ),
+    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", ""),
+    "max_steps": ("train.steps", ""),
+    "num_generations": ("objective.k", ""),
+    "num_iterations": ("train.updates_per_batch", ""),
+    "beta": ("objective.beta", ""),
+    "epsilon": ("objective.options.clip_low", "TRL's clip epsilon; align's options.eps is GRPO's std epsilon"),
+    "max_completion_length": ("generation.max_new_tokens", ""),
+    "max_prompt_length": ("data.max_prompt_tokens", ""),
+    "temperature": ("generation.temperature", ""),
+    "top_p": ("generation.top_p", ""),
+    "top_k": ("generation.top_k", ""),
+    "max_grad_norm": ("train.max_grad_norm", ""),
+    "lr_scheduler_type": ("train.lr_scheduler", ""),
+    "warmup_steps": ("train.warmup_steps", ""),
+    "weight_decay": ("train.weight_decay", ""),
+    "seed": ("train.seed", ""),
+    "output_dir": ("output.dir", ""),
+    "save_steps": ("output.save_every", ""),
+    "save_total_limit": ("output.keep_last", ""),
+    "report_to": ("output.report_to", ""),
+    "run_name": ("output.run_name", ""),
+    "model_name_or_path": ("model.path", ""),
+}
+
+
+def _section_model(schema: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    """The pydantic model of the section at ``path`` (list items stepped through), or None."""
+    model: Any = schema
+    for part in path:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = next(
+            (
+                a
+                for a in (field.annotation, *_args(field.annotation))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            None,
+        )
+        if model is None:
+            return None
+    return model
+
+
+def _args(annotation: Any) -> tuple:
+    out = []
+    for arg in getattr(annotation, "__args__", ()) or ():
+        out += [arg, *_args(arg)]
+    return tuple(out)
+
+
+def did_you_mean(schema: type[BaseModel], loc: list[str]) -> str:
+    """``; did you mean 'x.y'?`` for an unknown key: TRL's name for a field, else a near miss among
+    the section's own fields; empty when neither."""
+    key, parent = loc[-1], loc[:-1]
+    if key in TRL_NAMES:
+        target, how = TRL_NAMES[key]
+        head, _, name = target.rpartition(".")
+        if head.endswith(".options"):  # an objective's option: the objective section must exist
+            head, name = head.rpartition(".")[0], "options"
+        section = _section_model(schema, head.split(".") if head else [])
+        if section is not None and name in section.model_fields:
+            return f"; did you mean {target!r}?" + (f" ({how})" if how else "")
+    section = _section_model(schema, parent)
+    if section is None:
+        return ""
+    close = difflib.get_close_matches(key, list(section.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join([*parent, close[0]])!r}?" if close else ""
+
+
+def format_validation_error(err: ValidationError, schema: type[BaseModel] | None = None) -> str:
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "recipe"
     kind = first["type"]
     if kind == "extra_forbidden":
-        return f"field {field!r}: unknown key"
+        hint = did_you_mean(schema, [str(p) for p in first["loc"]]) if schema is not None else ""
+        return f"field {field!r}: unknown key{hint}"
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -89,7 +172,7 @@ def validate(schema: type[Schema], data: dict, source: str = "recipe") -> Schema
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(f"{source}: {format_validation_error(err)}") from None
+        raise RecipeError(f"{source}: {format_validation_error(err, schema)}") from None
 
 
 def bundled_recipes_dir() -> Path:

@@ -24,6 +24,9 @@ from align.recipe import Recipe
         ("generation.top_k=5", "generation.top_k: online objectives sample from the full softmax"),
         ("generation.top_p=0.9", "generation.top_p: online objectives"),
         ("generation.min_new_tokens=2", "generation.min_new_tokens: online objectives"),
+        ("train.learning_rate=1e-5", "field 'train.learning_rate': unknown key; did you mean 'train.lr'?"),
+        ("num_generations=8", "field 'num_generations': unknown key; did you mean 'objective.k'?"),
+        ("train.stepz=3", "did you mean 'train.steps'?"),
     ],
 )
 def test_recipe_errors_are_one_line_before_any_model_loads(override, message, tmp_path):
@@ -54,3 +57,20 @@ def test_recipes_command_lists_bundled_recipes():
     out = run_cli("recipes")
     assert out.returncode == 0
     assert "quickstart " in out.stdout and "pythia1b_tldr_rloo" in out.stdout
+
+
+def test_a_trl_name_whose_meaning_differs_says_how():
+    """A TRL key gets align's field; where the meaning differs, one clause says how; a key that is
+    neither a TRL name nor near a field gets no guess."""
+    raw = {"model": {"path": "m"}, "data": {"train": "d"}, "objective": {"name": "rloo"}, "reward": ["sentiment"]}
+    with pytest.raises(RecipeError) as caught:
+        validate(Recipe, {**raw, "train": {"per_device_train_batch_size": 4}})
+    assert str(caught.value) == (
+        "recipe: field 'train.per_device_train_batch_size': unknown key; did you mean 'train.batch_size'? "
+        "(it counts prompts, each sampled objective.k times, where TRL's counts completions)"
+    )
+    with pytest.raises(RecipeError, match=r"did you mean 'objective.options.clip_low'\? \(TRL's clip epsilon"):
+        validate(Recipe, {**raw, "epsilon": 0.2})
+    with pytest.raises(RecipeError) as caught:
+        validate(Recipe, {**raw, "generation": {"xyzzy": 1}})
+    assert str(caught.value) == "recipe: field 'generation.xyzzy': unknown key"
