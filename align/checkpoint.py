@@ -6,12 +6,16 @@ A checkpoint directory ``checkpoints/step-000040/`` holds
 - ``state/``: ``accelerator.save_state`` (model, optimizer, scheduler, every RNG state; works
   for DDP, DeepSpeed and FSDP shards);
 - ``trainer_state.pt``: step, skipped-step count, LR-scheduler, objective and reward state
-  (baselines, running whitening), as tensors and plain types (loaded with ``weights_only=True``).
+  (baselines, running whitening), as tensors and plain types (loaded with ``weights_only=True``);
+- ``manifest.json``: every other file's size and SHA-256, written last; ``resume=latest`` takes
+  the newest checkpoint that matches its manifest, and says which damaged ones it passed over.
 The data position is the step itself: step batches are a pure function of (seed, step).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +27,7 @@ from safetensors import SafetensorError
 from align.distributed import full_state_dict
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -37,18 +42,82 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str | None, run_dir: str | Path, accelerator=None) -> Path | None:
+    """The checkpoint to resume from: ``latest`` is the newest one that is whole (a damaged one is
+    passed over, with a line saying why); a named one must be whole. Checked on the main process."""
+    from align.config import RecipeError
+
     if resume is None:
         return None
-    if resume == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.pt").is_file():
-        from align.config import RecipeError
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "trainer_state.pt").is_file():
+            raise RecipeError(f"field 'resume': {resume!r} is not a checkpoint directory (no trainer_state.pt)")
+        problem = _agreed(accelerator, checkpoint_problem, path)
+        if problem is not None:
+            raise RecipeError(f"field 'resume': {resume!r} is damaged ({problem}); name another checkpoint")
+        return path
+    found = list_checkpoints(run_dir)
+    for path in reversed(found):
+        problem = _agreed(accelerator, checkpoint_problem, path)
+        if problem is None:
+            return path
+        if accelerator is None or accelerator.is_main_process:
+            print(f"resume: {path} is damaged ({problem}); trying the checkpoint before it")
+    if found:
+        raise RecipeError(
+            f"field 'resume': every checkpoint in {checkpoint_root(run_dir)} is damaged; start over with "
+            "output.overwrite=true"
+        )
+    return None
 
-        raise RecipeError(f"field 'resume': {resume!r} is not a checkpoint directory (no trainer_state.pt)")
-    return path
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when the checkpoint is whole; else what is wrong with it, in a few words. A checkpoint
+    written before manifests existed is checked for its parts only."""
+    for part in ("trainer_state.pt", "state", "model"):
+        if not (path / part).exists():
+            return f"{part} is missing"
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        entries = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return f"{MANIFEST} cannot be read"
+    for name, (size, digest) in sorted(entries.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if _sha256(file) != digest:
+            return f"{name} differs from what was written"
+    return None
+
+
+def write_manifest(path: Path) -> None:
+    """Every file's size and SHA-256, so a resume can tell a damaged checkpoint from a whole one."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+    entries = {str(f.relative_to(path)): [f.stat().st_size, _sha256(f)] for f in files}
+    (path / MANIFEST).write_text(json.dumps(entries, indent=0))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _agreed(accelerator, check, path: Path):
+    """``check(path)`` on the main process, its answer on every process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return check(path)
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([check(path) if accelerator.is_main_process else None])[0]
 
 
 class CheckpointError(RuntimeError):
@@ -98,6 +167,7 @@ def save_checkpoint(
     if not failures:  # every process's shards are written: make them durable before the rename
         try:
             if accelerator.is_main_process:
+                write_manifest(tmp)
                 _fsync_tree(tmp)
         except OSError as err:
             failure = _reason(err)

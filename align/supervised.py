@@ -128,7 +128,7 @@ def claimed_run(
 ) -> Iterator[Path | None]:
     """Hold ``run_dir`` for one run (``align/rundir.py``) and yield the checkpoint to resume from,
     if any, checked against ``meaning``. Runs before any model loads, so bad input fails in seconds."""
-    checkpoint = resolve_resume(resume, run_dir)
+    checkpoint = resolve_resume(resume, run_dir, accelerator)
     lock = claim_run_dir(run_dir, resume is not None, overwrite, accelerator)
     try:
         if checkpoint is not None:

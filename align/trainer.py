@@ -118,7 +118,7 @@ def run_training(settings: RunSettings, accelerator, on_step, on_end) -> dict:
     accelerator = accelerator or make_accelerator(settings.layout.gradient_accumulation_steps)
     set_seed(settings.layout.seed)
     run_dir = settings.run_dir
-    resume_from = resolve_resume(settings.resume, run_dir)
+    resume_from = resolve_resume(settings.resume, run_dir, accelerator)
     lock = claim_run_dir(run_dir, settings.resume is not None, settings.overwrite, accelerator)
     try:
         changes = check_resume(settings.recipe, resume_from) if resume_from is not None else {}

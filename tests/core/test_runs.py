@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from helpers import make_recipe, run_metrics
+from helpers import make_recipe, run_metrics, stop_at
 
+from align.checkpoint import write_manifest
 from align.config import RecipeError
 from align.trainer import train
 
@@ -107,10 +109,47 @@ def test_a_forged_trainer_state_does_not_run_code_on_resume(tiny_model_dir, tiny
 
     state = run / "checkpoints" / "step-000001" / "trainer_state.pt"
     state.write_bytes(pickle.dumps({"step": Payload()}))
+    write_manifest(state.parent)  # a forger rewrites the manifest too: the loader must still refuse
     resumed = recipe.model_copy(update={"resume": "latest", "train": recipe.train.model_copy(update={"steps": 2})})
     with pytest.raises(pickle.UnpicklingError):
         train(resumed)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "truncated_state", "missing_state"])
+def test_resume_passes_over_a_damaged_latest_checkpoint(damage, tiny_model_dir, tiny_data_files, tmp_path, capsys):
+    """A flipped byte in the weights, a truncated trainer_state.pt or a missing state/ in the newest
+    checkpoint: resume=latest says so in one line and continues from the one before, to the same
+    weights as an uninterrupted run; a damaged checkpoint named explicitly is refused."""
+    import shutil
+
+    from helpers import final_params
+
+    straight = tmp_path / "straight"
+    train(make_recipe(tiny_model_dir, tiny_data_files, straight, "sft", steps=3, batch_size=4))
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=3, batch_size=4)
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"save_every": 1, "keep_last": 3})})
+    assert train(recipe, on_step=stop_at(2))["steps"] == 2  # checkpoints at steps 1 and 2
+    latest = run / "checkpoints" / "step-000002"
+    if damage == "flipped_byte":
+        weights = latest / "state" / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        weights.write_bytes(bytes(data))
+    elif damage == "truncated_state":
+        state = latest / "trainer_state.pt"
+        state.write_bytes(state.read_bytes()[:100])
+    else:
+        shutil.rmtree(latest / "state")
+    capsys.readouterr()
+    with pytest.raises(RecipeError, match=r"field 'resume': .*step-000002' is damaged \("):
+        train(recipe.model_copy(update={"resume": str(latest)}))
+    assert train(recipe.model_copy(update={"resume": "latest"}))["steps"] == 3
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    assert len(said) == 1 and "step-000002 is damaged" in said[0]
+    a, b = final_params(straight), final_params(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_signal_stop_exits_128_plus_the_signal(tiny_model_dir, tiny_data_files, tmp_path):
