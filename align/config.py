@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from align import files
+
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
@@ -216,4 +218,4 @@ def load_recipe(schema: type[Schema], path: str | Path | None, overrides: list[s
 
 
 def dump_recipe(recipe: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    files.write_text(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from align import files
 
 
 class MetricsLog:
@@ -29,16 +30,15 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            records, torn = _parse_lines(self.path)
+        if self.path.exists() or self.path.is_symlink():
+            records, torn = _parse_lines(self.path) if not self.path.is_symlink() else ([], 0)
             if torn:
                 print(f"{self.path}: {torn} torn line(s) dropped (an interrupted write)")
-            # on resume, the steps after the checkpoint are logged again: drop them once
+            # on resume, the steps after the checkpoint are logged again: drop them once; never
+            # truncate-then-write the only copy, never write through a link planted there
             kept = [r for r in records if start_step and r.get("step", 0) <= start_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)  # never truncate-then-write the only copy
-        self.handle = open(self.path, "a")
+            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.handle = files.open_append(self.path)
         name = run_name or Path(run_dir).resolve().name
         self.trackers = [TRACKERS[kind](Path(run_dir), name, project, config) for kind in report_to]
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from align import files
 from align.config import RecipeError
 
 # changeable on resume; every other field (objective, model, reference, data, reward, generation,
@@ -68,5 +69,4 @@ def record_changes(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]
     if not changes:
         return
     entry = {"from_step": step, "changes": {k: {"was": old, "now": new} for k, (old, new) in changes.items()}}
-    with open(run_dir / "recipe_history.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
+    files.append_line(run_dir / "recipe_history.jsonl", json.dumps(entry))

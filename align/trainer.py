@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from align import files
 from align.allocator import tune_allocator
 from align.batches import BatchLayout, StepBatch, local_rows, offline_batch, rollout_batch
 from align.checkpoint import resolve_resume, save_checkpoint
@@ -307,7 +308,7 @@ def finish_run(run: Run, accelerator, checkpoint: Path, stopped_by: str | None, 
         )
         summary.update(on_end(finished))
     if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

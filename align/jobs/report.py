@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from align import files
 from align.distributed import loading_whole_models
 from align.evaluation import eval_prompts, evaluate_pairs, evaluate_policy, models_in_eval
 from align.metrics_log import read_metrics
@@ -65,7 +66,7 @@ def report_on_end(run) -> dict:
     except Exception as err:  # any failure here must leave the finished run intact
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         print(f"align: the end-of-run report failed ({reason}); the run and final/ are complete", file=sys.stderr)
-        (run.run_dir / "report.md").write_text(f"# align run report\n\nThe report failed: {reason}\n")
+        files.write_text(run.run_dir / "report.md", f"# align run report\n\nThe report failed: {reason}\n")
         return {"report_error": reason}
 
 
@@ -98,7 +99,7 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator, he
             {"prompt": p, "before": b, "after": a}
             for p, b, a in list(zip(prompts, before["texts"], after["texts"]))[:8]
         ]
-    (run_dir / "report.json").write_text(json.dumps(out, indent=2))
+    files.write_text(run_dir / "report.json", json.dumps(out, indent=2))
     lines = [f"# align run report: {recipe.objective.name}", "", "![metrics](metrics.png)", ""]
     if "before" in out:
         table = Table(title=f"{recipe.objective.name}: {label} ({len(prompts)})")
@@ -142,6 +143,6 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator, he
             f" -> {pairs['loglik_accuracy']:.3f}",
             file=sys.stderr,
         )
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    files.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     keep = ("before", "after", "held_out_pairs")
     return {"report": str(run_dir / "report.md"), **{k: out[k] for k in keep if k in out}}

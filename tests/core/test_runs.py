@@ -152,6 +152,26 @@ def test_resume_passes_over_a_damaged_latest_checkpoint(damage, tiny_model_dir, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_writes_into_a_run_directory_never_follow_a_planted_link(tiny_model_dir, tiny_data_files, tmp_path):
+    """recipe.yaml, recipe_history.jsonl, metrics.jsonl and summary.json planted as links to files
+    elsewhere: a resume replaces the links with its own files and writes nothing through them."""
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=1, batch_size=4)
+    train(recipe)
+    victims = {}
+    for name in ("recipe.yaml", "recipe_history.jsonl", "metrics.jsonl", "summary.json"):
+        victims[name] = tmp_path / f"victim-{name}"
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(victims[name])  # dangling: a write through it would create the victim
+    resumed = recipe.model_copy(update={"resume": "latest", "train": recipe.train.model_copy(update={"steps": 2})})
+    assert train(resumed)["steps"] == 2
+    assert not any(victim.exists() for victim in victims.values())
+    for name in victims:
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert [r["step"] for r in run_metrics(run)] == [2]  # the link held no steps of this run
+    assert json.loads((run / "recipe_history.jsonl").read_text())["changes"]["train.steps"]["now"] == 2
+
+
 def test_a_signal_stop_exits_128_plus_the_signal(tiny_model_dir, tiny_data_files, tmp_path):
     run = tmp_path / "run"
     recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=100_000, batch_size=2)
