@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from align import files
 
@@ -23,9 +23,14 @@ class RecipeError(ValueError):
 
 
 class Strict(BaseModel):
-    """Base for recipe sections: unknown keys are errors, defaults are validated too."""
+    """Base for recipe sections: unknown keys are errors, defaults are validated too, and no float
+    field takes inf or NaN (a learning rate of .inf would fail only after the models load)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+# a random seed every library takes (numpy's must lie in [0, 2**32))
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="random seed, in [0, 2**32)")]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

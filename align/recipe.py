@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import string
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 import losses
-from align.config import Strict
+from align.config import Seed, Strict
 from align.objective import RUN_QUANTITY_SOURCES, ObjectiveConfig
 
 
@@ -134,7 +134,9 @@ class GenerationConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="log-probs for the loss use the same temperature")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = off")
-    stop_strings: list[str] = Field(default_factory=list, description="a completion ends after the first one")
+    stop_strings: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="a completion ends after the first one (non-empty strings)"
+    )
     batch_size: int | None = Field(None, gt=0, description="prompts per generate call (default: the whole step)")
 
     @model_validator(mode="after")
@@ -176,11 +178,11 @@ class TrainConfig(Strict):
     lr: float = Field(1e-5, gt=0)
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd: plain lr·gradient steps (tests, ablations)")
     weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: Seed = 0
     max_bad_steps: int = Field(10, ge=0, description="stop after this many steps skipped for NaN/inf")
 
 

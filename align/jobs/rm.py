@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from align.config import RecipeError, Strict, dump_recipe, load_recipe
+from align.config import RecipeError, Seed, Strict, dump_recipe, load_recipe
 from losses.bradley_terry import bradley_terry_loss
 
 
@@ -63,7 +63,7 @@ class RMTrain(Strict):
         "linear", description="after warm-up: constant, or linear decay to 0 at the last step"
     )
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: Seed = 0
     device: str | None = Field(None, description="default: cuda if available, else cpu")
     eval_batch_size: int = Field(32, gt=0)
 

@@ -8,6 +8,8 @@ cannot drift from them.
 from __future__ import annotations
 
 import importlib
+import types
+import typing
 from typing import Any
 
 from pydantic import BaseModel
@@ -29,8 +31,19 @@ RECIPE_SCHEMAS: dict[str, tuple[str, str]] = {
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
-    return text or str(annotation).replace("typing.", "")
+    """A field's type as a reader writes it: ``list[str]``, ``float | None``, constraints left out."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
 def _section(model: type[BaseModel]) -> type[BaseModel] | None:

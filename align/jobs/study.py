@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from pydantic import Field, model_validator
 
-from align.config import RecipeError, Strict, dump_recipe, load_recipe, validate
+from align.config import RecipeError, Seed, Strict, dump_recipe, load_recipe, validate
 from align.recipe import ObjectiveConfig, Recipe
 
 
@@ -57,7 +57,7 @@ class StudyRecipe(Strict):
     description: str = ""
     prepare: Literal["quickstart"] | None = Field(None, description="build the quickstart assets first if missing")
     out: str = Field(..., description="study directory")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, description="train.seed of each run")
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1, description="train.seed of each run")
     base: dict[str, Any] = Field(
         ..., description="training recipe shared by every run, without objective/reward/output"
     )

@@ -27,6 +27,10 @@ from align.recipe import Recipe
         ("train.learning_rate=1e-5", "field 'train.learning_rate': unknown key; did you mean 'train.lr'?"),
         ("num_generations=8", "field 'num_generations': unknown key; did you mean 'objective.k'?"),
         ("train.stepz=3", "did you mean 'train.steps'?"),
+        ("train.lr=.inf", "field 'train.lr': Input should be a finite number"),
+        ("train.seed=-1", "field 'train.seed': Input should be greater than or equal to 0"),
+        ("train.adam_betas=[1.5, 0.9]", "field 'train.adam_betas.0': Input should be less than 1"),
+        ("generation.stop_strings=['']", "field 'generation.stop_strings.0': String should have at least 1"),
     ],
 )
 def test_recipe_errors_are_one_line_before_any_model_loads(override, message, tmp_path):

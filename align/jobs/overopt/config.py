@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from align.config import Strict
+from align.config import Seed, Strict
 from align.jobs import study as engine
 from align.jobs.rm import RMTrain
 from align.jobs.study import (  # noqa: F401 -- re-exported
@@ -39,7 +39,7 @@ class ProxyConfig(Strict):
     model: str | None = Field(None, description="reward-model base (default: the policy's model.path); new scalar head")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of the pairs held out for the proxy's accuracy")
     train: RMTrain = Field(default_factory=RMTrain, description="align rm's train section")
-    seed: int = Field(0, description="which prompts, which samples, which labels (bradley_terry)")
+    seed: Seed = Field(0, description="which prompts, which samples, which labels (bradley_terry)")
 
 
 class BonConfig(Strict):
@@ -60,7 +60,7 @@ class OveroptRecipe(engine.StudyRecipe):
     job: ClassVar[str] = "overopt"
 
     out: str = Field("runs/overopt", description="study directory: proxy, runs, report")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed of each run")
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="train.seed of each run")
     gold: list[RewardComponent] = Field(..., min_length=1, description="the gold reward (never optimised)")
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     bon: BonConfig = Field(default_factory=BonConfig)
