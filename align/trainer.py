@@ -145,35 +145,34 @@ def run_loop(run: Run, accelerator, run_dir: Path, on_step, on_end) -> dict:
     )
     bar = progress_bar(settings.steps, run.step, main, run.objective.name)
     stopped_by = None
-    with StopSignal() as stop:
-        while run.step < settings.steps:
-            record = train_step(run, accelerator)
-            if record.get("skipped") and main:
-                bar.write(
-                    f"step {run.step}: non-finite loss, log-probs or gradient; step skipped ({run.bad_steps} so far)"
-                )
-            log.log(record)
-            if run.bad_steps > settings.max_bad_steps:
-                # the step that ends the run is logged and checkpointed, so it can be inspected and resumed
-                log.close()
-                bar.close()
-                raise TrainingError(
-                    f"{run.bad_steps} steps skipped for non-finite values (train.max_bad_steps="
-                    f"{settings.max_bad_steps}); lower train.lr or check the reward; last checkpoint "
-                    f"{save(run, accelerator, run_dir)}"
-                )
-            bar.update(1)
-            bar.set_postfix(postfix(record), refresh=False)
-            if on_step is not None:
-                on_step(run.step, record)
-            received = agreed_signal(stop.received, accelerator)
-            if received is not None:
-                stopped_by = signal.Signals(received).name
-                break
-            if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
-                save(run, accelerator, run_dir)
-    bar.close()
-    log.close()
+    try:  # the bar and the log are closed however the loop ends, before anything is said of it
+        with StopSignal() as stop:
+            while run.step < settings.steps:
+                record = train_step(run, accelerator)
+                if record.get("skipped") and main:
+                    skipped = f"step skipped ({run.bad_steps} so far)"
+                    bar.write(f"step {run.step}: non-finite loss, log-probs or gradient; {skipped}")
+                log.log(record)
+                if run.bad_steps > settings.max_bad_steps:
+                    # the step that ends the run is logged and checkpointed, so it can be inspected and resumed
+                    raise TrainingError(
+                        f"{run.bad_steps} steps skipped for non-finite values (train.max_bad_steps="
+                        f"{settings.max_bad_steps}); lower train.lr or check the reward; last checkpoint "
+                        f"{save(run, accelerator, run_dir)}"
+                    )
+                bar.update(1)
+                bar.set_postfix(postfix(record), refresh=False)
+                if on_step is not None:
+                    on_step(run.step, record)
+                received = agreed_signal(stop.received, accelerator)
+                if received is not None:
+                    stopped_by = signal.Signals(received).name
+                    break
+                if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
+                    save(run, accelerator, run_dir)
+    finally:
+        bar.close()
+        log.close()
     return finish_run(run, accelerator, save(run, accelerator, run_dir), stopped_by, on_end, run_dir)
 
 

@@ -157,8 +157,12 @@ def call_reward(
     try:
         # TRL's keyword convention
         scores = fn(prompts=call_prompts, completions=call_completions, **columns, **extra)
+        if inspect.isawaitable(scores):  # an ``async def`` reward, as TRL accepts
+            scores = _wait_for(scores)
     except RewardError:
         raise
+    except SystemExit as err:  # it would end the run with its code, silently, without a checkpoint
+        raise RewardError(f"reward {name!r} called sys.exit({err.code!r}); a reward returns its scores") from None
     except Exception as err:
         raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
     if hasattr(scores, "tolist") and not isinstance(scores, (list, tuple)):
@@ -179,3 +183,21 @@ def call_reward(
             raise RewardError(f"reward {name!r} returned a non-finite score {number} for completion {i}")
         out.append(number)
     return out
+
+
+def _wait_for(awaitable):
+    """The result of an async reward: run on a loop of its own (in a thread where the caller is
+    inside a running loop already, as in a notebook)."""
+    import asyncio
+
+    async def wrapped():
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wrapped())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wrapped()).result()

@@ -79,13 +79,19 @@ def run_train(args) -> int:
     if args.command == "sft" and not any(o.startswith("objective.name=") for o in overrides):
         overrides.append("objective.name=sft")
     recipe = load_recipe(Recipe, args.recipe, overrides)
-    from align.checkpoint import CheckpointError
+    from align.checkpoint import CheckpointError, list_checkpoints
     from align.trainer import TrainingError
+    from rewards import RewardError
 
     try:
         summary = run(recipe)
     except (TrainingError, CheckpointError) as err:
         print(f"align {args.command}: {err}", file=sys.stderr)
+        return 1
+    except RewardError as err:  # the run had started: say where it can go on from
+        saved = list_checkpoints(recipe.output.dir)
+        then = f"; last checkpoint {saved[-1]} (fix the reward, then resume=latest)" if saved else ""
+        print(f"align {args.command}: {err}{then}", file=sys.stderr)
         return 1
     if summary.get("stopped_by"):
         print(

@@ -19,7 +19,8 @@ import yaml
 from helpers import make_recipe, run_metrics, stop_at
 
 from align.checkpoint import write_manifest
-from align.config import RecipeError
+from align.config import RecipeError, validate
+from align.recipe import Recipe
 from align.trainer import train
 
 
@@ -170,6 +171,28 @@ def test_writes_into_a_run_directory_never_follow_a_planted_link(tiny_model_dir,
         assert (run / name).is_file() and not (run / name).is_symlink(), name
     assert [r["step"] for r in run_metrics(run)] == [2]  # the link held no steps of this run
     assert json.loads((run / "recipe_history.jsonl").read_text())["changes"]["train.steps"]["now"] == 2
+
+
+def test_a_reward_that_fails_mid_run_is_one_line_naming_the_last_checkpoint(tiny_model_dir, tiny_data_files, tmp_path):
+    """A reward that raises at its third call (step 3): `align train` prints one line naming the
+    reward, the error and the checkpoint to resume from, and exits 1."""
+    (tmp_path / "flaky.py").write_text(
+        "calls = []\n"
+        "def score(prompts, completions, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:\n"
+        "        raise ValueError('the judge is down')\n"
+        "    return [float(len(c)) for c in completions]\n"
+    )
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rloo", steps=4, batch_size=4)
+    raw = recipe.model_dump(mode="json")
+    raw["reward"] = [{"name": "python", "options": {"path": str(tmp_path / "flaky.py"), "function": "score"}}]
+    raw["output"]["save_every"] = 1
+    out = _cli("train", str(_recipe_file(validate(Recipe, raw), tmp_path / "r.yaml")), cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("align train: reward 'python' raised ValueError: the judge is down; last checkpoint ")
+    assert line.endswith("step-000002 (fix the reward, then resume=latest)") and "Traceback" not in out.stderr
 
 
 def test_a_signal_stop_exits_128_plus_the_signal(tiny_model_dir, tiny_data_files, tmp_path):

@@ -324,3 +324,28 @@ def test_demo_cache_single_reward_and_rcfd_shapes():
     # one component: exactly −w·(r − r_d)², no whitening (Rita et al., Eq. 3)
     assert calibrated_reward(policy[:, :1], demo[:, :1], torch.tensor([3.0])).tolist() == [0.0, -3.0, -12.0]
     assert calibrated_reward(policy[:, 0], demo[:, 0]).tolist() == [0.0, -1.0, -4.0]
+
+
+def test_an_async_reward_is_awaited_and_sys_exit_in_a_reward_is_a_reward_error():
+    """TRL accepts ``async def`` rewards: their scores are awaited (also from inside a running
+    loop, as in a notebook). A reward calling sys.exit would end a run silently: it is an error."""
+    import asyncio
+
+    from rewards.base import RewardError, call_reward
+
+    async def lengths(prompts, completions, **_):
+        await asyncio.sleep(0)
+        return [float(len(c)) for c in completions]
+
+    assert call_reward("lengths", lengths, ["p", "p"], ["ab", "abc"]) == [2.0, 3.0]
+
+    async def inside_a_loop():
+        return call_reward("lengths", lengths, ["p"], ["abcd"])
+
+    assert asyncio.run(inside_a_loop()) == [4.0]
+
+    def quits(prompts, completions, **_):
+        raise SystemExit(0)
+
+    with pytest.raises(RewardError, match=r"reward 'quits' called sys.exit\(0\)"):
+        call_reward("quits", quits, ["p"], ["a"])
