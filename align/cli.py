@@ -11,6 +11,7 @@ import os
 import sys
 
 from align.config import RecipeError
+from align.signals import RunStopped
 
 # subcommand -> (module with ``main(args)``, one-line help, what its arguments are)
 RECIPE_ARGS = (
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"align {args.command}: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        print(f"align {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         return 130
     if _leave_process_group():

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import signal
 
-import torch
+
+class RunStopped(Exception):
+    """A signal stopped a run that a job needed finished (a preparation stage); the message says
+    which stage and how to go on. The CLI exits with 128 + the signal's number."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.Signals[self.signal_name].value
 
 
 class StopSignal:
@@ -38,6 +49,8 @@ def agreed_signal(received: int | None, accelerator) -> int | None:
     shared (the largest number wins), so none starts a step whose collectives the others skip."""
     if accelerator.num_processes == 1:
         return received
+    import torch  # here: the CLI imports this module for RunStopped, and stays light
+
     flag = torch.tensor([float(received or 0)], device=accelerator.device)
     agreed = int(accelerator.gather(flag).max().item())
     return agreed or None

@@ -164,3 +164,29 @@ def test_a_concurrent_winner_is_kept(tmp_path):
 def test_test_helpers_build_small_files(tiny_data_files, tiny_model_dir):
     assert _read(tiny_data_files["pairs"]) and _read(tiny_data_files["sft"])
     assert 300 <= len(AutoTokenizer.from_pretrained(tiny_model_dir)) <= 500
+
+
+def test_a_signal_during_the_sft_stage_is_one_line_and_its_exit_code(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the quickstart fine-tunes its policy: the trainer saves and stops, the stage
+    says so in one line, `align` exits 130 (128 + SIGINT), and no policy directory is published."""
+    import align.jobs.train as train_job
+    import align.trainer
+    from align.cli import main
+    from align.jobs.quickstart.pipeline import sft_once
+    from align.signals import RunStopped
+
+    monkeypatch.setattr(align.trainer, "train", lambda recipe: {"stopped_by": "SIGINT", "steps": 3})
+    sft_model = tmp_path / "sft_model"
+    with pytest.raises(RunStopped) as caught:
+        sft_once("quickstart_sft", [f"output.dir={tmp_path / 'sft_run'}"], sft_model, lambda message: None)
+    assert caught.value.exit_code == 130 and "stopped by SIGINT during the supervised fine-tuning" in str(caught.value)
+    assert not sft_model.exists()
+
+    def stopped_job(args):
+        raise caught.value
+
+    monkeypatch.setattr(train_job, "main", stopped_job)
+    capsys.readouterr()
+    assert main(["train", "quickstart"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("align train: stopped by SIGINT during the supervised fine-tuning")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -49,6 +50,7 @@ def sft_once(sft_recipe: str | Path, overrides: list[str], sft_model: Path, log:
     reused; a leftover directory without one is replaced."""
     from align.jobs.quickstart.corpus import atomic_dir
     from align.recipe import Recipe
+    from align.signals import RunStopped
     from align.trainer import train
 
     sft_model = Path(sft_model)
@@ -64,11 +66,24 @@ def sft_once(sft_recipe: str | Path, overrides: list[str], sft_model: Path, log:
             # launch's process group belongs to the run that asked for it)
             env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("ACCELERATE_")}
             argv = ["train", str(sft_recipe), *overrides, "output.overwrite=true"]
-            subprocess.run([sys.executable, "-m", "align.cli", *argv], env=env, check=True)
+            code = subprocess.run([sys.executable, "-m", "align.cli", *argv], env=env).returncode
+            if code > 128 and code - 128 in {s.value for s in signal.Signals}:
+                raise stopped(signal.Signals(code - 128).name)
+            if code:
+                raise subprocess.CalledProcessError(code, argv)
             final = Path(recipe.output.dir) / "final"
         else:
-            final = train(recipe)["final_model"]
+            summary = train(recipe)
+            if summary.get("stopped_by"):  # no final model: the policy is not built
+                raise stopped(summary["stopped_by"])
+            final = summary["final_model"]
         shutil.copytree(final, out, dirs_exist_ok=True)
+
+    def stopped(name: str) -> RunStopped:
+        return RunStopped(
+            name,
+            f"stopped by {name} during the supervised fine-tuning into {sft_model}; the same command starts it over",
+        )
 
     shutil.rmtree(sft_model, ignore_errors=True)
     return atomic_dir(sft_model, build)
