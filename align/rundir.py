@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 from align.checkpoint import sweep_leftovers
@@ -43,10 +44,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
+STALE_EMPTY_LOCK_S = 10.0  # an empty lock this old was left by a crash between create and write
+
+
+def _process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stale(path: Path, owner: dict) -> str | None:
+    """Why the lock at ``path`` no longer holds (said when taking it over), or None while it does."""
+    pid, host, started = owner.get("pid"), owner.get("host"), owner.get("started")
+    if not isinstance(pid, int) or not isinstance(host, str):
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return "it is gone"
+        # a run writes its lock right after creating it: an empty or foreign one this old is stale
+        return f"it holds no owner ({age:.0f} s old)" if age > STALE_EMPTY_LOCK_S else None
+    if host != socket.gethostname():
+        return None  # another machine's process: not ours to judge
+    if not _alive(pid):
+        return f"its process {pid} is dead"
+    now = _process_start(pid)
+    if started is not None and now is not None and now != started:
+        return f"pid {pid} now belongs to another process"
+    return None
+
+
 def _take_lock(run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())})
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -55,14 +88,16 @@ def _take_lock(run_dir: Path) -> Path:
                 owner = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 owner = {}
-            pid, host = owner.get("pid"), owner.get("host")
-            if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-                print(f"output.dir: {run_dir}: taking over the lock of dead process {pid}")
+            owner = owner if isinstance(owner, dict) else {}
+            why = _stale(path, owner)
+            if why is not None:
+                print(f"output.dir: {run_dir}: taking over {path} ({why})")
                 path.unlink(missing_ok=True)
                 continue
             raise RecipeError(
-                f"output.dir: {str(run_dir)!r} is in use by another run (pid {pid} on {host}); "
-                "wait for it to end or choose another output.dir"
+                f"output.dir: {str(run_dir)!r} is in use by another run (pid {owner.get('pid')} on "
+                f"{owner.get('host')}, {path}); wait for it to end or choose another output.dir "
+                f"(if no run uses it, remove {path})"
             ) from None
         with os.fdopen(fd, "w") as handle:
             handle.write(me)

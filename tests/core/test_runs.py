@@ -79,6 +79,39 @@ def test_a_live_run_holds_the_directory_and_a_dead_ones_lock_is_taken_over(tiny_
     assert not (run / ".lock").exists()
 
 
+def test_an_empty_or_reused_pid_lock_is_taken_over_and_a_live_one_names_its_file(
+    tiny_model_dir, tiny_data_files, tmp_path, capsys
+):
+    """A lock left empty by a crash (older than a few seconds), or whose pid now belongs to another
+    process (its start time differs), does not block the directory forever; a live owner's lock is
+    refused with the file named and how to clear it."""
+    from align.rundir import _process_start
+
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "sft", steps=1, batch_size=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    assert train(recipe)["steps"] == 1
+    assert "taking over" in capsys.readouterr().out and not lock.exists()
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = {"pid": live.pid, "host": socket.gethostname(), "started": _process_start(live.pid)}
+        again = recipe.model_copy(update={"output": recipe.output.model_copy(update={"overwrite": True})})
+        lock.write_text(json.dumps(me))
+        with pytest.raises(RecipeError) as caught:
+            train(again)
+        assert f"(if no run uses it, remove {lock})" in str(caught.value)
+        lock.write_text(json.dumps({**me, "started": me["started"] - 1}))  # the pid was reused since
+        assert train(again)["steps"] == 1
+        assert f"pid {live.pid} now belongs to another process" in capsys.readouterr().out
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_model_dir, tiny_data_files, tmp_path, capsys):
     run = tmp_path / "run"
     recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=4, batch_size=4, max_grad_norm=None)
