@@ -121,7 +121,8 @@ def eval_prompts(recipe, dataset, tokenizer, limit: int = 64) -> tuple[list[str]
     if cfg.eval_prompts:
         table = data_lib.load_table(cfg.eval_prompts)
         table = formats.normalise(table.select(range(min(limit, len(table)))), cfg, "online", cfg.eval_prompts)
-        columns = data_lib.read_columns(cfg.eval_prompts, table, list(table.column_names), [])
+        prompt_column = [cfg.prompt_column] if cfg.prompt_column in table.column_names else []
+        columns = data_lib.read_columns(cfg.eval_prompts, table, list(table.column_names), prompt_column)
         prompts, _, messages = data_lib.prompt_rows(tokenizer, columns, cfg, cfg.eval_prompts)
         conversational = data_lib.is_conversational(columns, cfg)
         columns.pop(cfg.prompt_column, None)

@@ -18,6 +18,7 @@ from align.batches import BatchLayout, cache_reference_logprobs, reuse_sampler_p
 from align.checkpoint import load_checkpoint
 from align.config import RecipeError
 from align.distributed import configure_deepspeed, prepare_reference, sharding
+from align.evaluation import eval_prompts
 from align.models import Models, check_loadable, check_positions, load_models, load_tokenizer
 from align.native_engine import NativeEngine
 from align.recipe import Recipe
@@ -104,6 +105,8 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
         dataset = OnlineData(recipe, tokenizer)
     else:
         dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
+    if recipe.data.eval_prompts and recipe.output.report:  # the report's prompts, read as it will read them
+        eval_prompts(recipe, dataset if settings.online else None, tokenizer)
     check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
     check_positions(recipe, dataset)
     need_critic = "values" in objective.needs

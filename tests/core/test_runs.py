@@ -370,6 +370,7 @@ def bad_inputs(tiny_model_dir, tmp_path_factory):
     (root / "latin1.jsonl").write_bytes(b'{"prompt": "the caf\xe9 film"}\n')
     (root / "long.jsonl").write_text(json.dumps({"prompt": " ".join(["the film was good"] * 60)}) + "\n")
     (root / "no_prompt.jsonl").write_text('{"text": "the film"}\n')
+    (root / "no_prompt_row.jsonl").write_text('{"prompt": "the film"}\n{"text": "the cast"}\n')
     broken = root / "broken_weights"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -396,6 +397,12 @@ def bad_inputs(tiny_model_dir, tmp_path_factory):
         (["prepare=quickstart", "model.path={root}/sft_modle"], "model.path: prepare: quickstart builds its policy"),
         (["data.train={root}/no_prompt.jsonl", "model.path={root}/broken_weights"], "missing column 'prompt'"),
         (["model.path={root}/no_such_model"], "model.path: no such directory"),
+        # the report's held-out prompts are read before the models load, not after training
+        (["data.eval_prompts={root}/missing.jsonl", "output.report=true"], "missing.jsonl': no such file"),
+        (
+            ["data.eval_prompts={root}/no_prompt_row.jsonl", "output.report=true"],
+            "row 1: column 'prompt' is empty or not text",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_inputs, overrides, expected):
