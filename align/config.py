@@ -7,6 +7,7 @@ expected (``RecipeError``); the CLI prints it and exits with code 2, before any 
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -220,6 +221,24 @@ def load_recipe(schema: type[Schema], path: str | Path | None, overrides: list[s
     data = read_yaml(find_recipe(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return validate(schema, data, source=f"recipe {str(path)!r}" if path else "recipe")
+
+
+def check_output_path(path: str | Path, field: str, kind: str) -> Path:
+    """``path`` can be written as a ``kind`` ("file" or "directory"), checked before any work:
+    RecipeError naming ``field`` otherwise (an existing directory for a file or the other way
+    round, a path under a file, a parent this process cannot write)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != (kind == "directory"):
+        other = "directory" if path.is_dir() else "file"
+        raise RecipeError(f"{field}: {str(path)!r} is an existing {other}; expected a {kind} path")
+    parent = path if kind == "directory" and path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RecipeError(f"{field}: {str(path)!r} lies under the file {str(parent)!r}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RecipeError(f"{field}: {str(path)!r}: {str(parent)!r} is not writable")
+    return path
 
 
 def dump_recipe(recipe: BaseModel, path: str | Path) -> None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from align.checkpoint import sweep_leftovers
-from align.config import RecipeError
+from align.config import RecipeError, check_output_path
 
 LOCK = ".lock"
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "recipe.yaml", "summary.json", "final")
@@ -77,7 +77,11 @@ def _stale(path: Path, owner: dict) -> str | None:
 
 
 def _take_lock(run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_output_path(run_dir, "output.dir", "directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RecipeError(f"output.dir: {str(run_dir)!r} cannot be made ({os.strerror(err.errno or 0)})") from None
     path = run_dir / LOCK
     me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())})
     for _ in range(2):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from align.config import RecipeError, load_recipe
+from align.config import RecipeError, check_output_path, load_recipe
 
 
 def _policy_dir(run_dir: Path) -> Path:
@@ -48,6 +48,7 @@ def main(args) -> int:
     else:
         recipe = load_recipe(Recipe, args.recipe, overrides)
         policy_path, out = Path(recipe.model.path), Path(options.get("out", "samples.jsonl"))
+    check_output_path(out, "out", "file")  # before sampling, not after it
     device = torch.device("cpu")
     tokenizer = load_tokenizer(recipe)
     dataset = OnlineData(recipe, tokenizer) if recipe.objective.online else None

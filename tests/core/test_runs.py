@@ -415,3 +415,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_inputs, overrides, 
     assert expected in err, err
     assert not run.exists()
     assert not (bad_inputs / "sft_modle").exists() and not (bad_inputs / "data").exists()
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(bad_inputs, tmp_path):
+    """An existing file as a run directory, a path under a file, a directory as a samples file:
+    one line naming the field, exit 2, before a model loads or a study runs."""
+    a_file = bad_inputs / "ok.jsonl"
+    cases = [
+        (["train", str(bad_inputs / "r.yaml"), f"output.dir={a_file}"], "output.dir: ", "is an existing file"),
+        (["train", str(bad_inputs / "r.yaml"), f"output.dir={a_file}/run"], "output.dir: ", "lies under the file"),
+        (["bandit", f"out={a_file}"], "out: ", "is an existing file; expected a directory path"),
+        (["sample", str(bad_inputs / "r.yaml"), f"out={tmp_path}"], "out: ", "is an existing directory"),
+    ]
+    for argv, field, expected in cases:
+        out = _cli(*argv, timeout=120)
+        err = out.stderr.strip()
+        assert out.returncode == 2 and len(err.splitlines()) == 1, (argv, err[-1000:])
+        assert field in err and expected in err, err

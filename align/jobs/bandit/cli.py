@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from rich.console import Console
 
-from align.config import dump_recipe, load_recipe
+from align.config import check_output_path, dump_recipe, load_recipe
 from align.jobs.bandit.config import BanditRecipe
 from align.jobs.bandit.lab import run
 from align.jobs.bandit.report import plot, table, write_json
@@ -17,7 +16,7 @@ from align.jobs.bandit.report import plot, table, write_json
 def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(BanditRecipe, args.recipe, args.overrides)
     console = Console(stderr=True)
-    out = Path(recipe.out)
+    out = check_output_path(recipe.out, "out", "directory")  # before the study, not after it
     start = time.perf_counter()
     results = run(recipe, progress=lambda label: console.print(f"[dim]training {label} ...[/dim]"))
     results["seconds"] = round(time.perf_counter() - start, 2)
