@@ -23,7 +23,7 @@ from typing import Any
 
 from align.config import RecipeError, validate
 from align.recipe import Recipe
-from align.rundir import held_run, refuse_a_second_run
+from align.rundir import held_run, refusal
 
 
 @dataclass
@@ -113,9 +113,10 @@ def train(
     online = validate(ObjectiveConfig, raw.get("objective", {})).online
     run_dir = Path(raw.get("output", {}).get("dir", "runs/align"))
     resuming, overwrite = raw.get("resume") is not None, bool(raw.get("output", {}).get("overwrite"))
+    refused = refusal(run_dir, resuming, overwrite)
+    if refused is not None:  # refused before the run's data is touched
+        raise RecipeError(refused)
     held = held_run(run_dir)
-    if held and not resuming and not overwrite:  # refused before the run's data is touched
-        refuse_a_second_run(run_dir, held)
     data = dict(raw.get("data", {}))
     eval_key = "eval_prompts" if online else "eval_pairs"
     for key, table, name in (("train", dataset, "dataset"), (eval_key, eval_dataset, "eval_dataset")):

@@ -14,11 +14,15 @@ import socket
 import time
 from pathlib import Path
 
+from align import files
 from align.checkpoint import sweep_leftovers
 from align.config import RecipeError, check_output_path
 
 LOCK = ".lock"
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "recipe.yaml", "summary.json", "final")
+# written when a run takes its directory: what output.overwrite may replace is an align run's, never
+# files of the same generic names that something else put there
+MARKER = ".align-run"
 
 
 class RunLock:
@@ -29,8 +33,10 @@ class RunLock:
     def release(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
-            if self.created and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()  # a run refused before writing anything leaves nothing behind
+            run_dir = self.path.parent
+            if self.created and all(p.name == MARKER for p in run_dir.iterdir()):
+                (run_dir / MARKER).unlink(missing_ok=True)
+                run_dir.rmdir()  # a run refused before writing anything leaves nothing behind
             self.path = None
 
 
@@ -114,26 +120,54 @@ def held_run(run_dir: Path) -> list[str]:
     return [name for name in RUN_ENTRIES if (run_dir / name).exists()]
 
 
-def refuse_a_second_run(run_dir: Path, held: list[str]) -> None:
-    raise RecipeError(
-        f"output.dir: {str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
-        "resume=latest, or replace it with output.overwrite=true"
-    )
+def is_align_run(run_dir: Path) -> bool:
+    """``run_dir`` holds an align run: its marker, or (a run from before the marker) a checkpoint
+    with a trainer state, or a metrics log whose first line is a step's record."""
+    if (run_dir / MARKER).is_file():
+        return True
+    if any((p / "trainer_state.pt").is_file() for p in (run_dir / "checkpoints").glob("step-*")):
+        return True
+    try:
+        with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
+            first = json.loads(handle.readline())
+        return isinstance(first, dict) and "step" in first
+    except (OSError, ValueError):
+        return False
+
+
+def refusal(run_dir: Path, resuming: bool, overwrite: bool) -> str | None:
+    """Why a run may not take ``run_dir`` (None: it may): files of a run's names that no align run
+    wrote, or an align run there that is neither continued nor to be replaced."""
+    held = held_run(run_dir)
+    if held and not is_align_run(run_dir):
+        return (
+            f"output.dir: {str(run_dir)!r} holds {', '.join(held)}, which no align run wrote; align replaces or "
+            "continues only its own runs: choose another output.dir"
+        )
+    if held and not resuming and not overwrite:
+        return (
+            f"output.dir: {str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
+            "resume=latest, or replace it with output.overwrite=true"
+        )
+    return None
 
 
 def _check_and_take(run_dir: Path, resuming: bool, overwrite: bool) -> Path:
     lock = _take_lock(run_dir)
+    refused = refusal(run_dir, resuming, overwrite)
+    if refused is not None:
+        lock.unlink(missing_ok=True)
+        raise RecipeError(refused)
     swept = sweep_leftovers(run_dir)
     if swept:
         print(f"output.dir: {run_dir}: removed leftovers of an interrupted save or prune: {', '.join(swept)}")
     held = held_run(run_dir)
-    if held and not resuming:
-        if not overwrite:
-            lock.unlink(missing_ok=True)
-            refuse_a_second_run(run_dir, held)
+    if held and not resuming:  # output.overwrite: the old run goes, whole
         for name in held:
             entry = run_dir / name
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if not (run_dir / MARKER).is_file():
+        files.write_text(run_dir / MARKER, json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n")
     return lock
 
 

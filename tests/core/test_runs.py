@@ -62,6 +62,29 @@ def test_overwrite_replaces_the_old_run_whole(tiny_model_dir, tiny_data_files, t
     assert [r["step"] for r in run_metrics(run)] == [1, 2]
 
 
+def test_overwrite_replaces_only_an_align_run(tiny_model_dir, tiny_data_files, tmp_path):
+    """A directory whose checkpoints/ and recipe.yaml are someone else's is no align run: even
+    output.overwrite=true refuses it and deletes nothing. A run from before the marker (its
+    checkpoints say so) is still one: it resumes."""
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "m.bin").write_bytes(b"weights")
+    (mine / "recipe.yaml").write_text("my: recipe\n")
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, mine, "sft", steps=1, batch_size=4)
+    for output in ({"overwrite": True}, {"overwrite": False}):
+        with pytest.raises(RecipeError, match=r"holds checkpoints, recipe.yaml, which no align run wrote"):
+            train(recipe.model_copy(update={"output": recipe.output.model_copy(update=output)}))
+    assert (mine / "checkpoints" / "m.bin").read_bytes() == b"weights"
+    assert (mine / "recipe.yaml").read_text() == "my: recipe\n" and not (mine / ".align-run").exists()
+
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, run, "sft", steps=1, batch_size=4)
+    train(recipe)
+    (run / ".align-run").unlink()  # as a run written before the marker existed
+    resumed = recipe.model_copy(update={"resume": "latest", "train": recipe.train.model_copy(update={"steps": 2})})
+    assert train(resumed)["steps"] == 2 and (run / ".align-run").is_file()
+
+
 def test_a_live_run_holds_the_directory_and_a_dead_ones_lock_is_taken_over(tiny_model_dir, tiny_data_files, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
