@@ -39,9 +39,17 @@ def load_table(source: str, split: str = "train", subset: str | None = None):
         except Exception as err:  # a malformed file: name it, keep the parser's reason
             reason = str(err.__cause__ or err).strip().splitlines()[-1] if str(err.__cause__ or err).strip() else ""
             raise DataError(f"data {source!r}: cannot be read as {_LOCAL_FORMATS[suffix]} ({reason})") from None
-    if path.is_dir():
-        return datasets.load_dataset(str(path), subset, split=split)
-    return datasets.load_dataset(source, subset, split=split)
+    if path.exists() and not path.is_dir():
+        raise DataError(
+            f"data {source!r}: {suffix or 'no extension'} is not a data format align reads; "
+            f"expected one of {sorted(_LOCAL_FORMATS)}, a dataset directory or a hub dataset name"
+        )
+    try:
+        return datasets.load_dataset(str(path) if path.is_dir() else source, subset, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        # a hub name that cannot be reached or does not exist, a missing split or subset
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data {source!r}: cannot be loaded ({reason})") from None
 
 
 def read_columns(source: str, table, columns: list[str], non_empty: list[str]) -> dict[str, list]:

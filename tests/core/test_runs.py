@@ -393,6 +393,7 @@ def bad_inputs(tiny_model_dir, tmp_path_factory):
     (root / "latin1.jsonl").write_bytes(b'{"prompt": "the caf\xe9 film"}\n')
     (root / "long.jsonl").write_text(json.dumps({"prompt": " ".join(["the film was good"] * 60)}) + "\n")
     (root / "no_prompt.jsonl").write_text('{"text": "the film"}\n')
+    (root / "rows.xyz").write_text("the film\n")
     (root / "no_prompt_row.jsonl").write_text('{"prompt": "the film"}\n{"text": "the cast"}\n')
     broken = root / "broken_weights"
     shutil.copytree(tiny_model_dir, broken)
@@ -420,6 +421,8 @@ def bad_inputs(tiny_model_dir, tmp_path_factory):
         (["prepare=quickstart", "model.path={root}/sft_modle"], "model.path: prepare: quickstart builds its policy"),
         (["data.train={root}/no_prompt.jsonl", "model.path={root}/broken_weights"], "missing column 'prompt'"),
         (["model.path={root}/no_such_model"], "model.path: no such directory"),
+        (["data.train={root}/rows.xyz"], ".xyz is not a data format align reads"),
+        (["data.train=someone/no-such-dataset"], "data 'someone/no-such-dataset': cannot be loaded"),
         # the report's held-out prompts are read before the models load, not after training
         (["data.eval_prompts={root}/missing.jsonl", "output.report=true"], "missing.jsonl': no such file"),
         (
