@@ -34,6 +34,8 @@ def load_table(source: str, split: str = "train", subset: str | None = None):
     if suffix in _LOCAL_FORMATS:
         if not path.is_file():
             raise DataError(f"data {source!r}: no such file")
+        if not path.read_bytes().strip():
+            raise DataError(f"data {source!r}: the file is empty (no rows)")
         try:
             return datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files=str(path), split="train")
         except Exception as err:  # a malformed file: name it, keep the parser's reason

@@ -106,7 +106,13 @@ def read_pairs(path: str, data: RMData) -> list[tuple[str, str, str]]:
             missing = [c for c in columns if c not in row]
             if missing:
                 raise RecipeError(f"data: {path!r} line {lineno}: no column(s) {missing}; has {sorted(row)}")
-            rows.append(tuple(str(row[c]) for c in columns))
+            not_text = [c for c in columns if not isinstance(row[c], str)]
+            if not_text:  # str(None) or str(1) would be trained on as text
+                raise RecipeError(
+                    f"data: {path!r} line {lineno}: column {not_text[0]!r} is {type(row[not_text[0]]).__name__}, "
+                    "expected text"
+                )
+            rows.append(tuple(row[c] for c in columns))
     if not rows:
         raise RecipeError(f"data: {path!r}: no pairs")
     return rows

@@ -41,6 +41,8 @@ def main(args) -> int:
         n = int(options.get("n", 8))
     except ValueError:
         raise RecipeError(f"sample: n: expected a whole number, got {options['n']!r}") from None
+    if n < 1:
+        raise RecipeError(f"sample: n: expected at least 1 prompt, got {n}")
     source = Path(args.recipe)
     if source.is_dir():
         recipe = load_recipe(Recipe, source / "recipe.yaml", [*overrides, "resume=null"])

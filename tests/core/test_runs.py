@@ -394,6 +394,7 @@ def bad_inputs(tiny_model_dir, tmp_path_factory):
     (root / "long.jsonl").write_text(json.dumps({"prompt": " ".join(["the film was good"] * 60)}) + "\n")
     (root / "no_prompt.jsonl").write_text('{"text": "the film"}\n')
     (root / "rows.xyz").write_text("the film\n")
+    (root / "empty.jsonl").write_text("\n")
     (root / "no_prompt_row.jsonl").write_text('{"prompt": "the film"}\n{"text": "the cast"}\n')
     broken = root / "broken_weights"
     shutil.copytree(tiny_model_dir, broken)
@@ -422,6 +423,7 @@ def bad_inputs(tiny_model_dir, tmp_path_factory):
         (["data.train={root}/no_prompt.jsonl", "model.path={root}/broken_weights"], "missing column 'prompt'"),
         (["model.path={root}/no_such_model"], "model.path: no such directory"),
         (["data.train={root}/rows.xyz"], ".xyz is not a data format align reads"),
+        (["data.train={root}/empty.jsonl"], "data '{root}/empty.jsonl': the file is empty (no rows)"),
         (["data.train=someone/no-such-dataset"], "data 'someone/no-such-dataset': cannot be loaded"),
         # the report's held-out prompts are read before the models load, not after training
         (["data.eval_prompts={root}/missing.jsonl", "output.report=true"], "missing.jsonl': no such file"),
@@ -438,20 +440,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_inputs, overrides, 
     assert out.returncode == 2, out.stderr[-2000:]
     err = out.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert expected in err, err
+    assert expected.format(root=bad_inputs) in err, err
     assert not run.exists()
     assert not (bad_inputs / "sft_modle").exists() and not (bad_inputs / "data").exists()
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(bad_inputs, tmp_path):
-    """An existing file as a run directory, a path under a file, a directory as a samples file:
-    one line naming the field, exit 2, before a model loads or a study runs."""
+    """An existing file as a run directory, a path under a file, a directory as a samples file, no
+    prompts to sample: one line naming the field, exit 2, before a model loads or a study runs."""
     a_file = bad_inputs / "ok.jsonl"
     cases = [
         (["train", str(bad_inputs / "r.yaml"), f"output.dir={a_file}"], "output.dir: ", "is an existing file"),
         (["train", str(bad_inputs / "r.yaml"), f"output.dir={a_file}/run"], "output.dir: ", "lies under the file"),
         (["bandit", f"out={a_file}"], "out: ", "is an existing file; expected a directory path"),
         (["sample", str(bad_inputs / "r.yaml"), f"out={tmp_path}"], "out: ", "is an existing directory"),
+        (["sample", str(bad_inputs / "r.yaml"), "n=0"], "n: ", "expected at least 1 prompt, got 0"),
+        (["sample", str(bad_inputs / "r.yaml"), "n=many"], "n: ", "expected a whole number, got 'many'"),
     ]
     for argv, field, expected in cases:
         out = _cli(*argv, timeout=120)

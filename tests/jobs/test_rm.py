@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import stop_at
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -187,19 +187,12 @@ def test_rm_recipe_errors_exit_2(tmp_path, capsys):
     assert "'train.epoch': unknown key" in capsys.readouterr().err
     assert cli.main(["rm", "data.path=x.jsonl"]) == 2
     assert "model" in capsys.readouterr().err
+    nulls = write_jsonl(tmp_path / "nulls.jsonl", [{"prompt": None, "chosen": 1, "rejected": "c"}])
+    assert cli.main(["rm", str(recipe), f"data.path={nulls}"]) == 2  # not trained on as "None" and "1"
+    assert "line 1: column 'prompt' is NoneType, expected text" in capsys.readouterr().err
 
 
 # -- interrupted and resumed: the same run ---------------------------------------------------------
-
-
-def stop_at(step: int):
-    """An ``on_step`` hook that sends this process SIGTERM after ``step`` (the run checkpoints and stops)."""
-
-    def hook(done: int, record: dict) -> None:
-        if done == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
 
 
 def same_weights(a: Path, b: Path) -> None:
