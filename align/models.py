@@ -73,20 +73,26 @@ def unresolvable(field_name: str, source: str, what: str, err: BaseException) ->
 
 def check_loadable(recipe: Recipe) -> None:
     """Every model id the run will load resolves (config only), before any weights load."""
-    from transformers import AutoConfig
-
-    from align.config import RecipeError
 
     cfg = recipe.model
     critic = recipe.critic.path if recipe.critic is not None else None
     for field_name, source in (("model.path", cfg.path), ("reference", recipe.reference), ("critic.path", critic)):
-        if source is None:
-            continue
-        go_offline_if_hub_unreachable(source)
-        try:
-            AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise RecipeError(unresolvable(field_name, source, "a model config", err)) from None
+        if source is not None:
+            check_model_source(field_name, source, cfg.revision, cfg.trust_remote_code)
+
+
+def check_model_source(field_name: str, source: str, revision: str | None = None, trust_remote_code: bool = False):
+    """A model id or directory resolves to a config (nothing else loads); one line naming
+    ``field_name`` otherwise. Every command that loads a model asks here first."""
+    from transformers import AutoConfig
+
+    from align.config import RecipeError
+
+    go_offline_if_hub_unreachable(source)
+    try:
+        AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RecipeError(unresolvable(field_name, source, "a model config", err)) from None
 
 
 def load_tokenizer(recipe: Recipe):

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from align.config import RecipeError, Seed, Strict, dump_recipe, load_recipe
 from losses.bradley_terry import bradley_terry_loss
@@ -65,6 +65,19 @@ class RMTrain(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: Seed = 0
     device: str | None = Field(None, description="default: cuda if available, else cpu")
+
+    @field_validator("device")
+    @classmethod
+    def a_torch_device(cls, value: str | None) -> str | None:
+        import torch
+
+        if value is not None:
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ValueError("expected a torch device such as cpu, cuda or cuda:1") from None
+        return value
+
     eval_batch_size: int = Field(32, gt=0)
 
 
@@ -277,7 +290,13 @@ def _field_names() -> Iterator[None]:
 
 
 def main(args: Any) -> int:
+    from align.models import check_model_source
+
     recipe = load_recipe(RMRecipe, args.recipe, list(args.overrides))
+    split_pairs(recipe)  # the data files, read before any model loads
+    check_model_source("model", recipe.model)
+    if recipe.tokenizer is not None:
+        check_model_source("tokenizer", recipe.tokenizer)
     metrics = train_reward_model(recipe)
     if metrics.get("stopped_by"):
         print(

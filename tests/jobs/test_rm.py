@@ -190,6 +190,11 @@ def test_rm_recipe_errors_exit_2(tmp_path, capsys):
     nulls = write_jsonl(tmp_path / "nulls.jsonl", [{"prompt": None, "chosen": 1, "rejected": "c"}])
     assert cli.main(["rm", str(recipe), f"data.path={nulls}"]) == 2  # not trained on as "None" and "1"
     assert "line 1: column 'prompt' is NoneType, expected text" in capsys.readouterr().err
+    assert cli.main(["rm", str(recipe), f"data.path={nulls}", "train.device=banana"]) == 2
+    assert "field 'train.device': expected a torch device such as cpu, cuda or cuda:1" in capsys.readouterr().err
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 4)
+    assert cli.main(["rm", str(recipe), f"data.path={good}", f"model={tmp_path / 'no_model'}"]) == 2
+    assert f"model: cannot load a model config from '{tmp_path / 'no_model'}'" in capsys.readouterr().err
 
 
 # -- interrupted and resumed: the same run ---------------------------------------------------------
