@@ -73,12 +73,22 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("align")
+    except PackageNotFoundError:  # a checkout on the path, not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="align",
         description=__doc__.splitlines()[0],
         epilog="Recipe fields: `align schema`. Per command: `align COMMAND --help`. Recipe errors exit with code 2.",
     )
+    parser.add_argument("--version", action="version", version=f"align {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text, details) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=f"{help_text}. {details}")

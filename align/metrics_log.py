@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ class MetricsLog:
         enabled: bool,
         report_to: list[str],
         config: dict,
-        project: str,
+        project: str | None,
         run_name: str | None = None,
     ):
         self.enabled = enabled
@@ -40,6 +41,7 @@ class MetricsLog:
             files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.handle = files.open_append(self.path)
         name = run_name or Path(run_dir).resolve().name
+        project = project or os.environ.get("WANDB_PROJECT") or "align"  # the recipe's, else the environment's
         self.trackers = [TRACKERS[kind](Path(run_dir), name, project, config) for kind in report_to]
 
     def log(self, record: dict[str, Any]) -> None:

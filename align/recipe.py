@@ -195,10 +195,20 @@ class OutputConfig(Strict):
     report_to: list[Literal["wandb", "tensorboard", "trackio"]] = Field(
         default_factory=list, description="trackers, each imported only when named (a missing one: exit 2)"
     )
-    wandb_project: str = Field("align", description="the wandb / trackio project")
+    wandb_project: str | None = Field(
+        None, description="the wandb / trackio project (default: $WANDB_PROJECT, else 'align')"
+    )
     run_name: str | None = Field(None, description="the run's name in the trackers (default: the run dir's name)")
     merge_lora: bool = Field(False, description="LoRA: also write DIR/final_merged, the adapters merged into the base")
     push_to_hub: str | None = Field(None, description="a hub repo id to upload final/ to at the end")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def none_is_no_tracker(cls, value: Any) -> Any:
+        """TRL's ``report_to: none`` (or ``[none]``): no tracker."""
+        if value in ("none", None) or value == ["none"]:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @field_validator("report_to")
     @classmethod

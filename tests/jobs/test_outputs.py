@@ -136,3 +136,33 @@ def test_trackio_logs_read_back_from_its_local_store(tiny_model_dir, tiny_data_f
     assert {r[0] for r in rows} == {"exp-9"} and [r[1] for r in rows] == [1, 2]
     logged = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [json.loads(r[2])["loss"] for r in rows] == pytest.approx(logged, rel=1e-6)
+
+
+def test_trl_habits_report_to_none_wandb_project_from_the_environment_and_version(tmp_path, monkeypatch):
+    """``report_to: none`` is no tracker (TRL's spelling); the trackers' project is the recipe's,
+    else $WANDB_PROJECT, else 'align'; ``align --version`` names the installed version."""
+    from importlib.metadata import version
+
+    import align.metrics_log as metrics_log
+    from align.metrics_log import MetricsLog
+    from align.recipe import OutputConfig
+
+    assert OutputConfig(report_to="none").report_to == [] and OutputConfig(report_to=["none"]).report_to == []
+    seen = []
+
+    class Fake:
+        def __init__(self, run_dir, name, project, config):
+            seen.append(project)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(metrics_log.TRACKERS, "tensorboard", Fake)
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    for given in (None, "given"):
+        MetricsLog(tmp_path / f"run-{given}", 0, True, ["tensorboard"], {}, given, "name").close()
+    monkeypatch.delenv("WANDB_PROJECT")
+    MetricsLog(tmp_path / "run-default", 0, True, ["tensorboard"], {}, None, "name").close()
+    assert seen == ["from-env", "given", "align"]
+    out = subprocess.run([sys.executable, "-m", "align.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"align {version('align')}"
