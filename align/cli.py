@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `align schema | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     if _leave_process_group():
         # one of several launched processes, its command finished and everything it writes written
         # and closed (metrics, checkpoints, wandb/trackio runs): skip the interpreter's teardown,

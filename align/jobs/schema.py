@@ -8,6 +8,7 @@ cannot drift from them.
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 import typing
 from typing import Any
@@ -91,19 +92,54 @@ def job_and_section(args: list[str]) -> tuple[str, str | None]:
     return "train", args[0] if args else None
 
 
+def option_rows(kind: str) -> list[tuple[str, str, str, str]]:
+    """Every objective's (``kind`` "objective") or reward's ("reward") options, from the
+    constructors they are built with: ``objective.options.<option>`` under each name."""
+    import inspect
+
+    if kind == "objective":
+        import losses
+
+        names, options, doc = sorted(losses.REGISTRY), losses.options, lambda n: losses.REGISTRY[n].__doc__
+    else:
+        import rewards
+
+        names, options = sorted(rewards.REGISTRY), rewards.registry.options
+        doc = lambda n: rewards.REGISTRY[n].__doc__  # noqa: E731
+
+    rows = []
+    for name in names:
+        first = (doc(name) or "").strip().split("\n")[0]
+        rows.append((f"{kind} {name}", "section", "", first))
+        for option, default in options(name).items():
+            required = default is inspect.Parameter.empty
+            shown = "(required)" if required else repr(default)
+            rows.append((f"{kind}.options.{option}", "" if required else type(default).__name__, shown, f"({name})"))
+    return rows
+
+
 def main(args) -> int:
+    job, section = job_and_section([a for a in (args.recipe, *args.overrides) if a is not None])
+    every = field_rows(recipe_schema(job))
+    if section in ("objective.options", "reward.options") and any(r[0] == section for r in every):
+        rows = option_rows(section.split(".")[0])
+    else:
+        rows = every
+        if section:
+            rows = [r for r in every if r[0] == section or r[0].startswith(section + ".")]
+            if not rows:
+                sections = sorted({r[0].split(".")[0] for r in every})
+                raise RecipeError(f"schema: no {job} recipe section {section!r}; expected one of {sections}")
+    title = f"{job} recipe fields (YAML keys; on the command line: dotted key=value)"
+    if not sys.stdout.isatty():  # piped: one plain line a field, nothing wrapped
+        print(title)
+        for row in rows:
+            print("  ".join(cell for cell in row if cell))
+        return 0
     from rich.console import Console
     from rich.table import Table
 
-    job, section = job_and_section([a for a in (args.recipe, *args.overrides) if a is not None])
-    every = field_rows(recipe_schema(job))
-    rows = every
-    if section:
-        rows = [r for r in every if r[0] == section or r[0].startswith(section + ".")]
-        if not rows:
-            sections = sorted({r[0].split(".")[0] for r in every})
-            raise RecipeError(f"schema: no {job} recipe section {section!r}; expected one of {sections}")
-    table = Table(title=f"{job} recipe fields (YAML keys; on the command line: dotted key=value)")
+    table = Table(title=title, caption="each objective's and reward's options: align schema objective.options")
     for column in ("field", "type", "default", "meaning"):
         table.add_column(column, overflow="fold")
     for row in rows:

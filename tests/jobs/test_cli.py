@@ -62,7 +62,8 @@ def test_schema_covers_every_jobs_recipe(job, keys, capsys):
     top = rows[-1].split(".")[0]  # the last section: shown alone, without the first field
     assert cli.main(["schema", job, top]) == 0
     narrowed = capsys.readouterr().out
-    assert top in narrowed and rows[0] not in narrowed.split("meaning", 1)[1].split()
+    shown = [line.split("  ")[0] for line in narrowed.splitlines()[1:]]  # piped: a plain line a field
+    assert top in shown and rows[0] not in shown
     assert cli.main(["schema", job, "nope"]) == 2
     assert f"no {job} recipe section 'nope'" in capsys.readouterr().err
 
@@ -90,3 +91,21 @@ def test_a_finished_command_leaves_the_process_group_and_a_failed_one_does_not(t
         if dist.is_initialized():
             dist.destroy_process_group()
     capsys.readouterr()
+
+
+def test_schema_lists_every_objectives_and_rewards_options_plainly_when_piped(capsys):
+    """``align schema objective.options`` / ``reward.options``: each registered objective's and
+    reward's options with their defaults, read from their constructors; piped, one plain line a field."""
+    import losses
+    import rewards
+
+    assert cli.main(["schema", "objective.options"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "objective.options.clip_high  float  0.2  (grpo)" in lines
+    assert all(f"objective {name}  section" in "\n".join(lines) for name in losses.REGISTRY)
+    assert cli.main(["schema", "reward.options"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "reward.options.target  (required)  (length)" in lines
+    assert all(any(line.startswith(f"reward {name}  section") for line in lines) for name in rewards.REGISTRY)
+    assert cli.main(["schema", "generation"]) == 0
+    assert "generation.max_new_tokens  int  32" in capsys.readouterr().out.splitlines()
