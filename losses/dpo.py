@@ -20,12 +20,12 @@ from torch import Tensor
 from losses.base import LossBatch, Objective, sequence_logprobs
 
 
-def pair_log_ratio_margin(batch: LossBatch, pairs: Tensor, average: bool) -> Tensor:
-    """Δ per pair: [P]."""
+def pair_log_ratios(batch: LossBatch, pairs: Tensor, average: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Each pair's log-ratio log π/π_ref of chosen and of rejected [P], and the policy's sequence
+    log-probs [B] (summed, or length-averaged with ``average``)."""
     logp = sequence_logprobs(batch.logprobs, batch.mask, average)
-    ref = sequence_logprobs(batch.ref_logprobs, batch.mask, average)
-    ratio = logp - ref
-    return ratio[pairs[:, 0]] - ratio[pairs[:, 1]]
+    ratio = logp - sequence_logprobs(batch.ref_logprobs, batch.mask, average)
+    return ratio[pairs[:, 0]], ratio[pairs[:, 1]], logp
 
 
 class PreferencePairs(Objective):
@@ -49,10 +49,20 @@ class PreferencePairs(Objective):
         """The loss of each pair [P] from its margin Δ [P]."""
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        margin = pair_log_ratio_margin(batch, self.batch_pairs(batch), self.average_logprobs)
+        pairs = self.batch_pairs(batch)
+        chosen, rejected, logp = pair_log_ratios(batch, pairs, self.average_logprobs)
+        margin = chosen - rejected
+        accuracy = (margin.detach() > 0).float()
         return self.pair_loss(margin), {
             "margin": margin.detach(),  # Δ, the log-ratio margin (TRL's DPO reward margin is β·Δ)
-            "accuracy": (margin.detach() > 0).float(),
+            "accuracy": accuracy,
+            # TRL's DPO names: implicit rewards β·log π/π_ref, their margin and accuracy, the policy's log-probs
+            "rewards/chosen": self.beta * chosen.detach(),
+            "rewards/rejected": self.beta * rejected.detach(),
+            "rewards/margins": self.beta * margin.detach(),
+            "rewards/accuracies": accuracy,
+            "logps/chosen": logp.detach()[pairs[:, 0]],
+            "logps/rejected": logp.detach()[pairs[:, 1]],
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -226,3 +227,21 @@ def test_dpo_and_ipo_log_one_margin() -> None:
     for name in ("dpo", "ipo"):
         _, metrics = losses.build(name, beta=0.1)(batch)
         assert metrics["margin"] == pytest.approx(sum(margins(False)) / 2, abs=1e-6), name
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_dpo_logs_trls_metric_names_by_hand(average: bool) -> None:
+    """rewards/chosen, rewards/rejected (β·log π/π_ref), rewards/margins, rewards/accuracies and
+    logps/chosen, logps/rejected (the policy's own sequence log-probs) as TRL's DPOTrainer logs them."""
+    beta = 0.3
+    _, metrics = losses.build("dpo", beta=beta, average_logprobs=average)(pair_batch())
+    lp, ref = seq(LOGP, average), seq(REF, average)
+    chosen = [beta * (lp[w] - ref[w]) for w, _ in PAIRS]
+    rejected = [beta * (lp[l] - ref[l]) for _, l in PAIRS]
+    mean = statistics.fmean
+    assert metrics["rewards/chosen"] == pytest.approx(mean(chosen), abs=1e-6)
+    assert metrics["rewards/rejected"] == pytest.approx(mean(rejected), abs=1e-6)
+    assert metrics["rewards/margins"] == pytest.approx(mean(c - r for c, r in zip(chosen, rejected)), abs=1e-6)
+    assert metrics["rewards/accuracies"] == mean(float(c > r) for c, r in zip(chosen, rejected))
+    assert metrics["logps/chosen"] == pytest.approx(mean(lp[w] for w, _ in PAIRS), abs=1e-6)
+    assert metrics["logps/rejected"] == pytest.approx(mean(lp[l] for _, l in PAIRS), abs=1e-6)
