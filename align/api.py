@@ -11,7 +11,11 @@
 
 The same run as ``align train``: the recipe is validated first (a bad field is a RecipeError
 naming it), its assets prepared, the run written to ``output.dir`` (an in-memory dataset is
-saved there as ``data/train.parquet``, so the run directory says what it trained on).
+saved there as ``data/train.parquet``, so the run directory says what it trained on). A
+module-level reward function is recorded by its module (a ``python`` reward), so the run resumes
+and ``align sample`` scores it from any process; TRL's arguments are taken too: a list of rows or
+a DatasetDict as ``dataset``, ``eval_dataset`` (prompts, or pairs for an offline objective) and
+``peft_config``.
 """
 
 from __future__ import annotations
@@ -92,6 +96,39 @@ def lora_section(peft_config: Any) -> dict:
     }
 
 
+def importable(fn: Any) -> tuple[str, str] | None:
+    """(module, name) where ``fn`` is a module-level function another process can import."""
+    import importlib
+
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or not name.isidentifier():
+        return None
+    try:
+        return (module, name) if getattr(importlib.import_module(module), name, None) is fn else None
+    except Exception:
+        return None
+
+
+def reward_component(fn: Any, registered: list[str]) -> dict:
+    """A reward callable as a recipe's reward component. An importable function is recorded as a
+    ``python`` reward naming its module, so the run resumes, and ``align sample`` scores it, from any
+    process; another callable (a lambda, a closure, a ``__main__`` function) is registered for this
+    call under a name that stays the same from call to call (for a resume in the same program)."""
+    import rewards
+
+    label = getattr(fn, "__name__", "reward")
+    where = importable(fn)
+    if where is not None:
+        return {"name": "python", "label": label, "options": {"module": where[0], "function": where[1]}}
+    base = "api_" + ("".join(ch if ch.isalnum() or ch == "_" else "_" for ch in label) or "reward")
+    name, k = base, 2
+    while name in registered:
+        name, k = f"{base}_{k}", k + 1
+    rewards.register(fn, name=name)
+    registered.append(name)
+    return {"name": name, "label": label}
+
+
 def train(
     recipe: Recipe | dict,
     dataset: Any = None,
@@ -127,17 +164,14 @@ def train(
     raw["data"] = data
     section = raw.get("reward") or []
     components = [section] if isinstance(section, (dict, str)) else list(section)
-    registered = []
+    registered: list[str] = []
     for fn in reward_funcs or []:
         if not rewards.registry.is_reward_function(fn):
             raise TypeError(
                 f"reward_funcs: {fn!r} is not a reward function; expected f(prompts=, completions=, **columns) "
                 "returning one float per completion"
             )
-        name = f"api_{getattr(fn, '__name__', 'reward')}_{id(fn):x}"
-        rewards.register(fn, name=name)
-        registered.append(name)
-        components.append({"name": name, "label": getattr(fn, "__name__", name)})
+        components.append(reward_component(fn, registered))
     raw["reward"] = components
     from align.jobs.train import run
     from align.models import load_saved_policy, load_tokenizer

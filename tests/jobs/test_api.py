@@ -3,6 +3,8 @@ it returns the trained model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -123,3 +125,50 @@ def test_trl_style_arguments_a_list_a_dataset_dict_held_out_pairs_and_a_peft_con
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["target_modules"] == ["c_attn"]
     with pytest.raises(RecipeError, match="dataset: expected a datasets.Dataset"):
         train({**recipe, "output": {"dir": str(tmp_path / "other")}}, dataset="rows.jsonl")
+
+
+def test_an_importable_reward_function_resumes_and_samples_from_a_new_process(tiny_model_dir, tmp_path, monkeypatch):
+    """A module-level reward passed as ``reward_funcs`` is recorded as a ``python`` reward naming
+    its module: another process resumes the run and scores samples with it, no registry needed."""
+    import os
+    import subprocess
+    import sys
+
+    import datasets
+    import yaml
+
+    from align import train
+
+    (tmp_path / "my_scores.py").write_text(
+        "def vowels(prompts, completions, **kwargs):\n"
+        "    return [float(sum(ch in 'aeiou' for ch in c)) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_scores
+
+    run = tmp_path / "run"
+    recipe = {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"train": "unused.jsonl"},
+        "objective": {"name": "rloo", "k": 2},
+        "generation": {"max_new_tokens": 4},
+        "train": {"steps": 1, "batch_size": 4},
+        "output": {"dir": str(run), "report": False},
+    }
+    table = datasets.Dataset.from_list([{"prompt": f"the plot {i}"} for i in range(8)])
+    train(recipe, dataset=table, reward_funcs=[my_scores.vowels])
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())["reward"]
+    assert saved == [
+        {**saved[0], "name": "python", "label": "vowels", "options": {"module": "my_scores", "function": "vowels"}}
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def align(*argv):
+        return subprocess.run([sys.executable, "-m", "align.cli", *argv], capture_output=True, text=True, env=env)
+
+    resumed = align("train", str(run / "recipe.yaml"), "resume=latest", "train.steps=2")
+    assert resumed.returncode == 0, resumed.stderr[-1500:]
+    sampled = align("sample", str(run), "n=2", f"out={tmp_path / 'samples.jsonl'}")
+    assert sampled.returncode == 0, sampled.stderr[-1500:]
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["reward"] == sum(ch in "aeiou" for ch in r["completion"]) for r in rows)
