@@ -98,17 +98,7 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
 
     recipe = settings.recipe
     objective = recipe.build_objective()
-    # data and prompt budgets are checked with the tokenizer and config alone: a bad row or an
-    # over-long prompt fails in seconds, before any weights (policy, reference, reward) load
-    tokenizer = load_tokenizer(recipe)
-    if settings.online:
-        dataset = OnlineData(recipe, tokenizer)
-    else:
-        dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
-    if recipe.data.eval_prompts and recipe.output.report:  # the report's prompts, read as it will read them
-        eval_prompts(recipe, dataset if settings.online else None, tokenizer)
-    check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
-    check_positions(recipe, dataset)
+    tokenizer, dataset = load_run_data(recipe)
     need_critic = "values" in objective.needs
     if need_critic and sharding(accelerator) in ("zero2", "zero3", "fsdp2"):
         # accelerate prepares one trained model under FSDP2 and one per DeepSpeed engine
@@ -180,6 +170,22 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
         engine,
         sampling,
     )
+
+
+def load_run_data(recipe: Recipe) -> tuple[Any, OnlineData | OfflineData]:
+    """The tokenizer and the run's data, every file the recipe names read as the run reads it,
+    the model ids resolved and the prompt budget checked: with the tokenizer and configs alone, so
+    a bad row, a missing file or an over-long prompt fails in seconds, before any weights load."""
+    tokenizer = load_tokenizer(recipe)
+    if recipe.objective.online:
+        dataset = OnlineData(recipe, tokenizer)
+    else:
+        dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
+    if recipe.data.eval_prompts and recipe.output.report:  # the report's prompts, read as it will read them
+        eval_prompts(recipe, dataset if recipe.objective.online else None, tokenizer)
+    check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
+    check_positions(recipe, dataset)
+    return tokenizer, dataset
 
 
 def keep_probs(settings: RunSettings, sampling: SamplingSettings, models: Models) -> bool:

@@ -135,14 +135,18 @@ def start_study(study: StudyRecipe) -> tuple[Recipe, Any, torch.device]:
     Returns the first run's recipe, the models and the device."""
     from align.models import load_models
 
-    out = Path(study.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_recipe(study, out / "recipe.yaml")
     first = run_recipe(study, study.objectives[0], study.seeds[0])
     if study.prepare == "quickstart":
         from align.jobs.quickstart.pipeline import prepare_quickstart
 
         prepare_quickstart(first)
+    from align.run_setup import load_run_data
+
+    for spec in study.objectives:  # each run's data, read here: a bad file is one line, not a failed child
+        load_run_data(run_recipe(study, spec, study.seeds[0]))
+    out = Path(study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_recipe(study, out / "recipe.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_models(first, device, need_reference=True)
     models.policy.to(device).eval()

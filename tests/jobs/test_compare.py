@@ -133,3 +133,21 @@ def test_bad_recipes_fail_in_one_line(change, message, tiny_model_dir, tiny_data
     with pytest.raises(RecipeError) as err:
         load_study(path)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_data_file_is_one_line_before_any_run_starts(tiny_model_dir, tiny_data_files, tmp_path):
+    """base.data.train that does not exist: `align compare` says so in one line (exit 2) before
+    any run is launched or the study directory is made -- not a failed child's traceback."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = tiny_compare(tiny_model_dir, tiny_data_files, tmp_path / "out")
+    raw["base"]["data"]["train"] = str(tmp_path / "missing.jsonl")
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "align.cli", "compare", str(path)], capture_output=True, text=True)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and len(err.splitlines()) == 1, err[-1500:]
+    assert f"data '{tmp_path / 'missing.jsonl'}': no such file" in err and not (tmp_path / "out").exists()
