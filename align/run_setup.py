@@ -181,10 +181,10 @@ def load_run_data(recipe: Recipe) -> tuple[Any, OnlineData | OfflineData]:
         dataset = OnlineData(recipe, tokenizer)
     else:
         dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
-    if recipe.data.eval_prompts and recipe.output.report:  # the report's prompts, read as it will read them
-        eval_prompts(recipe, dataset if recipe.objective.online else None, tokenizer)
     check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
     check_positions(recipe, dataset)
+    if recipe.data.eval_prompts and recipe.output.report:  # the report's prompts, read as it will read them
+        eval_prompts(recipe, dataset if recipe.objective.online else None, tokenizer)
     return tokenizer, dataset
 
 
