@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 import losses
 from losses import LossBatch
@@ -38,6 +39,8 @@ def sequence_sums(full: LossBatch, offline_pairs: bool) -> dict[str, tuple[float
         r = (full.rewards if full.rewards.dim() == 1 else full.rewards.sum(-1)).double()
         out["reward_mean"] = (float(r.sum()), rows)
         out["reward_sq"] = (float((r * r).sum()), rows)  # for reward_std
+        if full.group is not None and r.numel():
+            out["frac_reward_zero_std"] = zero_std_groups(r, full.group)
     if full.ref_logprobs is not None and offline_pairs:
         # offline rows are not samples of the policy: their log-ratio is not a KL estimate
         out["log_ratio"] = (float(((full.logprobs - full.ref_logprobs) * full.mask).sum()), rows)
@@ -47,6 +50,18 @@ def sequence_sums(full: LossBatch, offline_pairs: bool) -> dict[str, tuple[float
     # −mean log π(y_t) of sampled tokens: a Monte-Carlo estimate of the per-token entropy
     out["entropy"] = (float(-(full.logprobs.double() * mask).sum()), float(mask.sum()))
     return out
+
+
+def zero_std_groups(rewards: Tensor, group: Tensor) -> tuple[float, float]:
+    """TRL's ``frac_reward_zero_std`` as (sum, count): the groups (a prompt's samples) whose rewards
+    are all equal -- no learning signal for a group baseline -- over the groups."""
+    _, which = torch.unique(group, return_inverse=True)
+    n = int(which.max()) + 1
+    low = torch.full((n,), float("inf"), dtype=rewards.dtype, device=rewards.device)
+    low = low.scatter_reduce(0, which, rewards, "amin")
+    high = torch.full((n,), float("-inf"), dtype=rewards.dtype, device=rewards.device)
+    high = high.scatter_reduce(0, which, rewards, "amax")
+    return float((low == high).sum()), float(n)
 
 
 def finish(sums: Sums, accelerator) -> dict[str, float]:

@@ -257,3 +257,21 @@ def test_mini_batches_step_once_each_against_pi_old(tiny_model_dir, tiny_data_fi
     assert first["clip_fraction"] == 0
     for key in ("reward_mean", "completion_length", "tokens"):
         assert steps[0][key] == pytest.approx(first[key], rel=1e-6), key
+
+
+def test_frac_reward_zero_std_counts_the_groups_without_signal(tiny_model_dir, tiny_data_files, tmp_path):
+    """TRL's ``frac_reward_zero_std``: groups whose samples all got the same reward, over the
+    groups -- by hand on three groups, and logged by a run (a constant reward: every group)."""
+    from align.step_metrics import zero_std_groups
+
+    rewards = torch.tensor([1.0, 1.0, 0.0, 2.0, 3.0, 3.0], dtype=torch.float64)
+    assert zero_std_groups(rewards, torch.tensor([4, 4, 7, 7, 9, 9])) == (2.0, 3.0)
+    assert zero_std_groups(rewards[:2], torch.tensor([0, 1])) == (2.0, 2.0)  # one sample: nothing to compare
+    from helpers import register_test_reward, with_rewards
+
+    register_test_reward("constant_one", lambda n, c: [1.0] * len(c))
+    recipe = with_rewards(
+        make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "rloo", steps=1), "constant_one"
+    )
+    train(recipe)
+    assert run_metrics(tmp_path / "run")[0]["frac_reward_zero_std"] == 1.0
