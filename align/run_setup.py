@@ -24,7 +24,7 @@ from align.native_engine import NativeEngine
 from align.recipe import Recipe
 from align.replay import ReplayBuffer
 from align.rewards_adapter import RewardFunction, build_reward
-from align.rollout import SamplingSettings, sampling_settings
+from align.rollout import RolloutEngine, SamplingSettings, sampling_settings
 from align.run_data import OfflineData, OnlineData
 from align.scoring import ScoreSettings
 from align.step import StepContext, StepSettings
@@ -67,7 +67,7 @@ class Run:
     scheduler: Any
     accelerator: Any
     replay: ReplayBuffer | None = None
-    engine: NativeEngine | None = None  # online: where rollouts come from
+    engine: RolloutEngine | None = None  # online: where rollouts come from (align/rollout.py's seam)
     sampling: SamplingSettings | None = None  # online: how they are sampled
     step: int = 0
     bad_steps: int = 0

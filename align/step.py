@@ -19,7 +19,7 @@ from align.batches import KeptLogprobs, StepBatch
 from align.critic import completion_values
 from align.logprobs import completion_logprobs
 from align.models import Models, reference_model
-from align.rollout import trim_left
+from align.rollout import pad_to, trim_left
 from align.step_metrics import Sums, add_sums, finish, sequence_sums
 from losses import LossBatch
 from losses.base import select_pairs
@@ -156,11 +156,11 @@ def optimizer_step(
         ctx.optimizer.zero_grad(set_to_none=True)
         return None
     width = batch.completion_mask.shape[1]
-    policy_lp = [_pad_to(out.logprobs, width) for out in outputs]
-    ref_lp = [_pad_to(out.ref, width) for out in outputs if out.ref is not None]
+    policy_lp = [pad_to(out.logprobs, width) for out in outputs]
+    ref_lp = [pad_to(out.ref, width) for out in outputs if out.ref is not None]
     if update == 0 and settings.updates_per_batch > 1 and policy_lp and kept.old_logprobs is None:
         kept = first_pass_kept(
-            batch, kept, live, policy_lp, ref_lp, [_pad_to(o.values, width) for o in outputs if o.values is not None]
+            batch, kept, live, policy_lp, ref_lp, [pad_to(o.values, width) for o in outputs if o.values is not None]
         )
     ctx.optimizer.step()
     ctx.scheduler.step()
@@ -353,10 +353,6 @@ def _no_sync_unless(last: bool, accelerator, *models) -> contextlib.AbstractCont
 
 def _stateful(objective: losses.Objective) -> bool:
     return bool(objective.state_dict())
-
-
-def _pad_to(x: Tensor, width: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 def loss_batch(

@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import time
+from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -86,8 +87,9 @@ class StudyRecipe(Strict):
             raise ValueError(f"base.model.lora: {self.job} evaluates full checkpoints; LoRA is not supported")
         return self
 
+    @abstractmethod
     def run_reward(self) -> list[dict]:
-        raise NotImplementedError
+        """The reward section every run trains against."""
 
     def run_train(self, spec: ObjectiveSpec) -> dict:
         return {}
