@@ -35,6 +35,7 @@ class StepBatch:
     demo_rewards: Tensor | None = None
     ref_logprobs: Tensor | None = None  # offline: the reference's log-probs, cached once per row
     sampler_probs: Tensor | None = None  # [T, B, V] the rollout's softmax, for the policy's log-probs
+    sampler_logprobs: Tensor | None = None  # [B, T] the engine's log-probs of its samples (Rollout's)
     texts: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
@@ -112,6 +113,7 @@ def rollout_batch(
         group=rollout.group.to(device),
         demo_rewards=None if demo_rewards is None else demo_rewards.to(device),
         sampler_probs=sampler_probs,
+        sampler_logprobs=rollout.sampler_logprobs,
         texts=tuple(rollout.texts),
         prompts=tuple(prompts),
         metrics={**scores.metrics, **metrics},

@@ -118,13 +118,23 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def check_positions(recipe: Recipe, dataset) -> None:
-    """The longest prompt plus what follows it must fit the model's positions (read from its config)."""
+def model_config(recipe: Recipe):
+    """The policy's config (nothing else loads)."""
     from transformers import AutoConfig
 
     cfg = recipe.model
-    config = AutoConfig.from_pretrained(cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return AutoConfig.from_pretrained(cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def position_limit(recipe: Recipe) -> int | None:
+    """The policy's positions (max_position_embeddings), read from its config."""
+    config = model_config(recipe)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_positions(recipe: Recipe, dataset) -> None:
+    """The longest prompt plus what follows it must fit the model's positions (read from its config)."""
+    limit = position_limit(recipe)
     if not limit or not dataset.prompt_ids:
         return
     row = max(range(len(dataset.prompt_ids)), key=lambda i: len(dataset.prompt_ids[i]))

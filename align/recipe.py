@@ -128,7 +128,50 @@ class RewardComponent(Strict):
         return self
 
 
+class VLLMConfig(Strict):
+    """The vLLM engine's settings (TRL's ``vllm_*``); read only with ``generation.engine: vllm``."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the engine's weights and activations (auto: model.dtype)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="the fraction of device memory the engine takes beside training (TRL's default)"
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="prompt + completion tokens (default: data.max_prompt_tokens + max_new_tokens)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (colocated: a divisor of processes)")
+    enable_sleep_mode: bool = Field(False, description="GPU: release the engine's KV cache and weights while training")
+    enforce_eager: bool | None = Field(None, description="no CUDA graphs / compilation (default: true on CPU)")
+    cpu_kvcache_gib: int = Field(1, gt=0, description="vLLM's CPU build: the KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+
+
+class CorrectionConfig(Strict):
+    """Importance weights π_old/π_engine on each policy-gradient term (losses/correction.py)."""
+
+    mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = Field(
+        "sequence_mask", description="per token or per sequence; truncate (TIS) or mask (MIS); none: off"
+    )
+    clip_max: float = Field(3.0, gt=0, description="C_max: weights above it are truncated to it or masked")
+    clip_min: float | None = Field(None, ge=0, description="C_min: weights below it are raised to it or masked")
+
+    @model_validator(mode="after")
+    def ordered(self) -> CorrectionConfig:
+        if self.clip_min is not None and self.clip_min > self.clip_max:
+            raise ValueError(f"clip_min ({self.clip_min}) > clip_max ({self.clip_max})")
+        return self
+
+
 class GenerationConfig(Strict):
+    engine: Literal["native", "vllm"] = Field(
+        "native", description="native: align's keyed decode loop on the training weights; vllm: a colocated engine"
+    )
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    importance_correction: CorrectionConfig | None = Field(
+        None,
+        description="sampler-mismatch weights (default: sequence_mask, C_max 3 with engine vllm, as TRL; none "
+        "with native, which samples from the trained weights)",
+    )
     max_new_tokens: int = Field(32, gt=0)
     min_new_tokens: int = Field(0, ge=0, description="EOS is masked out before this many tokens")
     temperature: float = Field(1.0, gt=0, description="log-probs for the loss use the same temperature")
@@ -276,6 +319,7 @@ class Recipe(Strict):
             )
         elif self.train.replay is not None:
             raise ValueError(f"train.replay: {name!r} is trained on a fixed dataset, not on its own samples; remove it")
+        self._engine_fits(declared)
         if self.critic is not None and "values" not in declared.needs:
             raise ValueError(f"critic: {name!r} reads no values (ppo does); remove the critic section")
         held_out = (
@@ -326,6 +370,33 @@ class Recipe(Strict):
         """The objective, with the run quantities it declares it takes (``Objective.run_inputs``,
         ``run_defaults``): RCfD the reward components' weights, Dr. GRPO the generation budget."""
         return self.objective.build(self.run_quantities())
+
+    def sampler_correction(self) -> CorrectionConfig | None:
+        """The importance correction the run applies: the recipe's, else TRL's default with a vLLM
+        engine for an objective that takes it; None: off."""
+        gen, declared = self.generation, losses.REGISTRY[self.objective.name]
+        chosen = gen.importance_correction
+        if chosen is None and gen.engine == "vllm" and declared.corrects_sampler and self.train.replay is None:
+            chosen = CorrectionConfig()
+        return None if chosen is None or chosen.mode == "none" else chosen
+
+    def _engine_fits(self, declared: type[losses.Objective]) -> None:
+        gen, name = self.generation, self.objective.name
+        if gen.engine != "native" and not self.objective.online:
+            raise ValueError(f"generation.engine: {name!r} trains on a fixed dataset and samples nothing; remove it")
+        chosen = gen.importance_correction
+        if chosen is None or chosen.mode == "none":
+            return
+        if not self.objective.online or not declared.corrects_sampler:
+            raise ValueError(
+                f"generation.importance_correction: {name!r} takes no importance weights (policy-gradient "
+                "objectives do: reinforce, rloo, vanilla_pg, ppo, grpo, dr_grpo, rcfd); remove it"
+            )
+        if self.train.replay is not None:
+            raise ValueError(
+                "generation.importance_correction: replayed groups keep no engine log-probs; remove train.replay "
+                "or set importance_correction.mode: none"
+            )
 
     def _no_sampling_filters(self) -> None:
         """The online loss and its KL use log-probs of softmax(logits / T) over the whole

@@ -104,6 +104,7 @@ class ReplayBuffer:
             demo_rewards=torch.cat(demo_rewards).to(device) if demo_rewards else None,
             ref_logprobs=None,
             sampler_probs=None,
+            sampler_logprobs=None,  # not kept: a recipe with replay applies no importance correction
             texts=tuple(texts),
             prompts=tuple(prompts),
             metrics={

@@ -19,7 +19,15 @@ from align.checkpoint import load_checkpoint
 from align.config import RecipeError
 from align.distributed import configure_deepspeed, prepare_reference, sharding
 from align.evaluation import eval_prompts
-from align.models import Models, check_loadable, check_positions, load_models, load_tokenizer
+from align.models import (
+    Models,
+    check_loadable,
+    check_positions,
+    load_models,
+    load_tokenizer,
+    model_config,
+    position_limit,
+)
 from align.native_engine import NativeEngine
 from align.recipe import Recipe
 from align.replay import ReplayBuffer
@@ -155,7 +163,7 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
     engine = sampling = None
     if settings.online:
         sampling = sampling_settings(recipe.generation, models.eos_token_id, models.pad_token_id)
-        engine = NativeEngine(models.policy, models.tokenizer, accelerator, keep_probs(settings, sampling, models))
+        engine = make_engine(settings, sampling, models, accelerator)
     return Run(
         recipe,
         settings,
@@ -172,6 +180,18 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
     )
 
 
+def make_engine(settings: RunSettings, sampling: SamplingSettings, models: Models, accelerator) -> RolloutEngine:
+    """The recipe's rollout engine (``generation.engine``)."""
+    recipe = settings.recipe
+    if recipe.generation.engine == "vllm":
+        from align.vllm_engine import VLLMEngine
+
+        max_len = recipe.data.max_prompt_tokens + recipe.generation.max_new_tokens
+        limit = position_limit(recipe)
+        return VLLMEngine(recipe, models, accelerator, min(max_len, limit) if limit else max_len)
+    return NativeEngine(models.policy, models.tokenizer, accelerator, keep_probs(settings, sampling, models))
+
+
 def load_run_data(recipe: Recipe) -> tuple[Any, OnlineData | OfflineData]:
     """The tokenizer and the run's data, every file the recipe names read as the run reads it,
     the model ids resolved and the prompt budget checked: with the tokenizer and configs alone, so
@@ -183,6 +203,10 @@ def load_run_data(recipe: Recipe) -> tuple[Any, OnlineData | OfflineData]:
         dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
     check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
     check_positions(recipe, dataset)
+    if recipe.objective.online and recipe.generation.engine == "vllm":
+        from align.vllm_engine import check_vllm
+
+        check_vllm(recipe, model_config(recipe))
     if recipe.data.eval_prompts and recipe.output.report:  # the report's prompts, read as it will read them
         eval_prompts(recipe, dataset if recipe.objective.online else None, tokenizer)
     return tokenizer, dataset

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from align.rollout import pad_to, trim_left
 from align.step_metrics import Sums, add_sums, finish, sequence_sums
 from losses import LossBatch
 from losses.base import select_pairs
+from losses.correction import Correction
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class StepSettings:
     mini_batches: int = 1  # optimizer steps per pass
     max_grad_norm: float | None = 1.0  # None: no clipping
     temperature: float = 1.0  # of the loss's log-probs: the sampler's (online), 1 (offline rows)
+    correction: Correction | None = None  # importance weights π_old/π_engine (losses/correction.py)
 
 
 @dataclass(frozen=True)
@@ -229,10 +231,16 @@ def micro_batch_backward(
     if models.critic is not None:
         values = completion_values(models.critic, p_ids, p_mask, c_ids, c_mask.to(logprobs.dtype))
         old_values = None if kept.old_values is None else kept.old_values[rows][:, :width]
+    weights, correction_sums = None, {}
+    if settings.correction is not None and batch.sampler_logprobs is not None:
+        sampler = batch.sampler_logprobs[rows][:, :width]  # π_old: kept, or these weights' own log-probs
+        weights, correction_sums = settings.correction.weights(logprobs if old is None else old, sampler, c_mask)
     micro = loss_batch(
         batch, logprobs, rows=rows, mask=c_mask, ref=ref, old=old, values=values, old_values=old_values, stats=stats
     )
+    micro = micro if weights is None else replace(micro, sampler_weights=weights)
     loss, metric_sums = objective.evaluate(micro, num_units=units)
+    metric_sums.update(correction_sums)
     if placeholder:
         loss = loss * 0.0
     finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(logprobs.detach()).all())

@@ -45,6 +45,7 @@ from align.sampling import sample_keys
 from align.scoring import RolloutScores, ScoreSettings, all_ranks, pair_rewards, score_rollout
 from align.signals import StopSignal, agreed_signal
 from align.step import StepSettings, keep_rollout_logprobs, train_on_batch
+from losses.correction import Correction
 
 
 class TrainingError(RuntimeError):
@@ -79,10 +80,14 @@ def train(
     ``on_end(run)`` on the main process after a run that finished, its dict merged into the summary.
     """
     tune_allocator()  # reuse the step's large buffers instead of page-faulting them in every step
+    return run_training(run_settings(recipe), accelerator, on_step, on_end)
+
+
+def run_settings(recipe: Recipe) -> RunSettings:
+    """The recipe read once into the settings the run reads (and the loaders its sections)."""
     train_section, online = recipe.train, recipe.objective.online
     demonstrations = recipe.data.demonstration_column if "demo_rewards" in recipe.objective.needs else None
-    # the recipe is read here, once: the run reads these settings (and the loaders its sections)
-    settings = RunSettings(
+    return RunSettings(
         recipe=recipe,
         run_dir=Path(recipe.output.dir),
         resume=recipe.resume,
@@ -101,6 +106,7 @@ def train(
             mini_batches=train_section.mini_batches,
             max_grad_norm=train_section.max_grad_norm,
             temperature=recipe.generation.temperature if online else 1.0,
+            correction=correction(recipe),
         ),
         scoring=ScoreSettings(steps=train_section.steps, demonstration_column=demonstrations),
         max_bad_steps=train_section.max_bad_steps,
@@ -109,7 +115,12 @@ def train(
         sample_every=recipe.output.sample_every,
         disable_dropout=recipe.model.disable_dropout,
     )
-    return run_training(settings, accelerator, on_step, on_end)
+
+
+def correction(recipe: Recipe) -> Correction | None:
+    """The run's sampler-mismatch correction (``generation.importance_correction``), as the step applies it."""
+    chosen = recipe.sampler_correction()
+    return None if chosen is None else Correction(chosen.mode, chosen.clip_max, chosen.clip_min)
 
 
 def run_training(settings: RunSettings, accelerator, on_step, on_end) -> dict:

@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GPU = os.environ.get("BENCH_GPU") == "1"  # benchmarks/gpu_check.py: one GPU, bf16 autocast
+# benchmarks/gpu_check.py's vLLM rows: TRL's colocated vLLM engine (use_vllm, vllm_mode="colocate")
+USE_VLLM = os.environ.get("BENCH_TRL_VLLM") == "1"
 
 from common import RESULT_PREFIX, length_reward  # noqa: E402
 
@@ -65,7 +67,11 @@ def main(argv: list[str]) -> int:
         per_device_train_batch_size=16,  # completions: 4 prompts × 4 generations
         num_generations=4,
         max_completion_length=int(new_tokens),
-        generation_kwargs={"min_new_tokens": int(new_tokens)},
+        # the same exact length either way: vLLM's SamplingParams call it min_tokens
+        generation_kwargs={"min_tokens" if USE_VLLM else "min_new_tokens": int(new_tokens)},
+        use_vllm=USE_VLLM,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.3,
         temperature=1.0,
         top_k=0,
         top_p=1.0,

@@ -7,7 +7,9 @@ Rows, each on a ~100M-parameter GPT-2 built from a config (12 layers, 768 wide, 
 30k-token tokenizer), bf16 autocast over fp32 weights (`launch/single_gpu.yaml`):
 - align RLOO: 4 prompts × k = 4, exactly 128 new tokens; align DPO: 16 pairs a step;
 - TRL's RLOOTrainer and DPOTrainer on the same work (when ``TRL_PYTHON`` imports trl);
-- align RLOO under FSDP2 at world size 1 (`launch/fsdp.yaml --num_processes 1`).
+- align RLOO under FSDP2 at world size 1 (`launch/fsdp.yaml --num_processes 1`);
+- align RLOO with its rollouts from a colocated vLLM engine (``generation.engine: vllm``) against
+  TRL's RLOOTrainer with ``use_vllm=True, vllm_mode="colocate"`` (needs vLLM in both venvs).
 Columns: median seconds per step after 2 warm-up steps, generated (RLOO) or trained (DPO) tokens
 per second, peak GPU memory (torch.cuda.max_memory_allocated). Put the table in benchmarks/README.md.
 """
@@ -43,13 +45,13 @@ def build_model(smoke: bool) -> Path:
     return atomic_dir(CACHE / name, lambda d: build_tiny_model(tokenizer, d, seed=0, **shape))
 
 
-def rloo_recipe(model: Path, prompts: Path, steps: int, new_tokens: int) -> dict:
+def rloo_recipe(model: Path, prompts: Path, steps: int, new_tokens: int, engine: str = "native") -> dict:
     return {
         "model": {"path": str(model)},
         "data": {"train": str(prompts)},
         "objective": {"name": "rloo", "k": 4, "beta": 0.05},
         "reward": [{"name": "length", "options": {"target": 10, "unit": "words"}}],
-        "generation": {"max_new_tokens": new_tokens, "temperature": 1.0},
+        "generation": {"max_new_tokens": new_tokens, "temperature": 1.0, "engine": engine},
         "train": {"steps": steps, "batch_size": 4, "lr": 1e-5, "lr_scheduler": "constant"},
         "output": {"report": False, "save_model": False, "sample_every": 0, "save_every": 0},
     }
@@ -85,11 +87,12 @@ def run_align(recipe: dict, work: Path, launch: list[str]) -> dict:
     }
 
 
-def run_trl(worker: str, args: list[str], tokens_per_step: float | None) -> dict | None:
-    probe = subprocess.run([TRL_PYTHON, "-c", "import trl"], capture_output=True) if Path(TRL_PYTHON).exists() else None
+def run_trl(worker: str, args: list[str], tokens_per_step: float | None, vllm: bool = False) -> dict | None:
+    needs = "import trl, vllm" if vllm else "import trl"
+    probe = subprocess.run([TRL_PYTHON, "-c", needs], capture_output=True) if Path(TRL_PYTHON).exists() else None
     if probe is None or probe.returncode != 0:
         return None
-    env = {**os.environ, "BENCH_GPU": os.environ.get("BENCH_GPU", "1")}
+    env = {**os.environ, "BENCH_GPU": os.environ.get("BENCH_GPU", "1"), "BENCH_TRL_VLLM": "1" if vllm else "0"}
     done = subprocess.run(
         [TRL_PYTHON, str(ROOT / "benchmarks" / worker), *args], capture_output=True, text=True, env=env, check=True
     )
@@ -134,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         trl_dpo = ["time", str(model), str(assets["pairs"]), "sigmoid", str(steps), "1e-5", str(work / "trl_dpo"), "0"]
         rows["trl dpo"] = run_trl("_trl_dpo_worker.py", trl_dpo, None)
         if not smoke:
+            rows["align rloo vllm"] = run_align(
+                rloo_recipe(model, assets["prompts"], steps, new_tokens, engine="vllm"), work, single
+            )
+            rows["trl rloo vllm"] = run_trl("_trl_rloo_worker.py", trl_rloo, rloo_tokens, vllm=True)
             rows["align rloo fsdp2 ws=1"] = run_align(
                 rloo_recipe(model, assets["prompts"], steps, new_tokens), work, fsdp
             )
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         tps = f"{row['tokens_per_s']:.0f}" if row["tokens_per_s"] else "-"
         peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] else "-"
         print(f"{name:<24} {row['step_s']:>8.3f} {tps:>10} {peak:>9}")
-    for objective in ("rloo", "dpo"):
+    for objective in ("rloo", "dpo", "rloo vllm"):
         ours, theirs = rows.get(f"align {objective}"), rows.get(f"trl {objective}")
         if ours and theirs:
             print(f"ratio {objective}: TRL s/step / align s/step = {theirs['step_s'] / ours['step_s']:.2f}")

@@ -16,6 +16,10 @@ An objective sees a batch of B sequences of up to T completion tokens (a bandit 
 - ``values[B, T]``        a critic's value of the state before each completion token, with grad
                           (objectives that need it get a critic from the trainer, a table in the lab)
 - ``old_values[B, T]``    the critic's values when the batch was sampled; None: the current ones
+- ``sampler_weights[B, T]`` importance weights π_old/π_engine of the engine that sampled, truncated
+                          or masked (losses/correction.py), detached; None: 1. Only objectives that
+                          declare ``corrects_sampler`` are given them, and they multiply each
+                          policy-gradient term by them (``sampler_weighted``)
 - ``stats``               statistics of the WHOLE rollout batch (all micro-batches, all processes),
                           summed by the trainer from each process's ``batch_stats``; None: the loss
                           takes them from the batch it is given (the bandit lab's whole batch)
@@ -85,6 +89,7 @@ class LossBatch:
     values: Tensor | None = None  # the critic's per-token state values, with grad
     old_values: Tensor | None = None  # the critic's values at sampling time; None: ``values`` detached
     stats: dict[str, Tensor] | None = None  # whole-batch sums of ``batch_stats``; None: from this batch
+    sampler_weights: Tensor | None = None  # [B, T] π_old/π_engine, truncated or masked; None: 1
 
     def __post_init__(self) -> None:
         if self.logprobs.dim() != 2 or self.mask.shape != self.logprobs.shape:
@@ -118,6 +123,12 @@ def select_pairs(pairs: Tensor, rows: Tensor, size: int) -> Tensor:
     if not bool(keep.all()) and bool((mapped >= 0).any(dim=1)[~keep].any()):
         raise ValueError("a pair would be split across micro-batches")
     return mapped[keep]
+
+
+def sampler_weighted(per_token: Tensor, batch: LossBatch) -> Tensor:
+    """Per-token policy-gradient terms (or log-probs) times the sampler-mismatch weights, where
+    the batch carries them (losses/correction.py)."""
+    return per_token if batch.sampler_weights is None else per_token * batch.sampler_weights
 
 
 def sequence_logprobs(logprobs: Tensor, mask: Tensor, average: bool = False) -> Tensor:
@@ -232,6 +243,10 @@ class Objective(ABC):
     preference: ClassVar[bool] = False  # pairs are (preferred, dispreferred), ordered before the loss
     min_k: ClassVar[int] = 1  # online: samples per prompt the estimator needs (a baseline, a pair)
     fixed_point: ClassVar[FixedPoint | None] = "reward"
+    # its policy-gradient terms take the importance weights of a sampler that is not the trained
+    # policy (``sampler_weights``: a vLLM engine's kernels and precision); an objective that needs
+    # no weights off-policy (CoPG) or has no sampler (offline) leaves it False
+    corrects_sampler: ClassVar[bool] = False
     # LossBatch fields ``batch_stats`` reads; () = the loss needs no statistics of the whole batch.
     # Naming old_logprobs / ref_logprobs / old_values asks the trainer for them on every row first.
     stats_read: tuple[str, ...] = ()

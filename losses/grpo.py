@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from losses.aggregation import Aggregation, aggregate_tokens, aggregation_unit
-from losses.base import LossBatch, Objective, clip_active, with_defaults
+from losses.base import LossBatch, Objective, clip_active, sampler_weighted, with_defaults
 from losses.kl import KLEstimator, penalised_reward, token_kl
 
 
@@ -56,6 +56,7 @@ class GRPO(Objective):
     name = "grpo"
     unit = "sequence"  # per instance: from ``aggregation``
     feeds = ("online",)
+    corrects_sampler = True
     min_k = 2  # a group baseline needs another sample of the prompt
     needs = ("rewards", "group")
     # the constant of ``seq_mean_token_sum_norm``: the run's generation budget unless set
@@ -116,7 +117,7 @@ class GRPO(Objective):
         ratio = torch.exp(batch.logprobs - old)
         A = advantage[:, None].to(ratio.dtype)
         clipped = torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high)
-        per_token = -torch.minimum(ratio * A, clipped * A)
+        per_token = sampler_weighted(-torch.minimum(ratio * A, clipped * A), batch)
         metrics = {"advantage": advantage, "regularised_reward": R}
         if self.kl == "loss" and self.beta > 0 and batch.ref_logprobs is not None:
             k3 = token_kl(batch.logprobs, batch.ref_logprobs.detach(), "k3")

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses.base import LossBatch, Objective, clip_active, moment_sums, stream_index, whiten
+from losses.base import LossBatch, Objective, clip_active, moment_sums, sampler_weighted, stream_index, whiten
 from losses.kl import KLEstimator, reward_kl_estimator, token_kl
 
 
@@ -69,6 +69,7 @@ class PPO(Objective):
     name = "ppo"
     unit = "token"
     feeds = ("online",)
+    corrects_sampler = True
     needs = ("rewards", "values")  # values: the trainer loads a critic (recipe section ``critic``)
 
     def __init__(
@@ -124,7 +125,7 @@ class PPO(Objective):
             advantages = whiten(advantages, stats, stream) * mask
         ratio = torch.exp(batch.logprobs - old)
         clipped = torch.clamp(ratio, 1 - self.clip, 1 + self.clip)
-        policy_loss = -torch.minimum(ratio * advantages, clipped * advantages)
+        policy_loss = sampler_weighted(-torch.minimum(ratio * advantages, clipped * advantages), batch)
         value_loss = (values - returns) ** 2
         if self.value_clip is not None:
             clipped_values = old_values + torch.clamp(values - old_values, -self.value_clip, self.value_clip)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses.base import LossBatch, sequence_logprobs, stream_index
+from losses.base import LossBatch, sampler_weighted, sequence_logprobs, stream_index
 from losses.kl import KLEstimator, KLFrom, RewardKL
 
 
@@ -21,6 +21,7 @@ class Reinforce(RewardKL):
     name = "reinforce"
     unit = "sequence"
     feeds = ("online",)
+    corrects_sampler = True
     needs = ("rewards",)
 
     def __init__(
@@ -52,7 +53,7 @@ class Reinforce(RewardKL):
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         R, kl = self._regularised(batch)
         advantage = R - self._baseline_for(stream_index(batch)).to(R.dtype)
-        logp = sequence_logprobs(batch.logprobs, batch.mask)
+        logp = sequence_logprobs(sampler_weighted(batch.logprobs, batch), batch.mask)
         return -advantage * logp, {"advantage": advantage, "kl": kl, "regularised_reward": R}
 
     def after_step(self, batch: LossBatch) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from losses.base import LossBatch, group_leave_one_out_mean, sequence_logprobs
+from losses.base import LossBatch, group_leave_one_out_mean, sampler_weighted, sequence_logprobs
 from losses.kl import RewardKL
 
 
@@ -31,6 +31,7 @@ class RLOO(RewardKL):
     name = "rloo"
     unit = "sequence"
     feeds = ("online",)
+    corrects_sampler = True
     min_k = 2  # the leave-one-out baseline needs another sample of the prompt
     needs = ("rewards", "group")
 
@@ -42,5 +43,5 @@ class RLOO(RewardKL):
         rewards = self.sequence_rewards(batch)
         R, kl = self.penalised(batch, rewards)
         advantage = rloo_advantages(R, batch.group)
-        logp = sequence_logprobs(batch.logprobs, batch.mask)
+        logp = sequence_logprobs(sampler_weighted(batch.logprobs, batch), batch.mask)
         return -advantage * logp, {"advantage": advantage, "kl": kl, "regularised_reward": R}

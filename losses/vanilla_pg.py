@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from losses.base import LossBatch, sequence_logprobs
+from losses.base import LossBatch, sampler_weighted, sequence_logprobs
 from losses.kl import RewardKL
 
 
@@ -22,9 +22,10 @@ class VanillaPG(RewardKL):
     name = "vanilla_pg"
     unit = "sequence"
     feeds = ("online",)
+    corrects_sampler = True
     needs = ("rewards",)
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         R, kl = self.penalised(batch, batch.rewards)
-        logp = sequence_logprobs(batch.logprobs, batch.mask)
+        logp = sequence_logprobs(sampler_weighted(batch.logprobs, batch), batch.mask)
         return -R * logp, {"advantage": R, "kl": kl, "regularised_reward": R}

