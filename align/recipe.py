@@ -140,7 +140,7 @@ class VLLMConfig(Strict):
     max_model_len: int | None = Field(
         None, gt=0, description="prompt + completion tokens (default: data.max_prompt_tokens + max_new_tokens)"
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (colocated: a divisor of processes)")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (the colocated engine: 1)")
     enable_sleep_mode: bool = Field(False, description="GPU: release the engine's KV cache and weights while training")
     enforce_eager: bool | None = Field(None, description="no CUDA graphs / compilation (default: true on CPU)")
     cpu_kvcache_gib: int = Field(1, gt=0, description="vLLM's CPU build: the KV cache size (VLLM_CPU_KVCACHE_SPACE)")

@@ -224,6 +224,8 @@ def test_bad_engine_settings_are_one_line_before_training(
     assert "generation.engine" in refused(capsys, gpt2, "generation.engine=vlm")
     parallel = refused(capsys, gpt2, "generation.engine=vllm", "generation.vllm.tensor_parallel_size=2")
     assert "tensor_parallel_size" in parallel
+    sleep = refused(capsys, gpt2, "generation.engine=vllm", "generation.vllm.enable_sleep_mode=true")
+    assert "enable_sleep_mode" in sleep
     narrow = recipe_file(tiny_model_dir, tiny_data_files, tmp_path)  # head size 32 / 2 = 16
     assert "head size >= 32" in refused(capsys, narrow, "generation.engine=vllm")
     dpo = recipe_file(vllm_models["gpt2"], tiny_data_files, tmp_path, "dpo")

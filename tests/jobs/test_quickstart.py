@@ -190,3 +190,28 @@ def test_a_signal_during_the_sft_stage_is_one_line_and_its_exit_code(tmp_path, m
     assert main(["train", "quickstart"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("align train: stopped by SIGINT during the supervised fine-tuning")
+
+
+def test_the_quickstart_learns_with_the_vllm_engine_as_with_the_native_one(tmp_path, monkeypatch):
+    """`align train quickstart generation.engine=vllm` runs to the end on the CPU, and its reward
+    rises as the native engine's does: the same two seeds each, the vLLM runs' gains within the
+    native runs' spread (widened by half of it on each side)."""
+    from align.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    short = ["train.steps=24", "output.report=false", "output.save_model=false"]
+    gains = {}
+    for engine in ("native", "vllm"):
+        for seed in (0, 1):
+            run = f"runs/{engine}{seed}"
+            argv = ["train", "quickstart", f"generation.engine={engine}", f"train.seed={seed}", f"output.dir={run}"]
+            assert main([*argv, *short]) == 0
+            rewards = [r["reward_mean"] for r in _read(tmp_path / run / "metrics.jsonl")]
+            assert len(rewards) == 24
+            gains[engine, seed] = statistics.mean(rewards[-6:]) - statistics.mean(rewards[:6])
+    native = [gains["native", s] for s in (0, 1)]
+    low, high = min(native), max(native)
+    margin = max((high - low) / 2, 0.05)
+    assert low > 0.1, gains  # the native runs learned
+    for seed in (0, 1):
+        assert low - margin <= gains["vllm", seed] <= high + margin, gains
