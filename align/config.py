@@ -109,6 +109,16 @@ TRL_NAMES: dict[str, tuple[str, str]] = {
     "report_to": ("output.report_to", ""),
     "run_name": ("output.run_name", ""),
     "model_name_or_path": ("model.path", ""),
+    "gradient_checkpointing": ("train.gradient_checkpointing", "off by default here, on in TRL's configs"),
+    "use_vllm": ("generation.engine", "generation.engine: vllm"),
+    "vllm_mode": ("generation.engine", "colocate is generation.engine: vllm; server mode is not built yet"),
+    "vllm_gpu_memory_utilization": ("generation.vllm.gpu_memory_utilization", ""),
+    "vllm_importance_sampling_correction": (
+        "generation.importance_correction.mode",
+        "on by default with engine vllm; mode: none turns it off",
+    ),
+    "vllm_importance_sampling_mode": ("generation.importance_correction.mode", ""),
+    "vllm_importance_sampling_cap": ("generation.importance_correction.clip_max", ""),
 }
 
 

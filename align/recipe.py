@@ -227,6 +227,11 @@ class TrainConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: Seed = 0
     max_bad_steps: int = Field(10, ge=0, description="stop after this many steps skipped for NaN/inf")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="policy and critic: keep each layer's input only and recompute its activations in the "
+        "backward (less memory, one more forward of the layers); non-reentrant, so LoRA needs nothing more",
+    )
 
 
 class OutputConfig(Strict):

@@ -123,6 +123,8 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
         need_critic=need_critic,
     )
     cfg = recipe.train
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(models)
     groups = [[p for p in models.policy.parameters() if p.requires_grad]]
     if models.critic is not None:
         groups.append([p for p in models.critic.parameters() if p.requires_grad])
@@ -190,6 +192,18 @@ def make_engine(settings: RunSettings, sampling: SamplingSettings, models: Model
         limit = position_limit(recipe)
         return VLLMEngine(recipe, models, accelerator, min(max_len, limit) if limit else max_len)
     return NativeEngine(models.policy, models.tokenizer, accelerator, keep_probs(settings, sampling, models))
+
+
+def enable_checkpointing(models: Models) -> None:
+    """transformers' gradient checkpointing, non-reentrant (frozen inputs and LoRA need no input
+    gradients), on the policy and the critic's backbone; it acts in training mode only (align/step.py)."""
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    for model in (models.policy, getattr(models.critic, "backbone", None)):
+        if model is None:
+            continue
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            raise RecipeError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; remove it")
+        model.gradient_checkpointing_enable(**kwargs)
 
 
 def load_run_data(recipe: Recipe) -> tuple[Any, OnlineData | OfflineData]:

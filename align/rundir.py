@@ -135,6 +135,14 @@ def is_align_run(run_dir: Path) -> bool:
         return False
 
 
+def never_saved(run_dir: Path) -> bool:
+    """An align run there stopped before its first checkpoint (a crash, out of memory, a reward that
+    failed at step 1): nothing to continue, so the same command may start it over without
+    output.overwrite."""
+    saved = any((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else False
+    return is_align_run(run_dir) and not saved and not (run_dir / "final").exists()
+
+
 def refusal(run_dir: Path, resuming: bool, overwrite: bool) -> str | None:
     """Why a run may not take ``run_dir`` (None: it may): files of a run's names that no align run
     wrote, or an align run there that is neither continued nor to be replaced."""
@@ -144,7 +152,7 @@ def refusal(run_dir: Path, resuming: bool, overwrite: bool) -> str | None:
             f"output.dir: {str(run_dir)!r} holds {', '.join(held)}, which no align run wrote; align replaces or "
             "continues only its own runs: choose another output.dir"
         )
-    if held and not resuming and not overwrite:
+    if held and not resuming and not overwrite and not never_saved(run_dir):
         return (
             f"output.dir: {str(run_dir)!r} already holds a run ({', '.join(held)}); continue it with "
             "resume=latest, or replace it with output.overwrite=true"
@@ -162,7 +170,9 @@ def _check_and_take(run_dir: Path, resuming: bool, overwrite: bool) -> Path:
     if swept:
         print(f"output.dir: {run_dir}: removed leftovers of an interrupted save or prune: {', '.join(swept)}")
     held = held_run(run_dir)
-    if held and not resuming:  # output.overwrite: the old run goes, whole
+    if held and not resuming and not overwrite:
+        print(f"output.dir: {run_dir}: starting over a run that stopped before its first checkpoint")
+    if held and not resuming:  # output.overwrite (or a run that never saved): the old run goes, whole
         for name in held:
             entry = run_dir / name
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

@@ -35,6 +35,7 @@ class StepSettings:
     max_grad_norm: float | None = 1.0  # None: no clipping
     temperature: float = 1.0  # of the loss's log-probs: the sampler's (online), 1 (offline rows)
     correction: Correction | None = None  # importance weights π_old/π_engine (losses/correction.py)
+    gradient_checkpointing: bool = False  # the training forwards in training mode (HF checkpoints only then)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def optimizer_step(
         last = i == len(micro_batches) - 1
         # gradients are all-reduced (DDP) / the DeepSpeed engine steps only on the last micro-batch
         accelerator.gradient_state._set_sync_gradients(last)
-        with _no_sync_unless(last, accelerator, models.policy, models.critic):
+        with _no_sync_unless(last, accelerator, models.policy, models.critic), _checkpointing(settings, models):
             out = micro_batch_backward(ctx, batch, kept, stats, rows, units)
         # the loss is already normalised by the step's global unit count: processes' losses add up
         add_sums(sums, {"loss": (out.loss, 0.0), **out.metric_sums}, weight=0.0 if out.placeholder else 1.0)
@@ -357,6 +358,23 @@ def _no_sync_unless(last: bool, accelerator, *models) -> contextlib.AbstractCont
             if model is not None:
                 stack.enter_context(accelerator.no_sync(model))
     return stack
+
+
+@contextlib.contextmanager
+def _checkpointing(settings: StepSettings, models: Models):
+    """With gradient checkpointing, the policy and critic in training mode for the step's forward and
+    backward (transformers checkpoints a layer only in training mode; dropout is off by p = 0 under
+    ``model.disable_dropout``), back in their own mode after (generation needs eval mode: training
+    mode with checkpointing turns the KV cache off)."""
+    trained = [m for m in (models.policy, models.critic) if m is not None] if settings.gradient_checkpointing else []
+    modes = [m.training for m in trained]
+    for model in trained:
+        model.train()
+    try:
+        yield
+    finally:
+        for model, mode in zip(trained, modes):
+            model.train(mode)
 
 
 def _stateful(objective: losses.Objective) -> bool:

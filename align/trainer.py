@@ -107,6 +107,7 @@ def run_settings(recipe: Recipe) -> RunSettings:
             max_grad_norm=train_section.max_grad_norm,
             temperature=recipe.generation.temperature if online else 1.0,
             correction=correction(recipe),
+            gradient_checkpointing=train_section.gradient_checkpointing,
         ),
         scoring=ScoreSettings(steps=train_section.steps, demonstration_column=demonstrations),
         max_bad_steps=train_section.max_bad_steps,

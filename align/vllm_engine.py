@@ -168,6 +168,7 @@ def _engine(arguments: dict):
     key = repr(sorted(arguments.items()))
     if key not in _ENGINES:
         _ENGINES.clear()  # at most one engine holds device memory
+        _drop_stale_groups()
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
 
@@ -177,6 +178,32 @@ def _engine(arguments: dict):
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads)
     return _ENGINES[key]
+
+
+def _drop_stale_groups() -> None:
+    """vLLM keeps its process groups in module globals, and builds the next engine on them; in a
+    single process they are its own (a world of one) and may be gone already (a finished command
+    destroys the default group, as PyTorch asks: align/cli.py). Dropped, so the next engine makes
+    fresh ones. A multi-process launch builds one engine per process and is left alone."""
+    import torch.distributed as dist
+    from vllm.distributed import parallel_state
+
+    if parallel_state._WORLD is None or (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    destroy = dist.destroy_process_group
+
+    def forgiving(group=None) -> None:  # a group torch forgot with the default one: nothing left to destroy
+        try:
+            destroy(group)
+        except ValueError:
+            pass
+
+    dist.destroy_process_group = forgiving
+    try:
+        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_distributed_environment()
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def policy_weights(policy) -> Iterator[tuple[str, Tensor]]:

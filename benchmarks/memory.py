@@ -12,6 +12,9 @@ the adapters switched off, so its extra is the adapters, their optimizer state a
 activations, and no second copy of the base weights.
 
 Last line: ratio=<LoRA peak RSS / full fine-tuning peak RSS>.
+
+``--checkpointing``: full fine-tuning with ``train.gradient_checkpointing: true`` against without
+(peak RSS and the median step after warm-up), last line ratio=<with / without peak RSS>.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ALIGN_PYTHON, MODELS, RESULT_PREFIX, ensure_assets, load_average, run_align, run_json  # noqa: E402
+from common import (  # noqa: E402
+    ALIGN_PYTHON,
+    MODELS,
+    RESULT_PREFIX,
+    ensure_assets,
+    load_average,
+    run_align,
+    run_json,
+    steady,
+)
 from vs_trl_rloo import align_recipe  # noqa: E402
 
 BASELINE = f"""
@@ -45,11 +57,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="medium")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per configuration")
+    parser.add_argument("--checkpointing", action="store_true", help="with and without gradient checkpointing")
     args = parser.parse_args(argv)
     paths = ensure_assets()
     new_tokens = MODELS[args.model]["new_tokens"]
     print(f"peak RSS, RLOO on the {args.model} model, {args.steps} steps; {load_average()}")
     recipe = align_recipe(paths[args.model], paths["prompts"], new_tokens, args.steps)
+    if args.checkpointing:
+        return compare_checkpointing(recipe, args.rounds)
     lora = {**recipe, "model": {**recipe["model"], "lora": {"r": 8, "target_modules": ["c_attn"]}}}
     peaks: dict[str, list[float]] = {"baseline": [], "full": [], "lora": []}
     param_bytes = 0
@@ -70,6 +85,27 @@ def main(argv: list[str]) -> int:
             f"= {extra / params_mib:5.2f} × parameter bytes   (runs: {json.dumps(peaks[name])})"
         )
     print(f"ratio={peak['lora'] / peak['full']:.2f}")
+    return 0
+
+
+def compare_checkpointing(recipe: dict, rounds: int) -> int:
+    ckpt = {**recipe, "train": {**recipe["train"], "gradient_checkpointing": True}}
+    peaks: dict[str, list[float]] = {"without": [], "with": []}
+    steps: dict[str, list[float]] = {"without": [], "with": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            order = [("without", recipe), ("with", ckpt)]
+            for name, config in order if i % 2 == 0 else order[::-1]:  # alternating: A B, B A, ...
+                result = run_align(config, Path(tmp))
+                peaks[name].append(result["peak_rss_mib"])
+                steps[name].append(steady(result["step_s"]))
+    for name in ("without", "with"):
+        print(
+            f"{name:<8} gradient checkpointing: peak RSS {statistics.median(peaks[name]):7.1f} MiB, "
+            f"step {statistics.median(steps[name]):.3f} s   (runs: {peaks[name]}, {[round(x, 3) for x in steps[name]]})"
+        )
+    print(f"step time ratio with/without: {statistics.median(steps['with']) / statistics.median(steps['without']):.2f}")
+    print(f"ratio={statistics.median(peaks['with']) / statistics.median(peaks['without']):.2f}")
     return 0
 
 

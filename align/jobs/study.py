@@ -66,6 +66,7 @@ class StudyRecipe(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     threads: int | None = Field(None, gt=0, description="torch CPU threads (small models: 1 is often fastest)")
     keep_checkpoints: bool = Field(False, description="keep each run's checkpoints after they are evaluated")
+    overwrite: bool = Field(False, description="replace the study ``out`` already holds (else it is refused)")
 
     @model_validator(mode="after")
     def runs_consistent(self) -> StudyRecipe:
@@ -131,6 +132,30 @@ def run_recipe(study: StudyRecipe, spec: ObjectiveSpec, seed: int, source: str =
     return validate(Recipe, raw, source=where)
 
 
+STUDY_MARKER = ".align-study"  # what overwrite may replace: a directory a study made, nothing else
+
+
+def claim_study_dir(out: Path, overwrite: bool) -> None:
+    """The study directory, made or taken: a directory holding another study is replaced only with
+    ``overwrite=true``; one holding anything a study did not write is never touched."""
+    from align import files
+
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"out: {str(out)!r} is a file, not a directory; choose another out")
+    if entries and not (out / STUDY_MARKER).is_file():
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise RecipeError(f"out: {str(out)!r} holds {shown}, which no align study wrote; choose another out")
+    if entries and not overwrite:
+        raise RecipeError(
+            f"out: {str(out)!r} already holds a study; replace it with overwrite=true, or choose another out"
+        )
+    if entries:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_text(out / STUDY_MARKER, json.dumps({"started": time.time()}) + "\n")
+
+
 def start_study(study: StudyRecipe) -> tuple[Recipe, Any, torch.device]:
     """The study directory with the study's ``recipe.yaml``, the quickstart assets if the study
     prepares them, and the SFT policy and its reference, loaded once for every evaluation.
@@ -147,7 +172,7 @@ def start_study(study: StudyRecipe) -> tuple[Recipe, Any, torch.device]:
     for spec in study.objectives:  # each run's data, read here: a bad file is one line, not a failed child
         load_run_data(run_recipe(study, spec, study.seeds[0]))
     out = Path(study.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_study_dir(out, study.overwrite)
     dump_recipe(study, out / "recipe.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = load_models(first, device, need_reference=True)

@@ -79,19 +79,13 @@ def run_train(args) -> int:
     if args.command == "sft" and not any(o.startswith("objective.name=") for o in overrides):
         overrides.append("objective.name=sft")
     recipe = load_recipe(Recipe, args.recipe, overrides)
-    from align.checkpoint import CheckpointError, list_checkpoints
-    from align.trainer import TrainingError
-    from rewards import RewardError
-
     try:
         summary = run(recipe)
-    except (TrainingError, CheckpointError) as err:
-        print(f"align {args.command}: {err}", file=sys.stderr)
-        return 1
-    except RewardError as err:  # the run had started: say where it can go on from
-        saved = list_checkpoints(recipe.output.dir)
-        then = f"; last checkpoint {saved[-1]} (fix the reward, then resume=latest)" if saved else ""
-        print(f"align {args.command}: {err}{then}", file=sys.stderr)
+    except Exception as err:  # MemoryError and torch's OutOfMemoryError included
+        line = late_failure(err, recipe.output.dir)
+        if line is None:  # not a failure of the run's inputs or resources: a bug, its traceback is the report
+            raise
+        print(f"align {args.command}: {line}", file=sys.stderr)
         return 1
     if summary.get("stopped_by"):
         print(
@@ -102,6 +96,38 @@ def run_train(args) -> int:
         return 128 + signal.Signals[summary["stopped_by"]].value
     print(f"align: done, {summary['steps']} steps; run directory {recipe.output.dir}")
     return 0
+
+
+def late_failure(err: BaseException, run_dir: str) -> str | None:
+    """The one place a failure after the run started becomes one line: what failed, the last good
+    checkpoint (kept) and what to do. None for anything else (a bug: its traceback is the report)."""
+    from align.checkpoint import CheckpointError, list_checkpoints
+    from align.trainer import TrainingError
+    from rewards import RewardError
+
+    if isinstance(err, (TrainingError, CheckpointError)):
+        return str(err)
+    saved = list_checkpoints(run_dir)
+    if isinstance(err, RewardError):
+        return f"{err}; last checkpoint {saved[-1]} (fix the reward, then resume=latest)" if saved else str(err)
+    if out_of_memory(err):
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        where = f"; last checkpoint {saved[-1]} (resume=latest)" if saved else "; no checkpoint was saved yet"
+        return (
+            f"out of memory ({reason}); lower train.batch_size, generation.max_new_tokens or generation.batch_size, "
+            f"or raise train.gradient_accumulation_steps{where}"
+        )
+    return None
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the CPU
+    allocator's RuntimeError."""
+    import torch
+
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "out of memory" in str(err))
 
 
 def list_recipes(args) -> int:

@@ -462,3 +462,43 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(bad_in
         err = out.stderr.strip()
         assert out.returncode == 2 and len(err.splitlines()) == 1, (argv, err[-1000:])
         assert field in err and expected in err, err
+
+
+def test_out_of_memory_is_one_line_and_the_same_command_starts_over(
+    tiny_model_dir, tiny_data_files, tmp_path, monkeypatch, capsys
+):  # noqa: E501
+    """The allocator failing mid-run: one line naming it, the last checkpoint and what to lower,
+    exit 1; before any checkpoint, the same command (no overwrite) starts the run over."""
+    import align.trainer
+    from align.cli import main
+
+    real_step = align.trainer.train_step
+    calls = []
+
+    def step_then_fail(run, accelerator):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes.")
+        return real_step(run, accelerator)
+
+    monkeypatch.setattr(align.trainer, "train_step", step_then_fail)
+    run = tmp_path / "run"
+    path = _recipe_file(make_recipe(tiny_model_dir, tiny_data_files, run, "rloo", steps=3), tmp_path / "r.yaml")
+    fail_at = 1  # before any checkpoint
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err  # in this process stderr also holds the progress bars
+    said = [line for line in err.splitlines() if line.startswith("align ")]
+    assert len(said) == 1 and "Traceback" not in err, err
+    err = said[0]
+    assert err.startswith("align train: out of memory (DefaultCPUAllocator"), err
+    assert "lower train.batch_size" in err and "no checkpoint was saved yet" in err
+    calls.clear()
+    fail_at = 3  # the retry, same command: it starts over, saves after step 1, then fails at step 3
+    assert main(["train", str(path), "output.save_every=1"]) == 1
+    captured = capsys.readouterr()
+    assert "starting over a run that stopped before its first checkpoint" in captured.out
+    assert f"last checkpoint {run / 'checkpoints' / 'step-000002'} (resume=latest)" in captured.err.strip()
+    calls.clear()
+    fail_at = 0
+    assert main(["train", str(path), "output.save_every=1", "resume=latest"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3

@@ -112,9 +112,17 @@ def test_the_sync_reaches_a_cached_prefix(vllm_models, tiny_data_files, tmp_path
     assert engine_vs_trainer(vllm_models["gpt2"], data, tmp_path / "run", "rloo") < 1e-5
 
 
-def test_the_step_logs_the_correction_and_the_ratio_is_one(vllm_models, tiny_data_files, tmp_path):
+def test_the_step_logs_the_correction_and_the_ratio_is_one(vllm_models, tiny_data_files, tmp_path, monkeypatch):
+    """Each step's samples come from the weights it trains (ratio 1, no engine KL), and the weights
+    are pushed once per training step -- not per micro-batch (2 here) nor per optimizer step
+    (2 passes here), and the first rollout pushes the loaded policy's."""
+    pushes = []
+    original = VLLMEngine.sync_weights
+    monkeypatch.setattr(VLLMEngine, "sync_weights", lambda self: pushes.append(1) or original(self))
     run = tmp_path / "run"
-    train(make_recipe(vllm_models["qwen2"], tiny_data_files, run, "rloo", generation=VLLM, steps=3))
+    fields = {"gradient_accumulation_steps": 2, "batch_size": 4, "updates_per_batch": 2}
+    train(make_recipe(vllm_models["qwen2"], tiny_data_files, run, "rloo", generation=VLLM, steps=3, **fields))
+    assert len(pushes) == 3
     for record in run_metrics(run):
         assert abs(record["is_ratio_mean"] - 1) < 1e-4 and record["is_clipped_fraction"] == 0
         assert record["engine_logprob_diff"] < 1e-6 and record["engine_kl"] < 1e-9

@@ -261,6 +261,8 @@ def test_summed_dpo_drifts_longer_than_averaged_dpo_at_equal_kl() -> None:
         (["beta=0"], "beta"),
         (["beta=-1"], "beta"),
         (["objectives=[{name: rloo, kl_estimator: k3}]"], "kl_estimator"),
+        (["rewards=[.nan, 1.0, 0.5]"], "'rewards.0': Input should be a finite number"),  # was torch's internal assert
+        (["demo_reward=.inf"], "'demo_reward': Input should be a finite number"),
     ],
 )
 def test_bad_recipes_exit_2_with_one_line(overrides, field, capsys) -> None:

@@ -151,3 +151,27 @@ def test_a_missing_data_file_is_one_line_before_any_run_starts(tiny_model_dir, t
     err = out.stderr.strip()
     assert out.returncode == 2 and len(err.splitlines()) == 1, err[-1500:]
     assert f"data '{tmp_path / 'missing.jsonl'}': no such file" in err and not (tmp_path / "out").exists()
+
+
+def test_a_study_directory_is_replaced_only_when_told(tiny_model_dir, tiny_data_files, tmp_path, capsys):
+    """`align compare` into a directory another study made: refused unless overwrite=true; into one
+    holding anything else: refused, nothing touched; both before a run starts, one line, exit 2."""
+    import yaml
+
+    from align.cli import main
+    from align.jobs.study import STUDY_MARKER
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / STUDY_MARKER).write_text("{}\n")
+    (out / "report.json").write_text("{}")
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(tiny_compare(tiny_model_dir, tiny_data_files, out)))
+    assert main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a study; replace it with overwrite=true" in err
+    (out / STUDY_MARKER).unlink()
+    assert main(["compare", str(path), "overwrite=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds report.json, which no align study wrote" in err
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
