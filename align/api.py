@@ -21,6 +21,7 @@ a DatasetDict as ``dataset``, ``eval_dataset`` (prompts, or pairs for an offline
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,17 @@ def train(
     eval_dataset: Any = None,
     accelerator=None,
     peft_config: Any = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    on_save: Callable[[Path], None] | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> TrainResult:
     """Train ``recipe`` (a Recipe or a plain dict of its fields) and return the trained model.
 
     ``eval_dataset``: held-out prompts for an online objective, held-out pairs for an offline one;
-    ``peft_config``: a peft ``LoraConfig``, the same as the recipe's ``model.lora``."""
+    ``peft_config``: a peft ``LoraConfig``, the same as the recipe's ``model.lora``;
+    ``on_step(step, record)``: after each step, with the record metrics.jsonl gets;
+    ``on_save(checkpoint)``: after each checkpoint is complete, with its directory;
+    ``on_eval(step, metrics)``: after each evaluation of ``eval.every``, with its ``eval/`` metrics."""
     import rewards
     from align.objective import ObjectiveConfig
 
@@ -178,7 +185,7 @@ def train(
 
     try:
         validated = validate(Recipe, raw)
-        summary = run(validated, accelerator)
+        summary = run(validated, accelerator, on_step=on_step, on_save=on_save, on_eval=on_eval)
     finally:  # the callables were this call's: leave the registry as it was
         for name in registered:
             rewards.REGISTRY.pop(name, None)

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=f"{help_text}. {details}")
         p.add_argument("recipe", nargs="?", metavar="RECIPE", help="recipe YAML or bundled name (see below)")
         p.add_argument("overrides", nargs="*", metavar="OVERRIDES", help="key=value, dotted for sections")
+        if name == "train":
+            p.add_argument(
+                "--from-trl",
+                choices=("grpo", "rloo", "dpo"),
+                help="RECIPE is a TRL GRPOConfig/RLOOConfig/DPOConfig YAML: translate it (align/jobs/trl_config.py)",
+            )
         p.set_defaults(module=module)
     return parser
 

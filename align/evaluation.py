@@ -45,24 +45,25 @@ def evaluate_policy(
     device,
     columns: dict | None = None,
     messages: list | None = None,
+    with_reference: bool = True,
 ) -> dict:
-    """One sample per prompt from ``policy``; its reward and its KL to the reference (k1, k3)."""
+    """One sample per prompt from ``policy``; its reward (mean, and each sample's in ``scores``) and
+    its KL to the reference (k1, k3; left out without ``with_reference``)."""
     rollout = sample_prompts(recipe, models, policy, prompts, recipe.train.seed + EVAL_SEED_OFFSET, 1, device)
     texts = list(rollout.texts)
     temperature = recipe.generation.temperature
     args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, temperature)
-    logp = completion_logprobs(policy, *args)
-    with reference_model(models) as ref:
-        ref_logp = completion_logprobs(ref, *args)
-    mask = rollout.completion_mask
-    out = {
-        "kl_k1": float(losses.sequence_kl(logp, ref_logp, mask, "k1").mean()),
-        "kl_k3": float(losses.sequence_kl(logp, ref_logp, mask, "k3").mean()),
-        "length": float(rollout.completion_mask.sum(-1).float().mean()),
-        "texts": texts,
-    }
+    out = {"length": float(rollout.completion_mask.sum(-1).float().mean()), "texts": texts}
+    if with_reference:
+        logp = completion_logprobs(policy, *args)
+        with reference_model(models) as ref:
+            ref_logp = completion_logprobs(ref, *args)
+        mask = rollout.completion_mask
+        out["kl_k1"] = float(losses.sequence_kl(logp, ref_logp, mask, "k1").mean())
+        out["kl_k3"] = float(losses.sequence_kl(logp, ref_logp, mask, "k3").mean())
     if reward is not None:
         scores = reward.score(prompts, texts, columns or {}, update=False, messages=messages)
+        out["scores"] = scores.total.float().tolist()
         out["reward"] = float(scores.total.float().nanmean())  # over the samples some reward scored
         out["components"] = {k: float(torch.tensor(v).nanmean()) for k, v in scores.components.items()}
     return out

@@ -10,7 +10,10 @@ Standard (text) and conversational (lists of ``{"role", "content"}`` messages) a
 - preference, implicit prompt: ``chosen``, ``rejected`` -- ``prompt`` = their longest common
   beginning (TRL's ``extract_prompt``), the rest of each side its completion;
 - unpaired preference: ``prompt``, ``completion``, ``label`` -- ``reward`` = the label (1 / 0),
-  so the rows of one prompt pair up by it.
+  so the rows of one prompt pair up by it;
+- language modeling: ``text`` (SFT) -- ``completion`` = the text, every token of it trained on
+  after ``prompt`` = the tokenizer's BOS (its EOS where it has none: GPT-2's document separator),
+  as TRL's SFTTrainer trains on a ``text`` column (``language_modeling``).
 
 Rows that do not fit (messages with no assistant turn, two identical sides of a pair) are one
 line naming the row, raised while the data is read -- before any model loads.
@@ -50,6 +53,22 @@ def normalise(table, cfg, use: Use, source: str):
             )
         table = table.add_column(cfg.reward_column, [float(v) for v in labels])
     return table
+
+
+def language_modeling(table, cfg, tokenizer, source: str):
+    """A ``text``-only table (TRL's standard language-modeling format) as (prompt, completion) rows:
+    the document-start token, then the whole text; other tables as they are."""
+    names = table.column_names
+    if cfg.text_column not in names or {cfg.prompt_column, cfg.completion_column, cfg.messages_column} & set(names):
+        return table
+    start = getattr(tokenizer, "bos_token", None) or getattr(tokenizer, "eos_token", None)
+    if not start:
+        raise DataError(
+            f"data {source!r}: {cfg.text_column!r} rows are trained after a document-start token, and the "
+            "tokenizer has neither a BOS nor an EOS token; give prompt and completion columns"
+        )
+    table = table.add_column(cfg.prompt_column, [start] * len(table))
+    return table.rename_column(cfg.text_column, cfg.completion_column)
 
 
 def completion_text(value) -> str:

@@ -161,9 +161,13 @@ def load_models(
 
     cfg = recipe.model
     dtype = torch_dtype(cfg.dtype)
-    load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype, **quantised(cfg, device))
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
     policy = AutoModelForCausalLM.from_pretrained(cfg.path, **load)
+    if cfg.load_in_4bit:  # QLoRA: norms in fp32, input gradients for the adapters (peft's recipe)
+        from peft import prepare_model_for_kbit_training
+
+        policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
     reference = None
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
@@ -196,6 +200,38 @@ def load_models(
     )
 
 
+def check_quantisation(recipe: Recipe) -> None:
+    """model.load_in_4bit where it can run: bitsandbytes' 4-bit kernels on a CUDA GPU; one line otherwise."""
+    import importlib.util
+
+    from align.config import RecipeError
+
+    if not recipe.model.load_in_4bit:
+        return
+    if not torch.cuda.is_available():
+        raise RecipeError(
+            "model.load_in_4bit: QLoRA's 4-bit kernels (bitsandbytes) need a CUDA GPU and this machine has none; "
+            "remove it (model.lora alone trains here)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("model.load_in_4bit: bitsandbytes is not installed (pip install bitsandbytes)")
+
+
+def quantised(cfg, device) -> dict:
+    """from_pretrained's 4-bit NF4 quantisation (double-quantised, bf16 compute) for QLoRA, else nothing."""
+    if not cfg.load_in_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config, "device_map": {"": torch.device(device).index or 0}}
+
+
 def load_reference(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     """The frozen reference: ``reference`` when the recipe names one, else the policy's starting weights."""
     from transformers import AutoModelForCausalLM
@@ -213,11 +249,14 @@ def load_saved_policy(recipe: Recipe, path: str | Path, device) -> torch.nn.Modu
 
     cfg = recipe.model
     load = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype))
+    four_bit = cfg.load_in_4bit and torch.device(device).type == "cuda"  # merging (on CPU) reads the whole base
+    load.update(quantised(cfg, device) if four_bit else {})
     if cfg.lora is not None:
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(cfg.path, **load)
-        return PeftModel.from_pretrained(base, str(path)).to(device).eval()
+        adapted = PeftModel.from_pretrained(base, str(path))
+        return (adapted if four_bit else adapted.to(device)).eval()  # a 4-bit model is placed by device_map
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=load["dtype"]).to(device).eval()
 
 

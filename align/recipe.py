@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 import losses
 from align.config import Seed, Strict
+from align.generation_config import CorrectionConfig, GenerationConfig
 from align.objective import RUN_QUANTITY_SOURCES, ObjectiveConfig
 
 
@@ -35,6 +36,15 @@ class ModelConfig(Strict):
         None, description="train LoRA adapters; the reference is the base with adapters off"
     )
     disable_dropout: bool = Field(True, description="RL and DPO train with dropout off (TRL does the same)")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: the base in 4-bit NF4 (bitsandbytes, a CUDA GPU), model.lora trained over it"
+    )
+
+    @model_validator(mode="after")
+    def quantised_needs_adapters(self) -> ModelConfig:
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError("load_in_4bit: a 4-bit base cannot be trained itself; add model.lora (QLoRA)")
+        return self
 
 
 class DataConfig(Strict):
@@ -52,6 +62,9 @@ class DataConfig(Strict):
     )
     messages_column: str = Field(
         "messages", description="TRL's conversational SFT column: the last assistant turn is the completion"
+    )
+    text_column: str = Field(
+        "text", description="TRL's language-modeling SFT rows: the whole text is trained on, after the BOS"
     )
     label_column: str = Field(
         "label", description="TRL's unpaired preference rows (prompt, completion, label): the label is the reward"
@@ -128,67 +141,6 @@ class RewardComponent(Strict):
         return self
 
 
-class VLLMConfig(Strict):
-    """The vLLM engine's settings (TRL's ``vllm_*``); read only with ``generation.engine: vllm``."""
-
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="the engine's weights and activations (auto: model.dtype)"
-    )
-    gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="the fraction of device memory the engine takes beside training (TRL's default)"
-    )
-    max_model_len: int | None = Field(
-        None, gt=0, description="prompt + completion tokens (default: data.max_prompt_tokens + max_new_tokens)"
-    )
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (the colocated engine: 1)")
-    enable_sleep_mode: bool = Field(False, description="GPU: release the engine's KV cache and weights while training")
-    enforce_eager: bool | None = Field(None, description="no CUDA graphs / compilation (default: true on CPU)")
-    cpu_kvcache_gib: int = Field(1, gt=0, description="vLLM's CPU build: the KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-
-
-class CorrectionConfig(Strict):
-    """Importance weights π_old/π_engine on each policy-gradient term (losses/correction.py)."""
-
-    mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = Field(
-        "sequence_mask", description="per token or per sequence; truncate (TIS) or mask (MIS); none: off"
-    )
-    clip_max: float = Field(3.0, gt=0, description="C_max: weights above it are truncated to it or masked")
-    clip_min: float | None = Field(None, ge=0, description="C_min: weights below it are raised to it or masked")
-
-    @model_validator(mode="after")
-    def ordered(self) -> CorrectionConfig:
-        if self.clip_min is not None and self.clip_min > self.clip_max:
-            raise ValueError(f"clip_min ({self.clip_min}) > clip_max ({self.clip_max})")
-        return self
-
-
-class GenerationConfig(Strict):
-    engine: Literal["native", "vllm"] = Field(
-        "native", description="native: align's keyed decode loop on the training weights; vllm: a colocated engine"
-    )
-    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
-    importance_correction: CorrectionConfig | None = Field(
-        None,
-        description="sampler-mismatch weights (default: sequence_mask, C_max 3 with engine vllm, as TRL; none "
-        "with native, which samples from the trained weights)",
-    )
-    max_new_tokens: int = Field(32, gt=0)
-    min_new_tokens: int = Field(0, ge=0, description="EOS is masked out before this many tokens")
-    temperature: float = Field(1.0, gt=0, description="log-probs for the loss use the same temperature")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 = off")
-    stop_strings: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=list, description="a completion ends after the first one (non-empty strings)"
-    )
-    batch_size: int | None = Field(None, gt=0, description="prompts per generate call (default: the whole step)")
-
-    @model_validator(mode="after")
-    def lengths(self) -> GenerationConfig:
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens})")
-        return self
-
-
 class ReplayConfig(Strict):
     capacity_steps: int = Field(..., ge=1, description="keep the groups of the last N steps, this one included")
     mix: float = Field(
@@ -198,6 +150,12 @@ class ReplayConfig(Strict):
 
 class TrainConfig(Strict):
     steps: int = Field(100, gt=0, description="optimizer steps")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="offline objectives: passes over the training rows instead of train.steps (steps = "
+        "ceil(epochs × rows / rows per step over every process), resolved when the data is read)",
+    )
     batch_size: int = Field(8, gt=0, description="per micro-batch: prompts (online), pairs or rows (offline)")
     gradient_accumulation_steps: int = Field(1, gt=0)
     updates_per_batch: int = Field(
@@ -232,6 +190,23 @@ class TrainConfig(Strict):
         description="policy and critic: keep each layer's input only and recompute its activations in the "
         "backward (less memory, one more forward of the layers); non-reentrant, so LoRA needs nothing more",
     )
+
+    @model_validator(mode="after")
+    def steps_or_epochs(self) -> TrainConfig:
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError("give train.steps or train.epochs, not both")
+        return self
+
+
+class EvalConfig(Strict):
+    """Evaluation during training (align/periodic_eval.py); TRL's eval_strategy="steps" / eval_steps."""
+
+    every: int = Field(0, ge=0, description="evaluate every N steps on held-out data (0: only the end-of-run report)")
+    prompts: int = Field(64, gt=0, description="online: held-out prompts sampled (data.eval_prompts, else training)")
+    keep_best: str | None = Field(
+        None, description="copy the model to DIR/best when this eval/ metric improves, e.g. reward, reward_accuracy"
+    )
+    greater_is_better: bool = Field(True, description="keep_best: whether a higher value is better")
 
 
 class OutputConfig(Strict):
@@ -289,6 +264,7 @@ class Recipe(Strict):
     )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     resume: str | None = Field(None, description="'latest' or a checkpoint directory")
 
@@ -313,6 +289,10 @@ class Recipe(Strict):
             raise ValueError(f"objective.k: {name!r} needs k >= {declared.min_k} samples per prompt")
         if self.objective.online:
             self._no_sampling_filters()
+            if self.train.epochs is not None:
+                raise ValueError(
+                    f"train.epochs: {name!r} samples fresh completions every step (no epochs of data); set train.steps"
+                )
         elif self.train.updates_per_batch > 1:
             raise ValueError(
                 f"train.updates_per_batch: {name!r} is trained on a fixed dataset (fresh rows every step); expected 1"
@@ -325,6 +305,7 @@ class Recipe(Strict):
         elif self.train.replay is not None:
             raise ValueError(f"train.replay: {name!r} is trained on a fixed dataset, not on its own samples; remove it")
         self._engine_fits(declared)
+        self._eval_fits(declared)
         if self.critic is not None and "values" not in declared.needs:
             raise ValueError(f"critic: {name!r} reads no values (ppo does); remove the critic section")
         held_out = (
@@ -384,6 +365,26 @@ class Recipe(Strict):
         if chosen is None and gen.engine == "vllm" and declared.corrects_sampler and self.train.replay is None:
             chosen = CorrectionConfig()
         return None if chosen is None or chosen.mode == "none" else chosen
+
+    def _eval_fits(self, declared: type[losses.Objective]) -> None:
+        ev, name = self.eval, self.objective.name
+        if ev.keep_best is not None and not ev.every:
+            raise ValueError("eval.keep_best: set eval.every (the evaluations it keeps the best of)")
+        if not ev.every:
+            return
+        if not self.objective.online and not (declared.paired and (self.data.eval_pairs or self.data.eval_fraction)):
+            raise ValueError(
+                f"eval.every: {name!r} is evaluated on held-out pairs: set data.eval_pairs or data.eval_fraction"
+                if declared.paired
+                else f"eval.every: {name!r} trains on rows with no held-out measure; remove it"
+            )
+        metrics = (
+            ("reward", "kl_k1", "kl_k3", "length", "win_rate")
+            if self.objective.online
+            else ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "loglik_accuracy")
+        )
+        if ev.keep_best is not None and ev.keep_best.removeprefix("eval/") not in metrics:
+            raise ValueError(f"eval.keep_best: expected one of {list(metrics)}, got {ev.keep_best!r}")
 
     def _engine_fits(self, declared: type[losses.Objective]) -> None:
         gen, name = self.generation, self.objective.name

@@ -45,6 +45,8 @@ class OfflineData:
         train_file = source is None
         source = source or cfg.train
         table = data_lib.load_table(source, cfg.split if train_file else "train", cfg.subset if train_file else None)
+        if not self.paired:
+            table = formats.language_modeling(table, cfg, tokenizer, source)
         table = formats.normalise(table, cfg, "pairs" if self.paired else "rows", source)
         texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
         if self.paired and cfg.chosen_column not in table.column_names and cfg.reward_column in table.column_names:

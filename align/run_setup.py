@@ -6,7 +6,8 @@ replay buffer, rollout engine. Built in the order that fails fastest; restored f
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ from align.models import (
     Models,
     check_loadable,
     check_positions,
+    check_quantisation,
     load_models,
     load_tokenizer,
     model_config,
     position_limit,
 )
 from align.native_engine import NativeEngine
+from align.periodic_eval import PeriodicEval, best_so_far
 from align.recipe import Recipe
 from align.replay import ReplayBuffer
 from align.rewards_adapter import RewardFunction, build_reward
@@ -77,6 +80,7 @@ class Run:
     replay: ReplayBuffer | None = None
     engine: RolloutEngine | None = None  # online: where rollouts come from (align/rollout.py's seam)
     sampling: SamplingSettings | None = None  # online: how they are sampled
+    evaluator: PeriodicEval | None = None  # eval.every: evaluation during training (align/periodic_eval.py)
     step: int = 0
     bad_steps: int = 0
 
@@ -107,12 +111,19 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
     recipe = settings.recipe
     objective = recipe.build_objective()
     tokenizer, dataset = load_run_data(recipe)
+    settings = steps_of_epochs(settings, len(dataset), accelerator.num_processes)
     need_critic = "values" in objective.needs
     if need_critic and sharding(accelerator) in ("zero2", "zero3", "fsdp2"):
         # accelerate prepares one trained model under FSDP2 and one per DeepSpeed engine
         raise RecipeError(
             f"critic: {objective.name!r} trains a critic beside the policy, and accelerate prepares only "
             f"one trained model under {sharding(accelerator)}; launch with DDP (one or more processes)"
+        )
+    if recipe.eval.every and sharding(accelerator) in ("zero3", "fsdp2"):
+        # the sampled evaluation would make every forward a collective of the sharded model
+        raise RecipeError(
+            f"eval.every: evaluation during training runs on whole models, not under {sharding(accelerator)}; "
+            "remove it (the end-of-run report evaluates the final model)"
         )
     reward = build_reward(recipe.reward, accelerator.device) if recipe.reward else None
     models = load_models(
@@ -142,7 +153,7 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
         cfg.lr_scheduler,
         optimizer,
         num_warmup_steps=cfg.warmup_steps * passes,
-        num_training_steps=cfg.steps * passes,
+        num_training_steps=settings.steps * passes,
     )
     configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     if models.critic is not None:
@@ -179,7 +190,32 @@ def setup_run(settings: RunSettings, accelerator) -> Run:
         replay,
         engine,
         sampling,
+        evaluator=make_evaluator(recipe, dataset, tokenizer, settings.run_dir),
     )
+
+
+def make_evaluator(recipe: Recipe, dataset, tokenizer, run_dir: Path) -> PeriodicEval | None:
+    """``eval.every``'s held-out prompts (read once) and the best value a resumed run reached."""
+    ev = recipe.eval
+    if not ev.every:
+        return None
+    keep = None if ev.keep_best is None else ev.keep_best.removeprefix("eval/")
+    prompts, columns, messages = [], {}, None
+    if recipe.objective.online:
+        prompts, columns, _, messages = eval_prompts(recipe, dataset, tokenizer, limit=ev.prompts)
+    evaluator = PeriodicEval(ev.every, keep, ev.greater_is_better, prompts, columns, messages)
+    evaluator.best = best_so_far(run_dir, keep)
+    return evaluator
+
+
+def steps_of_epochs(settings: RunSettings, rows: int, processes: int) -> RunSettings:
+    """``train.epochs`` as optimizer steps: every step takes batch_size × gradient_accumulation_steps
+    rows on each process, drawn from per-epoch permutations (align/data.py ``step_rows``)."""
+    epochs = settings.recipe.train.epochs
+    if epochs is None:
+        return settings
+    per_step = settings.layout.batch_size * settings.layout.gradient_accumulation_steps * processes
+    return replace(settings, steps=max(1, math.ceil(epochs * rows / per_step)))
 
 
 def make_engine(settings: RunSettings, sampling: SamplingSettings, models: Models, accelerator) -> RolloutEngine:
@@ -216,6 +252,7 @@ def load_run_data(recipe: Recipe) -> tuple[Any, OnlineData | OfflineData]:
     else:
         dataset = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
     check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
+    check_quantisation(recipe)
     check_positions(recipe, dataset)
     if recipe.objective.online and recipe.generation.engine == "vllm":
         from align.vllm_engine import check_vllm

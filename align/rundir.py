@@ -19,7 +19,7 @@ from align.checkpoint import sweep_leftovers
 from align.config import RecipeError, check_output_path
 
 LOCK = ".lock"
-RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "recipe.yaml", "summary.json", "final")
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "recipe.yaml", "summary.json", "final", "best")
 # written when a run takes its directory: what output.overwrite may replace is an align run's, never
 # files of the same generic names that something else put there
 MARKER = ".align-run"

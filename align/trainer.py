@@ -34,6 +34,7 @@ from align.distributed import loading_whole_models, make_accelerator, params_sha
 from align.metrics_log import MetricsLog, postfix, progress_bar, read_metrics
 from align.model_card import write_model_card
 from align.models import Models
+from align.periodic_eval import evaluate_step, keep_best
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction
@@ -72,15 +73,19 @@ def train(
     accelerator=None,
     on_step: Callable[[int, dict], None] | None = None,
     on_end: Callable[[FinishedRun], dict] | None = None,
+    on_save: Callable[[Path], None] | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Run a recipe to the end (or to a signal); returns the summary written to summary.json.
 
     The recipe's assets must exist: ``prepare:`` is the job layer's (``align.jobs.train.run``).
     ``on_step(step, record)`` is called after each logged step (evaluation hooks, tests);
-    ``on_end(run)`` on the main process after a run that finished, its dict merged into the summary.
+    ``on_end(run)`` on the main process after a run that finished, its dict merged into the summary;
+    ``on_save(checkpoint)`` on the main process after each checkpoint is complete (the last included);
+    ``on_eval(step, metrics)`` after each evaluation of ``eval.every`` with its ``eval/`` metrics.
     """
     tune_allocator()  # reuse the step's large buffers instead of page-faulting them in every step
-    return run_training(run_settings(recipe), accelerator, on_step, on_end)
+    return run_training(run_settings(recipe), accelerator, Hooks(on_step, on_end, on_save, on_eval))
 
 
 def run_settings(recipe: Recipe) -> RunSettings:
@@ -124,7 +129,17 @@ def correction(recipe: Recipe) -> Correction | None:
     return None if chosen is None else Correction(chosen.mode, chosen.clip_max, chosen.clip_min)
 
 
-def run_training(settings: RunSettings, accelerator, on_step, on_end) -> dict:
+@dataclass(frozen=True)
+class Hooks:
+    """The caller's callbacks (``train``'s keywords), called on the main process except ``on_step``."""
+
+    on_step: Callable[[int, dict], None] | None = None
+    on_end: Callable[[FinishedRun], dict] | None = None
+    on_save: Callable[[Path], None] | None = None
+    on_eval: Callable[[int, dict], None] | None = None
+
+
+def run_training(settings: RunSettings, accelerator, hooks: Hooks) -> dict:
     """Claim the run directory, set the run up (or restore it), and run its loop."""
     from accelerate.utils import set_seed
 
@@ -143,12 +158,12 @@ def run_training(settings: RunSettings, accelerator, on_step, on_end) -> dict:
             if resume_from is None or not (run_dir / "recipe.yaml").exists():
                 dump_recipe(settings.recipe, run_dir / "recipe.yaml")  # as the run started; changes go to the history
             record_changes(run_dir, run.step, changes)
-        return run_loop(run, accelerator, run_dir, on_step, on_end)
+        return run_loop(run, accelerator, run_dir, hooks)
     finally:
         lock.release()
 
 
-def run_loop(run: Run, accelerator, run_dir: Path, on_step, on_end) -> dict:
+def run_loop(run: Run, accelerator, run_dir: Path, hooks: Hooks) -> dict:
     """Step until the last step, a signal or too many non-finite steps; then the final save."""
     recipe, settings, main = run.recipe, run.settings, accelerator.is_main_process
     output = recipe.output
@@ -161,6 +176,7 @@ def run_loop(run: Run, accelerator, run_dir: Path, on_step, on_end) -> dict:
         with StopSignal() as stop:
             while run.step < settings.steps:
                 record = train_step(run, accelerator)
+                evaluate(run, accelerator, record, run_dir, hooks)
                 if record.get("skipped") and main:
                     skipped = f"step skipped ({run.bad_steps} so far)"
                     bar.write(f"step {run.step}: non-finite loss, log-probs or gradient; {skipped}")
@@ -174,18 +190,42 @@ def run_loop(run: Run, accelerator, run_dir: Path, on_step, on_end) -> dict:
                     )
                 bar.update(1)
                 bar.set_postfix(postfix(record), refresh=False)
-                if on_step is not None:
-                    on_step(run.step, record)
+                if hooks.on_step is not None:
+                    hooks.on_step(run.step, record)
                 received = agreed_signal(stop.received, accelerator)
                 if received is not None:
                     stopped_by = signal.Signals(received).name
                     break
                 if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
-                    save(run, accelerator, run_dir)
+                    saved(save(run, accelerator, run_dir), hooks.on_save, main)
     finally:
         bar.close()
         log.close()
-    return finish_run(run, accelerator, save(run, accelerator, run_dir), stopped_by, on_end, run_dir)
+    last = saved(save(run, accelerator, run_dir), hooks.on_save, main)
+    return finish_run(run, accelerator, last, stopped_by, hooks.on_end, run_dir)
+
+
+def saved(checkpoint: Path, on_save, main: bool) -> Path:
+    """A complete checkpoint, announced to the ``on_save`` hook (main process)."""
+    if on_save is not None and main:
+        on_save(checkpoint)
+    return checkpoint
+
+
+def evaluate(run: Run, accelerator, record: dict, run_dir: Path, hooks: Hooks) -> None:
+    """Every ``eval.every`` steps: the held-out ``eval/`` metrics into the step's record, and the
+    model kept in ``best/`` when ``eval.keep_best`` improved (a checkpoint is saved for it)."""
+    evaluator = run.evaluator
+    if evaluator is None or run.step % evaluator.every:
+        return
+    metrics = evaluate_step(evaluator, run, accelerator)
+    record.update(metrics)
+    if hooks.on_eval is not None and accelerator.is_main_process:
+        hooks.on_eval(run.step, metrics)
+    if evaluator.improved(record):
+        checkpoint = saved(save(run, accelerator, run_dir), hooks.on_save, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            keep_best(checkpoint, run_dir, run.step, evaluator.keep_best, evaluator.best)
 
 
 def train_step(run: Run, accelerator) -> dict:

@@ -93,8 +93,8 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator, he
                     recipe, models, reference, prompts, reward, accelerator.device, columns, messages
                 )
             after = evaluate_policy(recipe, models, policy, prompts, reward, accelerator.device, columns, messages)
-        out["before"] = {k: v for k, v in before.items() if k != "texts"}
-        out["after"] = {k: v for k, v in after.items() if k != "texts"}
+        out["before"] = {k: v for k, v in before.items() if k not in ("texts", "scores")}
+        out["after"] = {k: v for k, v in after.items() if k not in ("texts", "scores")}
         out["samples"] = [
             {"prompt": p, "before": b, "after": a}
             for p, b, a in list(zip(prompts, before["texts"], after["texts"]))[:8]

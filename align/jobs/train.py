@@ -34,14 +34,21 @@ def prepare_assets(recipe: Recipe) -> None:
             prepare_summarize(recipe)
 
 
-def run(recipe: Recipe, accelerator=None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+def run(
+    recipe: Recipe,
+    accelerator=None,
+    on_step: Callable[[int, dict], None] | None = None,
+    on_save: Callable[[Path], None] | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
+) -> dict:
     """What ``align train RECIPE`` runs: prepare the assets, train, report (``output.report``)."""
     from align.jobs.report import report_on_end
     from align.trainer import train
 
     check_push(recipe)
     prepare_assets(recipe)
-    summary = train(recipe, accelerator, on_step, on_end=report_on_end if recipe.output.report else None)
+    on_end = report_on_end if recipe.output.report else None
+    summary = train(recipe, accelerator, on_step, on_end=on_end, on_save=on_save, on_eval=on_eval)
     if recipe.output.push_to_hub and summary.get("final_model") and summary.get("stopped_by") is None:
         summary.update(push(recipe.output.push_to_hub, Path(summary["final_model"])))
     return summary
@@ -78,7 +85,14 @@ def run_train(args) -> int:
     overrides = list(args.overrides)
     if args.command == "sft" and not any(o.startswith("objective.name=") for o in overrides):
         overrides.append("objective.name=sft")
-    recipe = load_recipe(Recipe, args.recipe, overrides)
+    if getattr(args, "from_trl", None):
+        from align.config import apply_overrides, find_recipe, validate
+        from align.jobs.trl_config import from_trl
+
+        translated = apply_overrides(from_trl(read_yaml(find_recipe(args.recipe)), args.from_trl), overrides)
+        recipe = validate(Recipe, translated, source=f"TRL config {args.recipe!r}")
+    else:
+        recipe = load_recipe(Recipe, args.recipe, overrides)
     try:
         summary = run(recipe)
     except Exception as err:  # MemoryError and torch's OutOfMemoryError included

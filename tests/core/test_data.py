@@ -207,3 +207,29 @@ def test_dpo_on_scored_rows_orders_each_pair_by_reward_and_drops_ties(tiny_model
         train(recipe)
         finals[name] = final_params(tmp_path / name)
     assert max_diff(finals["rows"], finals["explicit"]) < 1e-6
+
+
+def test_sft_on_a_text_column_trains_every_token_after_the_bos(tiny_model_dir, tiny_data_files, tmp_path):
+    """TRL's language-modeling rows ({"text": ...}): the whole text (and EOS) is the completion,
+    after the tokenizer's BOS; training on four texts lowers their loss."""
+    import json
+
+    from helpers import make_recipe, run_metrics
+    from transformers import AutoTokenizer
+
+    from align.run_data import OfflineData
+    from align.trainer import train
+
+    texts = ["a fine film with a warm heart", "the plot drags", "great acting all round", "dull and long"]
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "sft", steps=12, lr=1e-2, batch_size=4)
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"train": str(path)})})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = OfflineData(recipe, tokenizer, tokenizer.eos_token_id)
+    assert rows.prompt_ids == [[tokenizer.bos_token_id]] * 4
+    expected = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    assert sorted(rows.completion_ids[0]) == sorted(expected)
+    train(recipe)
+    losses = [r["loss"] for r in run_metrics(tmp_path / "run")]
+    assert losses[-1] < 0.8 * losses[0]

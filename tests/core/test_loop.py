@@ -143,3 +143,30 @@ def _straight_and_resumed(tmp_path: Path, recipe_for) -> tuple[Path, Path]:
     a, b = final_params(straight), final_params(interrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return straight, interrupted
+
+
+def test_epochs_become_steps_over_every_row(tiny_model_dir, tiny_data_files, tmp_path):
+    """train.epochs (offline): steps = ceil(epochs × rows / rows per step); two epochs of a step
+    size that divides the data see every pair exactly twice. Online, or beside train.steps: refused."""
+    import math
+
+    from align.config import validate
+    from align.data import step_rows
+    from align.recipe import Recipe
+
+    raw = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "dpo").model_dump(mode="json")
+    pairs = sum(1 for line in Path(tiny_data_files["pairs"]).read_text().splitlines() if line.strip())
+    del raw["train"]["steps"]
+    raw["train"].update(epochs=2, batch_size=7)
+    summary = train(validate(Recipe, raw))
+    assert summary["steps"] == math.ceil(2 * pairs / 7)
+    assert pairs % 7 == 0  # the fixture's 35 pairs: two epochs are whole steps
+    seen = [row for step in range(summary["steps"]) for row in step_rows(pairs, step, 7, raw["train"]["seed"])]
+    assert sorted(seen) == sorted(list(range(pairs)) * 2)
+    with pytest.raises(ValueError, match="give train.steps or train.epochs, not both"):
+        validate(Recipe, {**raw, "train": {**raw["train"], "steps": 3}})
+    online = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "online", "rloo").model_dump(mode="json")
+    del online["train"]["steps"]
+    online["train"]["epochs"] = 1
+    with pytest.raises(ValueError, match="train.epochs: 'rloo' samples fresh completions every step"):
+        validate(Recipe, online)

@@ -198,3 +198,26 @@ def test_reference_is_loaded_only_when_the_objective_reads_it(
     assert len(loads) == 1  # by the trainer when β > 0, by the report when β = 0
     out = json.loads((tmp_path / "run" / "report.json").read_text())
     assert abs(out["before"]["kl_k1"]) < 1e-5 and out["after"]["kl_k1"] != 0.0  # the start is the reference
+
+
+def test_qlora_is_refused_in_one_line_where_it_cannot_run(tiny_model_dir, tiny_data_files, tmp_path, capsys):
+    """model.load_in_4bit needs bitsandbytes' CUDA kernels: on this CPU machine one line, exit 2,
+    before any weights load; without model.lora it is refused everywhere."""
+    import torch
+    import yaml
+
+    from align.cli import main
+
+    assert not torch.cuda.is_available()  # the test's premise: CI and this machine have no GPU
+    recipe = make_recipe(tiny_model_dir, tiny_data_files, tmp_path / "run", "dpo")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    lora = "model.lora={r: 4, alpha: 8}"
+    assert main(["train", str(path), "model.load_in_4bit=true", lora]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        len(err.splitlines()) == 1 and "model.load_in_4bit: QLoRA's 4-bit kernels (bitsandbytes) need a CUDA GPU" in err
+    )
+    assert main(["train", str(path), "model.load_in_4bit=true"]) == 2
+    assert "add model.lora (QLoRA)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

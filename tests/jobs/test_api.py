@@ -29,10 +29,20 @@ def test_train_from_python_with_a_dataset_and_a_reward_callable(tiny_model_dir, 
         "reward": {"name": "length", "options": {"target": 8}},  # one component as a mapping, as YAML allows
         "generation": {"max_new_tokens": 6},
         "train": {"steps": 2, "batch_size": 4, "lr": 1e-3},
-        "output": {"dir": str(tmp_path / "run"), "report": False, "sample_every": 0},
+        "output": {"dir": str(tmp_path / "run"), "report": False, "sample_every": 0, "save_every": 1},
     }
-    result = train(recipe, dataset=table, reward_funcs=[vowels])
+    steps, saves = [], []
+
+    def on_save(checkpoint):  # called once the checkpoint is whole
+        saves.append((checkpoint, (checkpoint / "manifest.json").is_file()))
+
+    result = train(
+        recipe, dataset=table, reward_funcs=[vowels], on_step=lambda step, record: steps.append(record), on_save=on_save
+    )
     assert result.summary["steps"] == 2 and result.run_dir == tmp_path / "run"
+    assert [r["step"] for r in steps] == [1, 2] and all("reward_mean" in r for r in steps)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert saves == [(checkpoints / "step-000001", True), (checkpoints / "step-000002", True)]
     assert calls and all(n_prompts == n_completions == 8 for n_prompts, n_completions in calls)  # 4 prompts × k 2
     assert (tmp_path / "run" / "data" / "train.parquet").is_file()
     saved = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
