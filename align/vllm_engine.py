@@ -20,8 +20,10 @@ colocate mode), each generating that process's share of the step's prompts.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -167,8 +169,9 @@ def _engine(arguments: dict):
     the same process (a study's runs, tests), which sync their own weights into it before sampling."""
     key = repr(sorted(arguments.items()))
     if key not in _ENGINES:
-        _ENGINES.clear()  # at most one engine holds device memory
-        _drop_stale_groups()
+        if not _ENGINES:  # the last engine goes before vLLM's own exit handlers run (LIFO)
+            atexit.register(_drop_engines)
+        _drop_engines()  # at most one engine holds device memory
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
 
@@ -180,28 +183,35 @@ def _engine(arguments: dict):
     return _ENGINES[key]
 
 
-def _drop_stale_groups() -> None:
-    """vLLM keeps its process groups in module globals, and builds the next engine on them; in a
-    single process they are its own (a world of one) and may be gone already (a finished command
-    destroys the default group, as PyTorch asks: align/cli.py). Dropped, so the next engine makes
-    fresh ones. A multi-process launch builds one engine per process and is left alone."""
+def _drop_engines() -> None:
+    """The cached engine released and vLLM's process groups with it. vLLM keeps its groups in module
+    globals and builds the next engine on them; in a single process they are its own (a world of
+    one) and may be gone already (a finished command destroys the default group, as PyTorch asks:
+    align/cli.py), so destroying them forgives a group torch has forgotten. A multi-process launch
+    builds one engine per process and keeps its groups."""
+    import gc
+
     import torch.distributed as dist
+
+    if "vllm" not in sys.modules:
+        return
     from vllm.distributed import parallel_state
 
-    if parallel_state._WORLD is None or (dist.is_initialized() and dist.get_world_size() > 1):
-        return
     destroy = dist.destroy_process_group
 
     def forgiving(group=None) -> None:  # a group torch forgot with the default one: nothing left to destroy
         try:
             destroy(group)
-        except ValueError:
+        except (ValueError, RuntimeError):
             pass
 
     dist.destroy_process_group = forgiving
     try:
-        parallel_state.destroy_model_parallel()
-        parallel_state.destroy_distributed_environment()
+        _ENGINES.clear()
+        gc.collect()  # the engine's finalizers run now, under the forgiving destroy
+        if parallel_state._WORLD is not None and not (dist.is_initialized() and dist.get_world_size() > 1):
+            parallel_state.destroy_model_parallel()
+            parallel_state.destroy_distributed_environment()
     finally:
         dist.destroy_process_group = destroy
 
