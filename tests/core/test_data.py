@@ -48,7 +48,7 @@ def test_bad_data_rows_name_row_and_column(tiny_model_dir, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "row 1: column 'prompt' is empty" in out.stderr
     missing = tmp_path / "missing.jsonl"
-    missing.write_text('{"text": "the film"}\n')
+    missing.write_text('{"body": "the film"}\n')  # (a text column alone is TRL's language-modeling format)
     out = run_cli("sft", _write_recipe(tmp_path, tiny_model_dir, missing))
     assert out.returncode == 2 and "missing column 'prompt'" in out.stderr
 
