@@ -21,6 +21,7 @@ colocate mode), each generating that process's share of the step's prompts.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import sys
@@ -223,39 +224,50 @@ def policy_weights(policy) -> Iterator[tuple[str, Tensor]]:
     lora = hasattr(model, "get_base_model")
     base = model.get_base_model() if lora else model
     deltas = _lora_deltas(base) if lora else {}
-    params = dict(base.named_parameters(remove_duplicate=False))
-    zero3 = any(hasattr(p, "ds_id") for p in params.values())
-    for name, tensor in base.state_dict(keep_vars=True).items():
+    for name, tensor in base.state_dict(keep_vars=True).items():  # keep_vars: the parameters themselves
         if ".lora_" in name:
             continue
         hf_name = name.replace(".base_layer.", ".")
-        whole = _whole(params.get(name, tensor), zero3)
+        whole = _whole(tensor)
         if hf_name in deltas:
-            whole = whole + _whole(deltas[hf_name](), zero3)  # FSDP2: ΔW of sharded A, B is a DTensor
+            whole = whole + deltas[hf_name]()
         yield hf_name, whole.detach()
 
 
-def _whole(tensor: Tensor, zero3: bool) -> Tensor:
+def _whole(tensor: Tensor) -> Tensor:
     if hasattr(tensor, "full_tensor"):  # FSDP2's DTensor: a collective every process makes in turn
         return tensor.full_tensor()
-    if zero3 and hasattr(tensor, "ds_id"):
-        import deepspeed
+    with _gathered([tensor]):
+        return tensor.data.clone() if hasattr(tensor, "ds_id") else tensor
 
-        with deepspeed.zero.GatheredParameters([tensor]):
-            return tensor.data.clone()
-    return tensor
+
+def _gathered(params: list[Tensor]):
+    """ZeRO-3 partitions gathered for the block (a collective every process makes in turn)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def _lora_deltas(base) -> dict:
-    """HF weight name → a function computing the active adapters' ΔW of that weight."""
+    """HF weight name → a function computing the active adapters' ΔW of that weight, whole (the
+    adapters' ZeRO-3 partitions gathered, FSDP2's DTensor product made whole)."""
     from peft.tuners.lora import LoraLayer
+
+    def delta(module, adapters: list[str]) -> Tensor:
+        params = [p for a in adapters for p in (module.lora_A[a].weight, module.lora_B[a].weight)]
+        with _gathered(params):
+            total = sum(module.get_delta_weight(a) for a in adapters)
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total.clone()
+        return total
 
     out = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and not module.merged:
             adapters = [a for a in module.active_adapters if a in module.lora_A]
             if adapters:
-                out[f"{name}.weight"] = lambda m=module, a=adapters: sum(m.get_delta_weight(x) for x in a)
+                out[f"{name}.weight"] = lambda m=module, a=adapters: delta(m, a)
     return out
 
 

@@ -11,6 +11,9 @@
   false; ``epsilon`` / ``epsilon_high`` → clip_low / clip_high; ``num_iterations`` →
   train.updates_per_batch. DPO's ``loss_type``: sigmoid → dpo, ipo → ipo (summed, as TRL's
   ``ipo`` is length-averaged: average_logprobs true), sigmoid_norm → dpo with average_logprobs.
+- Fields of the same meaning map through ``align.config.TRL_NAMES`` (the table "did you mean"
+  answers a TRL name with); DPO's ``max_completion_length`` truncates its pairs' completions
+  (``data.max_completion_tokens``), as it samples nothing.
 - TRL's defaults where align's differ and the config leaves them out: GRPO β 0 and loss_type dapo,
   RLOO β 0.05, DPO β 0.1.
 
@@ -24,46 +27,34 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from align.config import RecipeError
+from align.config import TRL_NAMES, RecipeError
 
 TRAINERS = ("grpo", "rloo", "dpo")
-# field -> (section.key) with the same meaning on both sides
-SAME = {
-    "model_name_or_path": "model.path",
-    "dataset_name": "data.train",
-    "dataset_train_split": "data.split",
-    "learning_rate": "train.lr",
-    "max_steps": "train.steps",
-    "num_train_epochs": "train.epochs",
-    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "lr_scheduler_type": "train.lr_scheduler",
-    "warmup_steps": "train.warmup_steps",
-    "weight_decay": "train.weight_decay",
-    "max_grad_norm": "train.max_grad_norm",
-    "seed": "train.seed",
-    "gradient_checkpointing": "train.gradient_checkpointing",
-    "max_prompt_length": "data.max_prompt_tokens",
-    "output_dir": "output.dir",
-    "save_steps": "output.save_every",
-    "save_total_limit": "output.keep_last",
-    "run_name": "output.run_name",
-    "report_to": "output.report_to",
-    "eval_steps": "eval.every",
-}
-ONLINE = {
-    "max_completion_length": "generation.max_new_tokens",
-    "temperature": "generation.temperature",
-    "num_iterations": "train.updates_per_batch",
-    "vllm_gpu_memory_utilization": "generation.vllm.gpu_memory_utilization",
-    "vllm_importance_sampling_mode": "generation.importance_correction.mode",
-    "vllm_importance_sampling_cap": "generation.importance_correction.clip_max",
-}
+# the TRL names align.config.TRL_NAMES maps whose value this module turns into something else
+TRANSLATED_HERE = {
+    "per_device_train_batch_size", "num_generations", "beta", "epsilon",
+    "use_vllm", "vllm_mode", "vllm_importance_sampling_correction", "eval_strategy",
+}  # fmt: skip
+# the script's own arguments beside the config's (TRL's ScriptArguments), not recipe names
+SCRIPT = {"dataset_name": "data.train", "dataset_train_split": "data.split"}
 IGNORED = {
     "logging_steps", "logging_strategy", "bf16", "fp16", "tf32", "push_to_hub", "hub_model_id", "save_strategy",
     "eval_strategy", "per_device_eval_batch_size", "log_completions", "num_completions_to_print",
     "dataloader_num_workers", "remove_unused_columns", "overwrite_output_dir", "use_liger_kernel",
-    "torch_dtype", "dtype", "attn_implementation", "vllm_mode", "log_level", "disable_tqdm",
+    "torch_dtype", "dtype", "attn_implementation", "log_level", "disable_tqdm",
 }  # fmt: skip
+
+
+def direct_fields(trainer: str) -> dict[str, str]:
+    """TRL field -> recipe field, value unchanged: align.config.TRL_NAMES (the names "did you mean"
+    answers with) less the ones translated here; DPO has no sampling, and its max_completion_length
+    truncates the data's completions."""
+    table = {name: target for name, (target, _) in TRL_NAMES.items() if name not in TRANSLATED_HERE}
+    table.update(SCRIPT)
+    if trainer == "dpo":
+        table = {k: v for k, v in table.items() if not v.startswith("generation.") and v != "train.updates_per_batch"}
+        table["max_completion_length"] = "data.max_completion_tokens"
+    return table
 
 
 def from_trl(config: dict[str, Any], trainer: str) -> dict[str, Any]:
@@ -72,9 +63,11 @@ def from_trl(config: dict[str, Any], trainer: str) -> dict[str, Any]:
         raise RecipeError(f"--from-trl: expected one of {list(TRAINERS)}, got {trainer!r}")
     config = dict(config)
     recipe: dict[str, Any] = {"output": {"report": True}}
-    for field, target in {**SAME, **(ONLINE if trainer != "dpo" else {})}.items():
+    for field, target in direct_fields(trainer).items():
         if field in config:
             put(recipe, target, config.pop(field))
+    if config.pop("vllm_mode", "colocate") != "colocate":
+        raise RecipeError("--from-trl: vllm_mode: align's vLLM engine is colocated (a server is not built yet)")
     if config.pop("use_vllm", False):
         put(recipe, "generation.engine", "vllm")
     if config.pop("vllm_importance_sampling_correction", True) is False:

@@ -186,6 +186,7 @@ def test_two_processes_equal_one(vllm_models, tiny_data_files, tmp_path):
         ("cpu_fsdp2", "llama", {}),  # DTensor shards: each parameter made whole in turn
         ("cpu_zero3", "qwen2", {}),  # ZeRO-3 partitions, tied head
         ("cpu_fsdp2", "llama", {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}),
+        ("cpu_zero3", "llama", {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}),  # ΔW gathered
     ],
 )
 def test_sharded_training_syncs_whole_weights(config, arch, model, vllm_models, tiny_data_files, tmp_path):

@@ -73,6 +73,13 @@ def test_each_trainers_fields_are_translated(trainer, config, expected, tiny_mod
         assert recipe.objective.options == {"average_logprobs": True}
 
 
+def test_a_dpo_configs_completion_length_cuts_its_data(tiny_model_dir, tiny_data_files):
+    """DPO samples nothing: TRL's max_completion_length truncates the pairs' completions."""
+    raw = {"model_name_or_path": str(tiny_model_dir), "dataset_name": str(tiny_data_files["pairs"])}
+    recipe = validate(Recipe, from_trl({**raw, "max_completion_length": 12, "learning_rate": 5e-7}, "dpo"))
+    assert recipe.data.max_completion_tokens == 12 and recipe.train.lr == 5e-7
+
+
 @pytest.mark.parametrize(
     "config, message",
     [
@@ -80,6 +87,7 @@ def test_each_trainers_fields_are_translated(trainer, config, expected, tiny_mod
         ({"loss_type": "cispo"}, "loss_type 'cispo'"),
         ({"scale_rewards": "batch"}, "scale_rewards 'batch'"),
         ({"use_liger_loss": True}, "'use_liger_loss' has no align counterpart"),
+        ({"use_vllm": True, "vllm_mode": "server"}, "vllm_mode: align's vLLM engine is colocated"),
     ],
 )
 def test_what_cannot_be_honoured_is_one_line(config, message):
