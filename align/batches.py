@@ -6,7 +6,7 @@ log-probs, V_old) is a ``KeptLogprobs`` beside it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -14,9 +14,10 @@ from torch import Tensor
 from align import data as data_lib
 from align.logprobs import completion_logprobs, fused_head_weight
 from align.models import Models, reference_model
-from align.rollout import Rollout
+from align.rollout import Rollout, trim_left
 from align.run_data import OfflineData
 from align.scoring import RolloutScores
+from losses import sequence_logprobs
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class StepBatch:
     texts: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
+    # offline rows of an objective that needs ``mismatched_logprobs`` (KTO): each row's prompt goes
+    # with another row's completion (``local_rows(..., rotated=True)``), right-padded
+    mismatched_completion_ids: Tensor | None = None
+    mismatched_completion_mask: Tensor | None = None
+    offline: bool = False  # rows of a fixed dataset, not samples of the policy
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class KeptLogprobs:
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     old_values: Tensor | None = None
+    mismatched_logprobs: Tensor | None = None  # [B] ℓ(y′|x) of the policy, its prompt with another row's completion
+    mismatched_ref_logprobs: Tensor | None = None  # [B] the reference's
 
 
 @dataclass(frozen=True)
@@ -74,14 +82,20 @@ def split_micro_batches(n_units: int, rows_per_unit: int, units_per_micro: int, 
     return out
 
 
-def local_rows(layout: BatchLayout, n_rows: int, step: int, num_processes: int, process_index: int) -> list[int]:
+def local_rows(
+    layout: BatchLayout, n_rows: int, step: int, num_processes: int, process_index: int, rotated: bool = False
+) -> list[int]:
     """This process's rows of the step: its share of each mini-batch, so a mini-batch holds the
-    same rows whatever the process count."""
+    same rows whatever the process count. ``rotated``: in place of each row, the row before it in
+    its whole mini-batch (every process), the first taking the last -- TRL's KTO rotation of the
+    completions by one, here over the whole step so it too is the same whatever the process count."""
     per_process = layout.batch_size * layout.gradient_accumulation_steps
     rows = data_lib.step_rows(n_rows, step, per_process * num_processes * layout.mini_batches, layout.seed)
     out: list[int] = []
     for j in range(layout.mini_batches):
         mini_batch = rows[j * per_process * num_processes : (j + 1) * per_process * num_processes]
+        if rotated:
+            mini_batch = mini_batch[-1:] + mini_batch[:-1]
         out += mini_batch[process_index * per_process : (process_index + 1) * per_process]
     return out
 
@@ -158,15 +172,25 @@ def offline_batch(
     pad_token_id: int,
     device,
     rewards: Tensor | None = None,
+    mismatched: list[int] | None = None,
 ) -> StepBatch:
     """A step's pairs (chosen block, then rejected block: one forward for both) or SFT rows;
-    ``rewards``: per text, for an objective that reads them on a pair file (CoPG)."""
+    ``rewards``: per text, for an objective that reads them on a pair file (CoPG); labelled rows
+    (KTO) carry their labels as rewards. ``mismatched``: for each row, the row whose completion
+    goes with its prompt in ``mismatched_completion_ids`` (unpaired rows only)."""
     n_texts = len(dataset.completion_ids)
     prompt_rows = [dataset.prompt_ids[i] for _ in range(n_texts) for i in rows]
     completion_rows = [dataset.completion_ids[t][i] for t in range(n_texts) for i in rows]
     prompt_ids, prompt_mask = data_lib.pad(prompt_rows, pad_token_id, "left", device)
     completion_ids, completion_mask = data_lib.pad(completion_rows, pad_token_id, "right", device)
     n = len(rows)
+    if rewards is None and dataset.labels is not None:
+        rewards = torch.tensor([dataset.labels[i] for i in rows])
+    other_ids = other_mask = None
+    if mismatched is not None:
+        other_ids, other_mask = data_lib.pad(
+            [dataset.completion_ids[0][j] for j in mismatched], pad_token_id, "right", device
+        )
     ref_logprobs = None
     if dataset.ref_cache is not None:
         T = completion_ids.shape[1]
@@ -182,6 +206,9 @@ def offline_batch(
         rewards=None if rewards is None else rewards.to(device),
         ref_logprobs=ref_logprobs,
         prompts=tuple(dataset.prompts[i] for _ in range(n_texts) for i in rows),
+        mismatched_completion_ids=other_ids,
+        mismatched_completion_mask=other_mask,
+        offline=True,
     )
 
 
@@ -226,6 +253,30 @@ def cache_reference_logprobs(models: Models, dataset: OfflineData, chunk: int, a
             merged.update(part)
         local = merged
     dataset.ref_cache = [_stack_ragged(local[i]) for i in range(n)]
+
+
+@torch.no_grad()
+def keep_mismatched_logprobs(
+    models: Models, batch: StepBatch, kept: KeptLogprobs, accelerator, temperature: float = 1.0
+) -> KeptLogprobs:
+    """``kept`` with the sequence log-probs ℓ(y′|x) of the policy and of the reference for every row
+    of ``batch``: its prompt with its mismatched completion (``mismatched_completion_ids``). One
+    no-grad forward of each model per micro-batch, before the step's first backward, so every
+    micro-batch's statistics see the policy as the whole step does."""
+    n = batch.prompt_ids.shape[0]
+    device = batch.prompt_ids.device
+    policy, reference = torch.zeros(n, device=device), torch.zeros(n, device=device)
+    for rows in batch.micro_batches:
+        p_ids, p_mask = trim_left(batch.prompt_ids[rows], batch.prompt_mask[rows])
+        c_ids, c_mask = batch.mismatched_completion_ids[rows], batch.mismatched_completion_mask[rows]
+        width = max(int(c_mask.sum(-1).max()), 1)
+        c_ids, c_mask = c_ids[:, :width], c_mask[:, :width]
+        inputs = (p_ids, p_mask, c_ids, c_mask, temperature)
+        # the policy's pass outside the reference's: under LoRA the reference is the policy, adapters off
+        policy[rows] = sequence_logprobs(completion_logprobs(models.policy, *inputs), c_mask.float()).float()
+        with reference_model(models, accelerator) as ref:
+            reference[rows] = sequence_logprobs(completion_logprobs(ref, *inputs), c_mask.float()).float()
+    return replace(kept, mismatched_logprobs=policy, mismatched_ref_logprobs=reference)
 
 
 def _stack_ragged(parts: list[Tensor]) -> Tensor:

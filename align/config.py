@@ -99,6 +99,7 @@ TRL_NAMES: dict[str, tuple[str, str]] = {
     "num_iterations": ("train.updates_per_batch", ""),
     "beta": ("objective.beta", ""),
     "epsilon": ("objective.options.clip_low", "TRL's clip epsilon; align's options.eps is GRPO's std epsilon"),
+    "importance_sampling_level": ("objective.name", "'sequence' is the objective gspo"),
     "max_completion_length": ("generation.max_new_tokens", ""),
     "max_prompt_length": ("data.max_prompt_tokens", ""),
     "temperature": ("generation.temperature", ""),

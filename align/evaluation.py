@@ -74,8 +74,12 @@ def evaluate_pairs(recipe, models, policy, held_out, device) -> dict:
     """Held-out pairs (chosen, rejected) under the policy and the reference, as TRL's DPO logs them:
     the implicit reward β·(ℓ_π(y) − ℓ_ref(y)) of each side (ℓ summed over the completion's
     tokens), their mean margin and how often chosen's is higher (``reward_accuracy``); and how often
-    each model alone gives chosen the higher log-likelihood (``loglik_accuracy``)."""
-    beta = float(getattr(recipe.build_objective(), "beta", 0.0) or 0.0)
+    each model alone gives chosen the higher log-likelihood (``loglik_accuracy``). A reference-free
+    objective (SimPO, ORPO) runs no reference: its implicit reward is β·ℓ_π(y) and the reference's
+    accuracy is left out."""
+    objective = recipe.build_objective()
+    beta = float(getattr(objective, "beta", 0.0) or 0.0)
+    with_reference = not objective.reference_free
     chunk = max(1, recipe.train.batch_size)
     n = len(held_out)
     sums: dict[str, list[torch.Tensor]] = {"policy": [], "reference": []}
@@ -96,21 +100,25 @@ def evaluate_pairs(recipe, models, policy, held_out, device) -> dict:
         # the policy's pass outside the reference's: under LoRA the reference is the same model with
         # its adapters switched off for as long as its context is open
         sums["policy"].append(sequence_sums(policy, inputs))
-        with reference_model(models) as reference:
-            sums["reference"].append(sequence_sums(reference, inputs))
-    policy_lp, ref_lp = torch.cat(sums["policy"], 1), torch.cat(sums["reference"], 1)
+        if with_reference:
+            with reference_model(models) as reference:
+                sums["reference"].append(sequence_sums(reference, inputs))
+    policy_lp = torch.cat(sums["policy"], 1)
+    ref_lp = torch.cat(sums["reference"], 1) if with_reference else torch.zeros_like(policy_lp)
     implicit = beta * (policy_lp - ref_lp)  # [2, P]: chosen, rejected
     margin = implicit[0] - implicit[1]
-    return {
+    out = {
         "pairs": n,
         "beta": beta,
         "reward_margin": float(margin.mean()),
         "reward_accuracy": float((margin > 0).double().mean()),
         "loglik_accuracy": float((policy_lp[0] > policy_lp[1]).double().mean()),
-        "loglik_accuracy_reference": float((ref_lp[0] > ref_lp[1]).double().mean()),
         "chosen_logp": float(policy_lp[0].mean()),
         "rejected_logp": float(policy_lp[1].mean()),
     }
+    if with_reference:
+        out["loglik_accuracy_reference"] = float((ref_lp[0] > ref_lp[1]).double().mean())
+    return out
 
 
 def eval_prompts(recipe, dataset, tokenizer, limit: int = 64) -> tuple[list[str], dict[str, list], str, list]:

@@ -10,7 +10,8 @@ Standard (text) and conversational (lists of ``{"role", "content"}`` messages) a
 - preference, implicit prompt: ``chosen``, ``rejected`` -- ``prompt`` = their longest common
   beginning (TRL's ``extract_prompt``), the rest of each side its completion;
 - unpaired preference: ``prompt``, ``completion``, ``label`` -- ``reward`` = the label (1 / 0),
-  so the rows of one prompt pair up by it;
+  so the rows of one prompt pair up by it; an objective that learns from each row's label (KTO)
+  reads the rows as they are (``unpaired_labels``);
 - language modeling: ``text`` (SFT) -- ``completion`` = the text, every token of it trained on
   after ``prompt`` = the tokenizer's BOS (its EOS where it has none: GPT-2's document separator),
   as TRL's SFTTrainer trains on a ``text`` column (``language_modeling``).
@@ -53,6 +54,31 @@ def normalise(table, cfg, use: Use, source: str):
             )
         table = table.add_column(cfg.reward_column, [float(v) for v in labels])
     return table
+
+
+def unpaired_labels(table, cfg, source: str, name: str) -> list[float]:
+    """TRL's unpaired preference rows (prompt, completion, label) for an objective that learns from
+    each row's label (KTO): the labels as 1.0 (desirable) / 0.0. Preference pairs, or rows with no
+    label, are refused in one line."""
+    names = table.column_names
+    if cfg.chosen_column in names or cfg.rejected_column in names:
+        raise DataError(
+            f"data {source!r}: {name!r} takes unpaired ({cfg.prompt_column}, {cfg.completion_column}, "
+            f"{cfg.label_column}) rows (TRL's unpaired preference format), not preference pairs "
+            f"({cfg.chosen_column}/{cfg.rejected_column} columns; columns: {names})"
+        )
+    if cfg.label_column not in names:
+        raise DataError(
+            f"data {source!r}: missing column {cfg.label_column!r}: {name!r} takes unpaired "
+            f"({cfg.prompt_column}, {cfg.completion_column}, {cfg.label_column}) rows (columns: {names})"
+        )
+    labels = table[cfg.label_column]
+    bad = next((i for i, v in enumerate(labels) if v not in (True, False) or isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(
+            f"data {source!r} row {bad}: column {cfg.label_column!r} must be true/false, got {labels[bad]!r}"
+        )
+    return [1.0 if v else 0.0 for v in labels]
 
 
 def language_modeling(table, cfg, tokenizer, source: str):

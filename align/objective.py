@@ -91,6 +91,10 @@ class ObjectiveConfig(Strict):
         default_factory=dict,
         description="compare, overopt only: this run's changes to the base train section (replay, updates_per_batch)",
     )
+    generation: dict[str, Any] = Field(
+        default_factory=dict,
+        description="compare, overopt only: this run's changes to the base generation section (importance_correction)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -138,7 +142,7 @@ class ObjectiveConfig(Strict):
 
     def objective_section(self) -> dict:
         """The entry as a training recipe's objective section (a study run's)."""
-        return self.model_dump(mode="json", exclude={"label", "train"}, exclude_none=True)
+        return self.model_dump(mode="json", exclude={"label", "train", "generation"}, exclude_none=True)
 
     def refuse(self, where: str, unread: Mapping[str, str]) -> None:
         """One line naming the first field of ``unread`` (field -> why) that this entry sets though

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import string
 from pathlib import PurePath
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 import losses
-from align.config import Seed, Strict
+from align.config import Strict
 from align.generation_config import CorrectionConfig, GenerationConfig
 from align.objective import RUN_QUANTITY_SOURCES, ObjectiveConfig
+from align.train_config import ReplayConfig, TrainConfig  # noqa: F401 -- re-exported
 
 
 class LoraConfig(Strict):
@@ -141,63 +142,6 @@ class RewardComponent(Strict):
         return self
 
 
-class ReplayConfig(Strict):
-    capacity_steps: int = Field(..., ge=1, description="keep the groups of the last N steps, this one included")
-    mix: float = Field(
-        0.0, ge=0, le=1, description="fraction of each step's groups trained fresh; the rest are drawn from the buffer"
-    )
-
-
-class TrainConfig(Strict):
-    steps: int = Field(100, gt=0, description="optimizer steps")
-    epochs: float | None = Field(
-        None,
-        gt=0,
-        description="offline objectives: passes over the training rows instead of train.steps (steps = "
-        "ceil(epochs × rows / rows per step over every process), resolved when the data is read)",
-    )
-    batch_size: int = Field(8, gt=0, description="per micro-batch: prompts (online), pairs or rows (offline)")
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    updates_per_batch: int = Field(
-        1,
-        ge=1,
-        description="online: optimizer updates on each rollout batch (GRPO's μ, PPO's epochs); π_old's log-probs "
-        "are kept from before the first, for the objectives' importance ratios and clipping",
-    )
-    mini_batches: int = Field(
-        1,
-        ge=1,
-        description="online: each rollout batch is this many mini-batches of batch_size × gradient_accumulation_steps "
-        "prompts per process, one optimizer step each, per pass (TRL's num_mini_batches); π_old, the reference's "
-        "log-probs and V_old are computed for all of them before the first step",
-    )
-    replay: ReplayConfig | None = Field(
-        None,
-        description="online: train on past groups of completions too (align/replay.py), no importance weights; "
-        "sound for copg, biased for policy-gradient objectives",
-    )
-    lr: float = Field(1e-5, gt=0)
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd: plain lr·gradient steps (tests, ablations)")
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: Seed = 0
-    max_bad_steps: int = Field(10, ge=0, description="stop after this many steps skipped for NaN/inf")
-    gradient_checkpointing: bool = Field(
-        False,
-        description="policy and critic: keep each layer's input only and recompute its activations in the "
-        "backward (less memory, one more forward of the layers); non-reentrant, so LoRA needs nothing more",
-    )
-
-    @model_validator(mode="after")
-    def steps_or_epochs(self) -> TrainConfig:
-        if self.epochs is not None and "steps" in self.model_fields_set:
-            raise ValueError("give train.steps or train.epochs, not both")
-        return self
-
-
 class EvalConfig(Strict):
     """Evaluation during training (align/periodic_eval.py); TRL's eval_strategy="steps" / eval_steps."""
 
@@ -285,8 +229,9 @@ class Recipe(Strict):
             raise ValueError(f"objective.mode: {name!r} is trained on a fixed dataset, not online")
         if not self.objective.online and "offline" not in declared.feeds:
             raise ValueError(f"objective.mode: {name!r} needs samples from the policy (online)")
-        if self.objective.online and self.objective.k < declared.min_k:
-            raise ValueError(f"objective.k: {name!r} needs k >= {declared.min_k} samples per prompt")
+        min_k = self.objective.build().min_k  # an instance may need more than its class (a group baseline)
+        if self.objective.online and self.objective.k < min_k:
+            raise ValueError(f"objective.k: {name!r} needs k >= {min_k} samples per prompt")
         if self.objective.online:
             self._no_sampling_filters()
             if self.train.epochs is not None:
@@ -304,10 +249,14 @@ class Recipe(Strict):
             )
         elif self.train.replay is not None:
             raise ValueError(f"train.replay: {name!r} is trained on a fixed dataset, not on its own samples; remove it")
+        if self.train.async_ is not None:
+            self._async_fits(name)
         self._engine_fits(declared)
         self._eval_fits(declared)
         if self.critic is not None and "values" not in declared.needs:
             raise ValueError(f"critic: {name!r} reads no values (ppo does); remove the critic section")
+        if self.reference is not None and declared.reference_free:
+            raise ValueError(f"reference: {name!r} is reference-free (its loss reads no reference model); remove it")
         held_out = (
             "data.eval_pairs" if self.data.eval_pairs else "data.eval_fraction" if self.data.eval_fraction else None
         )
@@ -340,6 +289,7 @@ class Recipe(Strict):
             {
                 "data": "a bandit entry's source of samples; a training recipe sets objective.mode",
                 "train": "a study run's changes to its base train section; set this recipe's train section",
+                "generation": "a study run's changes to its base generation section; set this recipe's generation",
             },
         )
         return self
@@ -357,12 +307,26 @@ class Recipe(Strict):
         ``run_defaults``): RCfD the reward components' weights, Dr. GRPO the generation budget."""
         return self.objective.build(self.run_quantities())
 
+    def _async_fits(self, name: str) -> None:
+        mode = self.train.async_.mode
+        if not self.objective.online:
+            raise ValueError(f"train.async: {name!r} is trained on a fixed dataset; nothing is generated ahead")
+        if self.train.replay is not None:
+            raise ValueError("train.async: with train.replay the samples' age is the buffer's; use one or the other")
+        if mode == "bounded" and self.generation.engine != "native":
+            raise ValueError(
+                f"train.async.mode: bounded generates in a worker beside training, with the native engine; "
+                f"generation.engine is {self.generation.engine!r} (fixed generates in line with it)"
+            )
+
     def sampler_correction(self) -> CorrectionConfig | None:
         """The importance correction the run applies: the recipe's, else TRL's default with a vLLM
-        engine for an objective that takes it; None: off."""
+        engine or stale samples (``train.async``) for an objective that takes it; None: off."""
         gen, declared = self.generation, losses.REGISTRY[self.objective.name]
         chosen = gen.importance_correction
-        if chosen is None and gen.engine == "vllm" and declared.corrects_sampler and self.train.replay is None:
+        stale = self.train.async_ is not None and self.train.async_.max_staleness > 0
+        mismatched = gen.engine == "vllm" or stale  # a sampler that is not the trained policy
+        if chosen is None and mismatched and declared.corrects_sampler and self.train.replay is None:
             chosen = CorrectionConfig()
         return None if chosen is None or chosen.mode == "none" else chosen
 

@@ -36,7 +36,8 @@ class OnlineData:
 
 
 class OfflineData:
-    """Pairs (prompt, chosen, rejected) for dpo/ipo/copg, or (prompt, completion) rows for sft."""
+    """Pairs (prompt, chosen, rejected) for dpo/ipo/copg, or (prompt, completion) rows for sft, and
+    (prompt, completion, label) rows with their ``labels`` for an unpaired objective that reads them (kto)."""
 
     def __init__(self, recipe: Recipe, tokenizer, eos_token_id: int | None, source: str | None = None):
         cfg = recipe.data
@@ -48,7 +49,17 @@ class OfflineData:
         if not self.paired:
             table = formats.language_modeling(table, cfg, tokenizer, source)
         table = formats.normalise(table, cfg, "pairs" if self.paired else "rows", source)
+        # unpaired rows an objective reads the label of (KTO): 1.0 desirable, 0.0 not, per row
+        self.labels = None
+        if not self.paired and "rewards" in declared.needs:
+            self.labels = formats.unpaired_labels(table, cfg, source, recipe.objective.name)
         texts = [cfg.chosen_column, cfg.rejected_column] if self.paired else [cfg.completion_column]
+        if self.paired and not {*texts, cfg.reward_column, cfg.label_column} & set(table.column_names):
+            raise data_lib.DataError(
+                f"data {source!r}: missing columns {texts}: {recipe.objective.name!r} trains on preference pairs "
+                f"({cfg.prompt_column}, {', '.join(texts)}) or scored rows ({cfg.prompt_column}, "
+                f"{cfg.completion_column}, {cfg.reward_column} or {cfg.label_column}); columns: {table.column_names}"
+            )
         if self.paired and cfg.chosen_column not in table.column_names and cfg.reward_column in table.column_names:
             # (prompt, completion, reward) rows: every two completions of a prompt form a pair; a
             # preference objective (DPO, IPO) learns only from each pair's order
@@ -114,6 +125,8 @@ class OfflineData:
         self.completion_ids = [pick(c) for c in self.completion_ids]
         if self.pair_rewards is not None:
             self.pair_rewards = [pick(c) for c in self.pair_rewards]
+        if self.labels is not None:
+            self.labels = pick(self.labels)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -83,6 +83,7 @@ class Run:
     evaluator: PeriodicEval | None = None  # eval.every: evaluation during training (align/periodic_eval.py)
     step: int = 0
     bad_steps: int = 0
+    ahead: Any = None  # train.async: the rollouts generated ahead (align/async_rollouts.py AheadRollouts)
 
     @property
     def step_context(self) -> StepContext:
@@ -100,7 +101,18 @@ class Run:
             "recipe": json.dumps(self.recipe.model_dump(mode="json")),  # checked on resume
             "objective": self.objective.state_dict(),
             "reward": self.reward.state_dict() if self.reward is not None else {},
+            # every process's rollouts in flight (each generates its own rows): gathered to the saver
+            "async": gather_states(self.ahead.state_dict(), self.accelerator) if self.ahead is not None else [],
         }
+
+
+def gather_states(state: dict, accelerator) -> list[dict]:
+    """One picklable state per process, in process order, on every process."""
+    if accelerator.num_processes == 1:
+        return [state]
+    gathered: list = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
 
 
 def setup_run(settings: RunSettings, accelerator) -> Run:
@@ -267,6 +279,9 @@ def keep_probs(settings: RunSettings, sampling: SamplingSettings, models: Models
     """Whether the native engine keeps its softmax for the step's training forward (``reuse_sampler_probs``)."""
     prompts = settings.layout.batch_size * settings.layout.gradient_accumulation_steps * settings.layout.mini_batches
     per_call = sampling.prompts_per_call or prompts
+    async_ = settings.recipe.train.async_
+    if async_ is not None and async_.max_staleness > 0:  # trained by later weights than sampled: recomputed
+        return False
     return reuse_sampler_probs(
         models.policy,
         online=settings.online,
@@ -311,3 +326,6 @@ def restore(run: Run, accelerator, checkpoint: Path, changes: dict) -> None:
         run.replay.load_state_dict(state.get("replay", {}))
     if run.reward is not None:
         run.reward.load_state_dict(state.get("reward", {}))
+    saved_ahead = state.get("async") or []
+    if run.ahead is not None and len(saved_ahead) == accelerator.num_processes:
+        run.ahead.load_state_dict(saved_ahead[accelerator.process_index])

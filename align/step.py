@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 import losses
-from align.batches import KeptLogprobs, StepBatch
+from align.batches import KeptLogprobs, StepBatch, keep_mismatched_logprobs
 from align.critic import completion_values
 from align.logprobs import completion_logprobs
 from align.models import Models, reference_model
@@ -69,6 +69,8 @@ def train_on_batch(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs | None
     settings, objective = ctx.settings, ctx.objective
     reads = set(objective.stats_read)
     kept = kept or KeptLogprobs(ref_logprobs=batch.ref_logprobs)
+    if "mismatched_logprobs" in objective.needs and kept.mismatched_logprobs is None:  # KTO's KL estimate
+        kept = keep_mismatched_logprobs(ctx.models, batch, kept, ctx.accelerator, settings.temperature)
     # π_old for every row before the first step: later mini-batches, or statistics that read it
     if kept.old_logprobs is None and (
         settings.mini_batches > 1 or reads & {"old_logprobs", "ref_logprobs", "old_values"}
@@ -119,7 +121,7 @@ def whole_batch_stats(
         old=old,
         old_values=rows_of("old_values"),
     )
-    stats = objective.batch_stats(full)
+    stats = objective.batch_stats(replace(full, **_mismatched(kept, live)))
     if accelerator.num_processes > 1:
         stats = {key: accelerator.reduce(stats[key].contiguous(), reduction="sum") for key in sorted(stats)}
     return stats
@@ -178,7 +180,7 @@ def optimizer_step(
         full = loss_batch(batch, logprobs=empty, rows=live, ref=empty if with_ref else None)
     if update == settings.updates_per_batch - 1:  # once per batch: a moving baseline absorbs each batch once
         objective.after_step(_gather_batch(full, accelerator) if _stateful(objective) else full)
-    add_sums(sums, sequence_sums(full, offline_pairs=batch.pairs is not None))
+    add_sums(sums, sequence_sums(full, offline_pairs=batch.pairs is not None or batch.offline))
     return StepResult(sums, grad_norm, kept)
 
 
@@ -239,6 +241,7 @@ def micro_batch_backward(
     micro = loss_batch(
         batch, logprobs, rows=rows, mask=c_mask, ref=ref, old=old, values=values, old_values=old_values, stats=stats
     )
+    micro = replace(micro, **_mismatched(kept, rows))
     micro = micro if weights is None else replace(micro, sampler_weights=weights)
     loss, metric_sums = objective.evaluate(micro, num_units=units)
     metric_sums.update(correction_sums)
@@ -410,6 +413,16 @@ def loss_batch(
         old_values=old_values,
         stats=stats,
     )
+
+
+def _mismatched(kept: KeptLogprobs, rows: Tensor) -> dict[str, Tensor]:
+    """The kept ℓ(y′|x) of policy and reference of ``rows`` as LossBatch fields (KTO's); {} where none."""
+    if kept.mismatched_logprobs is None:
+        return {}
+    return {
+        "mismatched_logprobs": kept.mismatched_logprobs[rows],
+        "mismatched_ref_logprobs": kept.mismatched_ref_logprobs[rows],
+    }
 
 
 def _gather_batch(full: LossBatch, accelerator) -> LossBatch:

@@ -27,18 +27,20 @@ import torch
 
 from align import files
 from align.allocator import tune_allocator
+from align.async_rollouts import AheadRollouts, ShadowPolicy
 from align.batches import BatchLayout, StepBatch, local_rows, offline_batch, rollout_batch
 from align.checkpoint import resolve_resume, save_checkpoint
-from align.config import dump_recipe
+from align.config import RecipeError, dump_recipe
 from align.distributed import loading_whole_models, make_accelerator, params_sharded, run_info
 from align.metrics_log import MetricsLog, postfix, progress_bar, read_metrics
 from align.model_card import write_model_card
 from align.models import Models
+from align.native_engine import NativeEngine
 from align.periodic_eval import evaluate_step, keep_best
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction
-from align.rollout import Rollout
+from align.rollout import Rollout, RolloutEngine
 from align.run_data import OfflineData, OnlineData
 from align.run_setup import Run, RunSettings, restore, setup_run
 from align.rundir import claim_run_dir
@@ -151,6 +153,7 @@ def run_training(settings: RunSettings, accelerator, hooks: Hooks) -> dict:
     try:
         changes = check_resume(settings.recipe, resume_from) if resume_from is not None else {}
         run = setup_run(settings, accelerator)
+        run.ahead = ahead_rollouts(run, accelerator)
         if resume_from is not None:
             restore(run, accelerator, resume_from, changes)
         if accelerator.is_main_process:
@@ -158,7 +161,11 @@ def run_training(settings: RunSettings, accelerator, hooks: Hooks) -> dict:
             if resume_from is None or not (run_dir / "recipe.yaml").exists():
                 dump_recipe(settings.recipe, run_dir / "recipe.yaml")  # as the run started; changes go to the history
             record_changes(run_dir, run.step, changes)
-        return run_loop(run, accelerator, run_dir, hooks)
+        try:
+            return run_loop(run, accelerator, run_dir, hooks)
+        finally:
+            if run.ahead is not None:
+                run.ahead.close()
     finally:
         lock.release()
 
@@ -256,24 +263,58 @@ def make_batch(run: Run, step: int, accelerator) -> StepBatch:
         rewards = None
         if run.dataset.paired and "rewards" in run.objective.needs:  # copg on a pair file: rewards per text
             rewards = pair_rewards(run.dataset, run.reward, rows, all_ranks(accelerator))
+        mismatched = None  # KTO: each row's prompt with the completion of the step's row before it
+        if "mismatched_logprobs" in run.objective.needs:
+            layout, n = run.settings.layout, len(run.dataset)
+            mismatched = local_rows(layout, n, step, accelerator.num_processes, accelerator.process_index, rotated=True)
         return offline_batch(
-            run.settings.layout, run.dataset, rows, run.models.pad_token_id, accelerator.device, rewards
+            run.settings.layout, run.dataset, rows, run.models.pad_token_id, accelerator.device, rewards, mismatched
         )
-    started = time.perf_counter()
-    sampled = rollout(run, rows, step)
-    generation_seconds = time.perf_counter() - started
+    if run.ahead is not None:  # generated ahead (train.async): by the weights of an earlier step
+        sampled, timing = run.ahead.take(step)
+    else:
+        started = time.perf_counter()
+        sampled = rollout(run, rows, step)
+        timing = {"generation_s": time.perf_counter() - started}
     scores = score(run, sampled, rows, step, accelerator)
     prompts = [run.dataset.prompts[i] for i in rows for _ in range(run.settings.k)]
-    return rollout_batch(
-        sampled, scores, run.settings.layout, prompts, accelerator.device, {"generation_s": generation_seconds}
-    )
+    return rollout_batch(sampled, scores, run.settings.layout, prompts, accelerator.device, timing)
 
 
-def rollout(run: Run, rows: list[int], step: int) -> Rollout:
-    """k completions for each prompt of ``rows`` from the run's engine, keyed by (seed, step, row)."""
+def rollout(
+    run: Run, rows: list[int], step: int, engine: RolloutEngine | None = None, version: int | None = None
+) -> Rollout:
+    """k completions for each prompt of ``rows`` from the run's engine (or ``engine``), keyed by
+    (seed, step, row); ``version``: the weights' version when they are not this step's own."""
     keys = sample_keys(run.settings.layout.seed, step, torch.tensor(rows), run.settings.k)
     prompts = [run.dataset.prompt_ids[i] for i in rows]
-    return run.engine.generate(prompts, keys, run.settings.k, run.sampling, policy_version=step)
+    version = step if version is None else version
+    return (engine or run.engine).generate(prompts, keys, run.settings.k, run.sampling, policy_version=version)
+
+
+def ahead_rollouts(run: Run, accelerator) -> AheadRollouts | None:
+    """The generator of ``train.async`` (align/async_rollouts.py): a shadow copy of the policy in a
+    worker thread where the native engine samples whole weights, in line otherwise."""
+    config = run.recipe.train.async_
+    if config is None:
+        return None
+    layout, n_rows = run.settings.layout, len(run.dataset)
+
+    def produce(step: int, engine: RolloutEngine, version: int) -> Rollout:
+        rows = local_rows(layout, n_rows, step, accelerator.num_processes, accelerator.process_index)
+        return rollout(run, rows, step, engine, version)
+
+    policy = accelerator.unwrap_model(run.models.policy)
+    shadow = None
+    if isinstance(run.engine, NativeEngine) and not params_sharded(accelerator):
+        tokenizer = run.models.tokenizer
+        shadow = ShadowPolicy(policy, lambda model: NativeEngine(model, tokenizer, accelerator))
+    elif config.mode == "bounded":
+        raise RecipeError(
+            "train.async.mode: bounded generates beside training on whole weights; this launch shards them "
+            "(FSDP2 / ZeRO-3): use mode: fixed"
+        )
+    return AheadRollouts(produce, config, run.engine, run.settings.steps, shadow, policy)
 
 
 def score(run: Run, sampled: Rollout, rows: list[int], step: int, accelerator) -> RolloutScores:

@@ -11,20 +11,47 @@ import inspect
 
 from losses.base import LossBatch, Objective, sequence_logprobs
 from losses.bradley_terry import bradley_terry_loss
+from losses.cispo import CISPO
 from losses.copg import CoPG
 from losses.dpo import DPO
 from losses.grpo import GRPO, DrGRPO
+from losses.gspo import GSPO
 from losses.ipo import IPO
 from losses.kl import regularised_reward, sequence_kl, token_kl
+from losses.kto import KTO
+from losses.online_dpo import OnlineDPO
+from losses.orpo import ORPO
 from losses.ppo import PPO
 from losses.rcfd import RCfD
 from losses.reinforce import Reinforce
+from losses.reinforce_pp import ReinforcePP
 from losses.rloo import RLOO
 from losses.sft import SFT
+from losses.simpo import SimPO
 from losses.vanilla_pg import VanillaPG
 
 REGISTRY: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Reinforce, RLOO, VanillaPG, PPO, GRPO, DrGRPO, CoPG, DPO, IPO, RCfD, SFT)
+    cls.name: cls
+    for cls in (
+        Reinforce,
+        RLOO,
+        VanillaPG,
+        PPO,
+        GRPO,
+        DrGRPO,
+        GSPO,
+        CISPO,
+        ReinforcePP,
+        CoPG,
+        DPO,
+        IPO,
+        SimPO,
+        ORPO,
+        KTO,
+        RCfD,
+        SFT,
+        OnlineDPO,
+    )
 }
 
 

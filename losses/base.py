@@ -23,6 +23,12 @@ An objective sees a batch of B sequences of up to T completion tokens (a bandit 
 - ``stats``               statistics of the WHOLE rollout batch (all micro-batches, all processes),
                           summed by the trainer from each process's ``batch_stats``; None: the loss
                           takes them from the batch it is given (the bandit lab's whole batch)
+- ``mismatched_logprobs[B]`` ℓ(y′ | x) of the policy, detached: the row's prompt x with the completion
+                          y′ of ANOTHER row of the step (the trainer takes the previous row of the
+                          step over every process, the first row the last: TRL's rotation by one);
+                          KTO's KL estimate. Only objectives that need it are given it (an extra
+                          no-grad forward per row)
+- ``mismatched_ref_logprobs[B]`` the reference's ℓ_ref(y′ | x) of the same mismatched rows
 
 Normalisation belongs to the contract, not to each loss. An objective declares its ``unit``
 (``"sequence"``, ``"pair"`` or ``"token"``) and returns ``sum(per-unit terms) / num_units``.
@@ -66,8 +72,9 @@ Feed = Literal["online", "offline"]
 # "reward" f = r; "demo_gap" f = −(r − r_demo)²; "preference" f from the Bradley–Terry preference
 # probabilities of the pairs (IPO's least-squares solution); "reverse_kl": the stationary point of
 # (k−1)/k·E[r] − β·KL(π_ref ‖ π) (mean-centred group advantages with a k3 KL loss term, T = 1);
-# None: no closed form
-FixedPoint = Literal["reward", "demo_gap", "preference", "reverse_kl"]
+# "group_reward" f = (k−1)/k·r (the task reward mean-centred in its group, the sample included, a k1
+# KL in the reward after it: REINFORCE++-baseline); None: no closed form
+FixedPoint = Literal["reward", "demo_gap", "preference", "reverse_kl", "group_reward"]
 # what a run knows that an objective may take (``run_inputs``, ``run_defaults``): "reward_weights"
 # each reward component's weight, in the reward section's order (list[float]); "max_new_tokens" the
 # generation budget of one completion (int); "k" completions sampled per prompt (int)
@@ -90,6 +97,8 @@ class LossBatch:
     old_values: Tensor | None = None  # the critic's values at sampling time; None: ``values`` detached
     stats: dict[str, Tensor] | None = None  # whole-batch sums of ``batch_stats``; None: from this batch
     sampler_weights: Tensor | None = None  # [B, T] π_old/π_engine, truncated or masked; None: 1
+    mismatched_logprobs: Tensor | None = None  # [B] ℓ(y′|x), y′ another row's completion, detached (KTO)
+    mismatched_ref_logprobs: Tensor | None = None  # [B] the reference's ℓ_ref(y′|x)
 
     def __post_init__(self) -> None:
         if self.logprobs.dim() != 2 or self.mask.shape != self.logprobs.shape:
@@ -247,6 +256,9 @@ class Objective(ABC):
     # policy (``sampler_weights``: a vLLM engine's kernels and precision); an objective that needs
     # no weights off-policy (CoPG) or has no sampler (offline) leaves it False
     corrects_sampler: ClassVar[bool] = False
+    # the loss never reads a reference model, whatever its options (SimPO, ORPO, SFT; their ``beta``,
+    # where they have one, is no KL coefficient): none is loaded, and a recipe naming one is refused
+    reference_free: ClassVar[bool] = False
     # LossBatch fields ``batch_stats`` reads; () = the loss needs no statistics of the whole batch.
     # Naming old_logprobs / ref_logprobs / old_values asks the trainer for them on every row first.
     stats_read: tuple[str, ...] = ()
@@ -275,7 +287,9 @@ class Objective(ABC):
     def uses_reference(self) -> bool:
         """The loss reads the frozen reference: it needs ``ref_logprobs``, or it has a KL term with
         β > 0 (every objective with one keeps its KL coefficient as ``self.beta``). When it does
-        not, the trainer loads no reference and logs no KL."""
+        not, the trainer loads no reference and logs no KL. A ``reference_free`` objective never does."""
+        if self.reference_free:
+            return False
         return "ref_logprobs" in self.needs or float(getattr(self, "beta", 0.0) or 0.0) > 0
 
     @property
@@ -320,7 +334,8 @@ class Objective(ABC):
         other over its elements -- what the trainer adds up over micro-batches and processes."""
         self.check(batch)
         terms, metrics = self.terms(batch)
-        denom = float(num_units) if num_units is not None else max(self.count_units(batch), 1)
+        # a step with no units (online DPO when every pair ties) has no terms either: its loss is 0
+        denom = float(num_units) if num_units else max(self.count_units(batch), 1)
         loss = terms.sum() / denom
         sums = {}
         for key, value in metrics.items():

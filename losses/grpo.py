@@ -52,6 +52,12 @@ def group_moments(values: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
     return mean[inverse].to(values.dtype), std[inverse].to(values.dtype)
 
 
+def clipped_surrogate(ratio: Tensor, A: Tensor, clip_low: float, clip_high: float) -> tuple[Tensor, Tensor]:
+    """−min(ρ·A, clip(ρ, 1 − clip_low, 1 + clip_high)·A), and where its clipped branch is taken."""
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    return -torch.minimum(ratio * A, clipped * A), clip_active(ratio.detach(), A, clip_low, clip_high)
+
+
 class GRPO(Objective):
     name = "grpo"
     unit = "sequence"  # per instance: from ``aggregation``
@@ -114,18 +120,22 @@ class GRPO(Objective):
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         advantage, R, kl = self.advantages(batch)
         old = batch.old_logprobs if batch.old_logprobs is not None else batch.logprobs.detach()
-        ratio = torch.exp(batch.logprobs - old)
-        A = advantage[:, None].to(ratio.dtype)
-        clipped = torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high)
-        per_token = sampler_weighted(-torch.minimum(ratio * A, clipped * A), batch)
+        A = advantage[:, None].to(batch.logprobs.dtype)
+        surrogate, clipped = self.policy_terms(batch, old, A)
+        per_token = sampler_weighted(surrogate, batch)
         metrics = {"advantage": advantage, "regularised_reward": R}
         if self.kl == "loss" and self.beta > 0 and batch.ref_logprobs is not None:
             k3 = token_kl(batch.logprobs, batch.ref_logprobs.detach(), "k3")
             per_token = per_token + self.beta * k3
             kl = (k3.detach() * batch.mask).sum(-1)
         metrics["kl"] = kl
-        metrics["clip_fraction"] = clip_active(ratio.detach(), A, self.clip_low, self.clip_high).to(batch.mask.dtype)
+        metrics["clip_fraction"] = clipped.to(batch.mask.dtype)
         return aggregate_tokens(per_token, batch.mask, self.aggregation, self.norm_length), metrics
+
+    def policy_terms(self, batch: LossBatch, old: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        """The policy-gradient terms −min(ρ·A, clip(ρ)·A) per token [B, T] and where the clip is
+        active; GSPO and CISPO (losses/gspo.py, losses/cispo.py) replace this."""
+        return clipped_surrogate(torch.exp(batch.logprobs - old), A, self.clip_low, self.clip_high)
 
 
 class DrGRPO(GRPO):

@@ -18,6 +18,7 @@ class SFT(Objective):
     unit = "token"
     feeds = ("offline",)
     fixed_point = None  # trained on demonstrations, not on a reward
+    reference_free = True  # a recipe naming a reference is refused: nothing would read it
 
     def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
         nll = -(batch.logprobs * batch.mask)

@@ -1,5 +1,6 @@
 """Shared test set-up: no hub access, deterministic CPU threads."""
 
+import json
 import os
 
 import pytest
@@ -11,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # after the environment above: the helpers load transformers
-from helpers import make_tiny_data_files, make_tiny_model_dir  # noqa: E402
+from helpers import make_tiny_data_files, make_tiny_model_dir, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +23,17 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_data_files(tmp_path_factory):
-    """Small sft / prompts / eval_prompts / pairs / demos JSONL files: name -> path (read-only)."""
-    return make_tiny_data_files(tmp_path_factory.mktemp("tiny_data"))
+    """Small sft / prompts / eval_prompts / pairs / demos JSONL files, and ``unpaired``: TRL's unpaired
+    preference rows (prompt, completion, label), each pair's chosen (true) then rejected (false)
+    -- name -> path (read-only)."""
+    files = make_tiny_data_files(tmp_path_factory.mktemp("tiny_data"))
+    pairs = [json.loads(line) for line in files["pairs"].read_text().splitlines() if line.strip()]
+    rows = [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
+    return {**files, "unpaired": write_jsonl(files["pairs"].parent / "unpaired.jsonl", rows)}
 
 
 ARCHITECTURES = {  # the benchmarked families: GPT-2 (tied), Llama (GQA, untied head), Qwen2 (GQA, tied head)

@@ -96,7 +96,14 @@ SGD_LR = {
     "grpo": 1.0,
     "grpo_token": 1.0,
     "dr_grpo": 0.2,
+    "gspo": 1.0,
+    "cispo": 1.0,
+    "reinforce_pp": 0.5,
     "ppo": 0.5,
+    "online_dpo": 2.0,
+    "simpo": 1.0,
+    "orpo": 1.0,
+    "kto": 4.0,
 }
 LENGTH = [{"name": "length", "options": {"target": 12, "unit": "chars"}}]
 TARGET_4 = {"name": "length", "options": {"target": 4, "unit": "chars"}, "weight": 2.0}
@@ -124,7 +131,20 @@ OBJECTIVES = {
         {"reward": LENGTH},
     ),
     "dr_grpo": ({"name": "dr_grpo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
+    "gspo": ({"name": "gspo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
+    "cispo": ({"name": "cispo", "beta": 0.04, "k": 2}, "prompts", {"reward": LENGTH}),
+    # returns whitened over the whole batch and every process, the group mean subtracted first
+    "reinforce_pp": (
+        {"name": "reinforce_pp", "beta": 0.05, "k": 2, "options": {"baseline": "group"}},
+        "prompts",
+        {"reward": LENGTH},
+    ),
     "ppo": ({"name": "ppo", "beta": 0.05, "k": 2, "options": {"lam": 0.9}}, "prompts", {"reward": LENGTH}),
+    "online_dpo": ({"name": "online_dpo", "beta": 0.1, "k": 2}, "prompts", {"reward": LENGTH}),
+    "simpo": ({"name": "simpo", "beta": 2.0, "options": {"simpo_gamma": 0.5, "cpo_alpha": 0.5}}, "pairs", {}),
+    "orpo": ({"name": "orpo", "beta": 0.5}, "pairs", {}),
+    # unpaired (prompt, completion, label) rows; z₀ from mismatched rows of the whole step
+    "kto": ({"name": "kto", "beta": 0.1, "options": {"undesirable_weight": 1.5}}, "unpaired", {}),
 }
 GENERATION = {"max_new_tokens": 8, "stop_strings": ["e"]}  # "e" cuts completions at unequal lengths
 

@@ -81,7 +81,8 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator, he
     prompts, columns, label, messages = eval_prompts(recipe, dataset, models.tokenizer)
     if (prompts and recipe.objective.online) or held_out is not None:
         policy = accelerator.unwrap_model(models.policy)
-        if not models.has_reference:  # β = 0: the run loaded none; before/after needs the start
+        reference_free = recipe.build_objective().reference_free  # SimPO, ORPO: no reference at all
+        if not models.has_reference and not reference_free:  # β = 0: the run loaded none; before/after needs the start
             models = dataclasses.replace(models, reference=load_reference(recipe, accelerator.device))
     if held_out is not None:
         with models_in_eval(policy):
@@ -125,22 +126,25 @@ def write_report(recipe, models, dataset, reward, run_dir: Path, accelerator, he
             Console(stderr=True).print(f"[bold]{s['prompt']}[/bold] | before: {s['before']!r} | after: {s['after']!r}")
     if "held_out_pairs" in out:
         pairs = out["held_out_pairs"]
+        start = pairs.get("loglik_accuracy_reference")  # None: a reference-free objective ran none
         lines += [
             f"## Held-out pairs ({pairs['pairs']})",
             "",
             "| | log-likelihood accuracy | implicit-reward accuracy | implicit-reward margin |",
             "|---|---|---|---|",
-            f"| reference | {pairs['loglik_accuracy_reference']:.3f} | - | 0 |",
+            *([f"| reference | {start:.3f} | - | 0 |"] if start is not None else []),
             f"| policy | {pairs['loglik_accuracy']:.3f} | {pairs['reward_accuracy']:.3f} "
             f"| {pairs['reward_margin']:.4f} |",
             "",
-            f"Implicit reward β·(log π(y) − log π_ref(y)), β = {pairs['beta']:g}; accuracy: how often the "
-            "chosen completion scores higher.",
+            f"Implicit reward β·(log π(y) − log π_ref(y)), β = {pairs['beta']:g}"
+            + (" (reference-free: log π_ref taken as 0)" if start is None else "")
+            + "; accuracy: how often the chosen completion scores higher.",
         ]
         print(
             f"held-out pairs ({pairs['pairs']}): accuracy {pairs['reward_accuracy']:.3f}, "
-            f"margin {pairs['reward_margin']:.4f}, log-likelihood accuracy {pairs['loglik_accuracy_reference']:.3f}"
-            f" -> {pairs['loglik_accuracy']:.3f}",
+            f"margin {pairs['reward_margin']:.4f}, log-likelihood accuracy "
+            + (f"{start:.3f} -> " if start is not None else "")
+            + f"{pairs['loglik_accuracy']:.3f}",
             file=sys.stderr,
         )
     files.write_text(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -58,7 +58,7 @@ def field_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str,
     """(dotted key, type, default, description) of every field, sections expanded."""
     rows = []
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"  # the key a recipe writes (train.async, not async_)
         nested = _section(field.annotation)
         if nested is not None and nested is not model:
             rows.append((key, "section", "", field.description or (nested.__doc__ or "").strip().split("\n")[0]))

@@ -54,6 +54,7 @@ class StudyRecipe(Strict):
     in the train section besides the objective's own changes and the seed)."""
 
     job: ClassVar[str]  # the command, ``align {job}``
+    offline_hint: ClassVar[str] = ""  # how this study's recipe trains offline objectives, if it can
 
     description: str = ""
     prepare: Literal["quickstart"] | None = Field(None, description="build the quickstart assets first if missing")
@@ -74,9 +75,10 @@ class StudyRecipe(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: names must be unique (set label), got {names}")
         offline = [o.name for o in self.objectives if not o.online]
-        if offline:
+        if offline and not self.offline_data():
             raise ValueError(
                 f"objectives: {offline} train on a fixed dataset; align {self.job} trains on the policy's samples"
+                + self.offline_hint
             )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: must be unique, got {self.seeds}")
@@ -93,6 +95,14 @@ class StudyRecipe(Strict):
         """The reward section every run trains against."""
 
     def run_train(self, spec: ObjectiveSpec) -> dict:
+        return {}
+
+    def offline_data(self) -> bool:
+        """The study builds a dataset its offline objectives train on (``run_data``)."""
+        return False
+
+    def run_data(self, spec: ObjectiveSpec) -> dict:
+        """What the study sets in a run's data section (an offline run's training file)."""
         return {}
 
     def runs(self) -> list[tuple[ObjectiveSpec, int]]:
@@ -126,6 +136,9 @@ def run_recipe(study: StudyRecipe, spec: ObjectiveSpec, seed: int, source: str =
     raw["objective"] = spec.objective_section()
     raw["reward"] = study.run_reward()
     raw["train"] = {**(raw.get("train") or {}), **spec.train, **study.run_train(spec), "seed": seed}
+    raw["data"] = {**(raw.get("data") or {}), **study.run_data(spec)}
+    if spec.generation:
+        raw["generation"] = {**(raw.get("generation") or {}), **spec.generation}
     where = f"{source}: run {spec.run_name}"
     steps = validate(Recipe, {**raw, "output": {}}, source=where).train.steps
     raw["output"] = checkpoint_output(run_dir(study, spec, seed), steps, study.eval.every)
@@ -170,7 +183,8 @@ def start_study(study: StudyRecipe) -> tuple[Recipe, Any, torch.device]:
     from align.run_setup import load_run_data
 
     for spec in study.objectives:  # each run's data, read here: a bad file is one line, not a failed child
-        load_run_data(run_recipe(study, spec, study.seeds[0]))
+        if spec.online:  # an offline run's data is built by the study (``run_data``), read once it is
+            load_run_data(run_recipe(study, spec, study.seeds[0]))
     out = Path(study.out)
     claim_study_dir(out, study.overwrite)
     dump_recipe(study, out / "recipe.yaml")

@@ -7,8 +7,10 @@
   it becomes per_device_train_batch_size / num_generations (which must divide): a step trains on
   the same number of completions as TRL's (× gradient_accumulation_steps × processes on both sides).
 - GRPO's ``loss_type``: ``grpo`` → aggregation seq_mean_token_mean, ``dr_grpo`` → the dr_grpo
-  objective, ``dapo`` / ``bnpo`` → token_mean; ``scale_rewards``: group / true → true, none / false →
-  false; ``epsilon`` / ``epsilon_high`` → clip_low / clip_high; ``num_iterations`` →
+  objective, ``dapo`` / ``bnpo`` → token_mean, ``cispo`` → the cispo objective (its cap
+  ``clip_max`` is TRL's ``epsilon_high``); ``importance_sampling_level: sequence`` → the gspo
+  objective (TRL's ε 0.2 kept where the config gives none); ``scale_rewards``: group / true → true,
+  none / false → false; ``epsilon`` / ``epsilon_high`` → clip_low / clip_high; ``num_iterations`` →
   train.updates_per_batch. DPO's ``loss_type``: sigmoid → dpo, ipo → ipo (summed, as TRL's
   ``ipo`` is length-averaged: average_logprobs true), sigmoid_norm → dpo with average_logprobs.
 - Fields of the same meaning map through ``align.config.TRL_NAMES`` (the table "did you mean"
@@ -32,7 +34,7 @@ from align.config import TRL_NAMES, RecipeError
 TRAINERS = ("grpo", "rloo", "dpo")
 # the TRL names align.config.TRL_NAMES maps whose value this module turns into something else
 TRANSLATED_HERE = {
-    "per_device_train_batch_size", "num_generations", "beta", "epsilon",
+    "per_device_train_batch_size", "num_generations", "beta", "epsilon", "importance_sampling_level",
     "use_vllm", "vllm_mode", "vllm_importance_sampling_correction", "eval_strategy",
 }  # fmt: skip
 # the script's own arguments beside the config's (TRL's ScriptArguments), not recipe names
@@ -98,13 +100,22 @@ def online_objective(config: dict, trainer: str, recipe: dict) -> dict:
         return objective
     options: dict[str, Any] = {}
     loss = config.pop("loss_type", "dapo")
-    aggregation = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "bnpo": "token_mean"}
+    level = config.pop("importance_sampling_level", "token")
+    if level not in ("token", "sequence") or (level == "sequence" and loss == "cispo"):
+        raise RecipeError(f"--from-trl: importance_sampling_level {level!r}: expected token, or sequence (gspo)")
+    aggregation = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "bnpo": "token_mean", "cispo": "token_mean"}
     if loss == "dr_grpo":
         objective["name"] = "dr_grpo"
     elif loss in aggregation:
         options["aggregation"] = aggregation[loss]
     else:
-        raise RecipeError(f"--from-trl: loss_type {loss!r}: expected one of grpo, dr_grpo, dapo, bnpo")
+        raise RecipeError(f"--from-trl: loss_type {loss!r}: expected one of grpo, dr_grpo, dapo, bnpo, cispo")
+    if level == "sequence":  # GSPO: its defaults are the paper's ε, TRL's stay 0.2
+        objective["name"] = "gspo"
+        options.update(aggregation=options.get("aggregation", "seq_mean_token_sum_norm"), clip_low=0.2, clip_high=0.2)
+    if loss == "cispo":  # the weight's cap is epsilon_high itself, which TRL defaults to epsilon
+        objective["name"] = "cispo"
+        options["clip_max"] = float(config.pop("epsilon_high", config.pop("epsilon", 0.2)))
     scale = config.pop("scale_rewards", "group" if loss != "dr_grpo" else "none")
     if scale not in ("group", "none", True, False):
         raise RecipeError(f"--from-trl: scale_rewards {scale!r}: align scales by the group's std (group) or not (none)")

@@ -23,7 +23,10 @@ TIMINGS = {"step_s", "tokens_per_s", "generation_s"}  # measured per process: no
         ("grpo_token", {}),
         ("rcfd_two", {}),
         ("ppo", {}),
+        ("reinforce_pp", {}),  # returns whitened over both processes, the group mean subtracted first
         ("ppo", {"mini_batches": 2, "updates_per_batch": 2}),  # π_old and V_old kept before the first step
+        # KTO's z₀: mismatched completions rotated over the whole step, their mean over both processes
+        ("kto", {}),
     ],
 )
 def test_two_process_ddp_equals_one_process(key, fields, tiny_model_dir, tiny_data_files, tmp_path):
@@ -79,7 +82,7 @@ def test_two_process_ddp_equals_one_process(key, fields, tiny_model_dir, tiny_da
     # the logged metrics too: completions stop at unequal lengths ("e"), so the processes hold
     # unequal token counts and only sums over every process give one process's numbers
     first = logged[1][0]
-    assert {"loss", "kl_k1", "tokens", "reward_mean", "reward_std", "entropy"} <= set(first) or key == "dpo"
+    assert {"loss", "kl_k1", "tokens", "reward_mean", "reward_std", "entropy"} <= set(first) or key in ("dpo", "kto")
     for one, two in zip(logged[1], logged[2], strict=True):
         assert set(one) == set(two)
         for name in sorted(set(one) - TIMINGS):

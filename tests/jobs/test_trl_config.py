@@ -84,7 +84,8 @@ def test_a_dpo_configs_completion_length_cuts_its_data(tiny_model_dir, tiny_data
     "config, message",
     [
         ({"per_device_train_batch_size": 6, "num_generations": 4}, r"must be a multiple of num_generations \(4\)"),
-        ({"loss_type": "cispo"}, "loss_type 'cispo'"),
+        ({"loss_type": "sapo"}, "loss_type 'sapo'"),
+        ({"importance_sampling_level": "sequence", "loss_type": "cispo"}, "importance_sampling_level 'sequence'"),
         ({"scale_rewards": "batch"}, "scale_rewards 'batch'"),
         ({"use_liger_loss": True}, "'use_liger_loss' has no align counterpart"),
         ({"use_vllm": True, "vllm_mode": "server"}, "vllm_mode: align's vLLM engine is colocated"),
@@ -93,3 +94,30 @@ def test_a_dpo_configs_completion_length_cuts_its_data(tiny_model_dir, tiny_data
 def test_what_cannot_be_honoured_is_one_line(config, message):
     with pytest.raises(RecipeError, match=message):
         from_trl(config, "grpo")
+
+
+@pytest.mark.parametrize(
+    "config, name, options",
+    [
+        # GSPO: TRL's ε where the config gives none (gspo's own defaults are the paper's 3e-4 / 4e-4)
+        ({"importance_sampling_level": "sequence", "loss_type": "grpo"}, "gspo", {"clip_low": 0.2, "clip_high": 0.2}),
+        ({"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4}, "gspo", {"clip_high": 4e-4}),
+        ({"loss_type": "cispo", "epsilon_high": 5.0}, "cispo", {"clip_max": 5.0, "aggregation": "token_mean"}),
+        ({"loss_type": "cispo"}, "cispo", {"clip_max": 0.2}),  # TRL's epsilon_high defaults to epsilon
+    ],
+)
+def test_gspo_and_cispo_configs_are_translated(config, name, options, tiny_model_dir, tiny_data_files):
+    raw = from_trl(
+        {"model_name_or_path": str(tiny_model_dir), "dataset_name": str(tiny_data_files["prompts"]), **config}, "grpo"
+    )
+    raw["reward"] = {"name": "length", "options": {"target": 8}}
+    objective = validate(Recipe, raw).objective
+    assert objective.name == name and {k: objective.options[k] for k in options} == options
+    expected = {"grpo": "seq_mean_token_mean"}.get(config.get("loss_type"), "token_mean")  # TRL's default: dapo
+    assert objective.options["aggregation"] == expected
+
+
+def test_importance_sampling_level_in_a_recipe_points_to_gspo():
+    raw = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "importance_sampling_level": "sequence"}
+    with pytest.raises(RecipeError, match=r"did you mean 'objective.name'\? \('sequence' is the objective gspo\)"):
+        validate(Recipe, raw)

@@ -114,4 +114,5 @@ def test_grpo_weights_the_clipped_surrogate_not_the_kl():
 
 def test_copg_and_offline_objectives_take_no_weights():
     takes = {name for name, cls in losses.REGISTRY.items() if cls.corrects_sampler}
-    assert takes == {"reinforce", "rloo", "vanilla_pg", "ppo", "grpo", "dr_grpo", "rcfd"}
+    policy_gradients = {"reinforce", "rloo", "vanilla_pg", "ppo", "grpo", "dr_grpo", "rcfd"}
+    assert takes == policy_gradients | {"gspo", "cispo", "reinforce_pp"}

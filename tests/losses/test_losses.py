@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -136,6 +137,9 @@ def random_batch(groups: int = 6, k: int = 4, T: int = 5, seed: int = 0) -> Loss
         if k == 4
         else None,
         demo_rewards=torch.full((B,), 0.3),
+        # KTO's mismatched (x, y′) rows: a positive mean log-ratio, so z₀ > 0 is not clamped away
+        mismatched_logprobs=-torch.rand(B, generator=g) * 4,
+        mismatched_ref_logprobs=-torch.rand(B, generator=g) * 4 - 1,
     )
 
 
@@ -157,11 +161,23 @@ def grad_of(objective: losses.Objective, batch: LossBatch, num_units: float | No
         ("dpo", {"beta": 0.3, "average_logprobs": True}),
         ("ipo", {"beta": 0.3, "average_logprobs": True}),
         ("sft", {}),
+        ("gspo", {"beta": 0.1}),
+        ("cispo", {"beta": 0.1}),
+        ("reinforce_pp", {"beta": 0.1}),
+        ("reinforce_pp", {"beta": 0.1, "baseline": "group"}),
+        ("online_dpo", {"beta": 0.3}),
+        ("simpo", {"beta": 2.0, "simpo_gamma": 0.5, "label_smoothing": 0.1, "cpo_alpha": 0.5}),
+        ("orpo", {"beta": 0.3}),
+        ("kto", {"beta": 0.3, "undesirable_weight": 1.5}),
     ],
 )
 def test_micro_batches_with_num_units_equal_full_batch(name: str, opts: dict) -> None:
     objective = losses.build(name, **opts)
     batch = random_batch()
+    if "mismatched_logprobs" in objective.needs:  # unpaired rows (KTO): the rewards are 1/0 labels
+        batch = replace(batch, rewards=(batch.rewards > 0).float())
+    # statistics of the whole batch (REINFORCE++'s whitening), summed once as the trainer does
+    batch = replace(batch, stats=objective.batch_stats(batch) or None)
     if name == "reinforce":
         objective.after_step(batch)  # a non-zero baseline, fixed during the step
     full = grad_of(objective, batch)

@@ -4,10 +4,11 @@
     results = run(BanditRecipe(objectives=["rloo", "copg"], seeds=4))
 
 See ``align/jobs/bandit/lab.py`` (training), ``worlds.py`` (bandit and sequence policies),
-``targets.py`` (analytic fixed points), ``config.py`` (the recipe schema).
+``targets.py`` (analytic fixed points), ``samplers.py`` (pairs, replay, the lagged policy),
+``config.py`` (the recipe schema).
 """
 
-from align.jobs.bandit.config import BanditRecipe, ObjectiveEntry, PairSampler, SequenceConfig
+from align.jobs.bandit.config import BanditRecipe, LagSampler, ObjectiveEntry, PairSampler, SequenceConfig
 from align.jobs.bandit.lab import run
 
-__all__ = ["BanditRecipe", "ObjectiveEntry", "PairSampler", "SequenceConfig", "run"]
+__all__ = ["BanditRecipe", "LagSampler", "ObjectiveEntry", "PairSampler", "SequenceConfig", "run"]

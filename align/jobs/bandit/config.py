@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 import losses
 from align.config import Strict, format_validation_error
+from align.generation_config import CorrectionConfig
 from align.objective import ObjectiveConfig, objective_mapping, takes_beta
 
 SAMPLERS = ("uniform", "ref", "policy")
@@ -30,7 +31,7 @@ def source(entry: ObjectiveConfig, sampler: Any) -> Literal["policy", "sampler"]
     trained only online or when the sampler is the policy, the sampler's pairs otherwise."""
     if entry.data not in (None, "auto"):
         return entry.data
-    if "offline" not in losses.REGISTRY[entry.name].feeds or sampler == "policy":
+    if "offline" not in losses.REGISTRY[entry.name].feeds or sampler == "policy" or isinstance(sampler, LagSampler):
         return "policy"
     return "sampler"
 
@@ -68,6 +69,23 @@ class ReplaySampler(Strict):
     mix: float = Field(0.0, ge=0, le=1, description="fraction of pairs whose first element is a fresh sample")
 
 
+class LagSampler(Strict):
+    """The policy's own samples, ``lag`` optimizer steps late: step t (0-based) trains on samples of the
+    policy after max(0, t − lag) updates -- the trainer's ``train.async: {max_staleness: lag, mode: fixed}``.
+    π_old is the current policy (PPO/GRPO ratios start at 1); the objectives that declare
+    ``corrects_sampler`` take the weights π_old/π_lagged of ``importance_correction`` (none by default)."""
+
+    lag: int = Field(..., ge=0, description="N: optimizer steps between the sampling policy and the trained one")
+    importance_correction: CorrectionConfig | None = Field(
+        None,
+        description="weights π_old/π_lagged on each policy-gradient term, as generation.importance_correction "
+        "(losses/correction.py); null or mode none: no weights",
+    )
+    compare_lag0: bool = Field(
+        True, description="lag > 0: also train each objective at lag 0 (same seeds) and report its steps beside"
+    )
+
+
 class SequenceConfig(Strict):
     """A tabular autoregressive policy: logits[position, previous token, token], token 0 is EOS."""
 
@@ -92,9 +110,10 @@ class BanditRecipe(Strict):
     )
     beta: float = Field(0.25, gt=0, description="KL coefficient of every objective entry that gives none")
     demo_reward: float = Field(0.5, description="RCfD: the demonstration's reward r_d")
-    sampler: Literal["uniform", "ref", "policy"] | PairSampler | ReplaySampler = Field(
+    sampler: Literal["uniform", "ref", "policy"] | PairSampler | ReplaySampler | LagSampler = Field(
         "uniform",
-        description="pairs for copg, dpo, ipo: uniform, ref, policy, or {mu1, mu2, dataset_size}",
+        description="pairs for copg, dpo, ipo: uniform, ref, policy, {mu1, mu2, dataset_size} or {replay_steps, "
+        "mix}; {lag, importance_correction}: every objective samples the policy of lag steps ago",
     )
     # before ``objectives``: its validator gives entries without a k of their own this one
     k: int = Field(4, ge=2, description="samples per group from the policy (rloo, rcfd, on-policy copg)")
@@ -117,6 +136,9 @@ class BanditRecipe(Strict):
     seeds: int = Field(16, gt=0, description="independent runs, vectorised in one tensor")
     seed: int = Field(0, description="base random seed")
     log_every: int = Field(10, gt=0, description="log curves every this many steps")
+    converged_kl: float = Field(
+        1e-3, gt=0, description="steps to target: the first logged step whose seed-mean KL to target is at most this"
+    )
     out: str = Field("runs/bandit/default", description="output directory: results.json, curves.png")
     sequence: SequenceConfig = Field(default_factory=SequenceConfig, description="mode: sequence settings")
 
@@ -131,16 +153,17 @@ class BanditRecipe(Strict):
     @field_validator("sampler", mode="before")
     @classmethod
     def one_sampler(cls, value: Any) -> Any:
-        """A name, a {mu1, mu2, dataset_size} or a {replay_steps, mix} mapping, with one error line."""
+        """A name, a {mu1, mu2, dataset_size}, {replay_steps, mix} or {lag, ...} mapping, with one error line."""
         if isinstance(value, dict):
-            model = ReplaySampler if "replay_steps" in value else PairSampler
+            model = LagSampler if "lag" in value else ReplaySampler if "replay_steps" in value else PairSampler
             try:
                 return model.model_validate(value)
             except ValidationError as err:
                 raise ValueError(format_validation_error(err)) from None
         if value not in SAMPLERS:
             raise ValueError(
-                f"expected one of {list(SAMPLERS)} or a mapping {{mu1, mu2, dataset_size}} or {{replay_steps, mix}}"
+                f"expected one of {list(SAMPLERS)} or a mapping {{mu1, mu2, dataset_size}}, {{replay_steps, mix}} "
+                "or {lag, importance_correction}"
             )
         return value
 
@@ -170,7 +193,10 @@ class BanditRecipe(Strict):
                 name = entry.get("name")
                 if isinstance(name, str) and name not in bandit_objectives():
                     raise ValueError(f"unknown objective {name!r}; expected one of {bandit_objectives()}")
-                if entry.get("beta") is None and "beta" in info.data and takes_beta(name):
+                # the recipe's β is a KL coefficient: a reference-free objective's β (SimPO's reward
+                # scale, ORPO's λ) keeps its own default
+                kl = takes_beta(name) and not losses.REGISTRY[name].reference_free
+                if entry.get("beta") is None and "beta" in info.data and kl:
                     entry["beta"] = info.data["beta"]
                 if entry.get("k") is None and "k" in info.data:
                     entry["k"] = info.data["k"]
@@ -187,6 +213,7 @@ class BanditRecipe(Strict):
                 {
                     "mode": "the lab picks its samples with data (policy, sampler)",
                     "train": "a study run's changes to its base train section; the lab has none",
+                    "generation": "a study run's changes to its base generation section; the lab has none",
                 },
             )
         explicit = [e.label for e in entries if e.label is not None]
@@ -201,3 +228,17 @@ class BanditRecipe(Strict):
                     entry.label, n = f"{base}_{n}", n + 1
                 taken.add(entry.label)
         return entries
+
+    @model_validator(mode="after")
+    def correction_is_taken(self) -> BanditRecipe:
+        """A lag's importance correction weighs only the objectives that declare ``corrects_sampler``:
+        a recipe where none does would configure nothing."""
+        chosen = self.sampler.importance_correction if isinstance(self.sampler, LagSampler) else None
+        if chosen is not None and chosen.mode != "none":
+            if not any(losses.REGISTRY[e.name].corrects_sampler for e in self.objectives):
+                takers = sorted(n for n, cls in losses.REGISTRY.items() if cls.corrects_sampler)
+                raise ValueError(
+                    f"sampler.importance_correction: no objective of the recipe takes importance weights "
+                    f"(those that do: {', '.join(takers)}); remove it"
+                )
+        return self

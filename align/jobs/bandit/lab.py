@@ -6,12 +6,14 @@ tensor: their rows are concatenated in one ``LossBatch`` (group ids and pair ind
 seed, ``stream`` = seed) and the loss is called with ``num_units`` = the units of ONE seed, so
 the loss is the sum over seeds of per-seed means and each seed's logits get exactly their own
 gradient. Adam is elementwise, so the seeds stay independent.
+
+``sampler: {lag: N}`` trains step t on samples of the policy of step t − N (``samplers.LaggedPolicy``)
+with π_old = the current policy, as the trainer's ``train.async`` fixed mode does; the lab then also
+trains each objective at lag 0 on the same seeds and reports the steps each took to its target.
 """
 
 from __future__ import annotations
 
-import copy
-from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -19,13 +21,15 @@ import torch
 from torch import Tensor
 
 import losses
-from align.jobs.bandit.config import BanditRecipe, PairSampler, ReplaySampler, averaged, source
+from align.jobs.bandit.config import BanditRecipe, LagSampler, averaged, source
+from align.jobs.bandit.samplers import LaggedPolicy, PairSource
 from align.jobs.bandit.targets import kl_to_tilt, target_tilt, tilt_law
-from align.jobs.bandit.worlds import Bandit, Sample, SequenceWorld
+from align.jobs.bandit.worlds import Bandit, Sample, SequenceWorld, World
 from align.objective import ObjectiveConfig
 from align.schedule import lr_scheduler
+from losses.correction import Correction
 
-World = Bandit | SequenceWorld
+__all__ = ["PairSource", "World", "build_world", "make_batch", "run", "steps_to_target", "train_objective"]
 
 
 def build_world(recipe: BanditRecipe) -> World:
@@ -33,88 +37,6 @@ def build_world(recipe: BanditRecipe) -> World:
         s = recipe.sequence
         return SequenceWorld(s.vocab_size, s.max_length, s.ref_eos_prob, s.length_reward)
     return Bandit(recipe.rewards, recipe.ref_logits)
-
-
-class PairSource:
-    """Pairs (y, y′) with a Bradley–Terry label ``first_wins = [y ≻ y′]``, from the recipe's sampler.
-
-    ``uniform`` / ``ref``: both from the uniform or the reference policy; ``policy``: both from the
-    current policy; ``{mu1, mu2}``: y ~ mu1, y′ ~ mu2 over the arms. With ``dataset_size`` the
-    pairs and their labels are drawn once per seed (the same data for every objective) and each
-    step samples ``n`` of them with replacement.
-    """
-
-    def __init__(self, recipe: BanditRecipe, world: World, generator: torch.Generator):
-        self.world, self.seeds = world, recipe.seeds
-        spec = recipe.sampler
-        self.dataset: tuple[Sample, Sample, Tensor] | None = None
-        if isinstance(spec, PairSampler):
-            mu2 = spec.mu2 if spec.mu2 is not None else spec.mu1
-            self.laws: tuple[Tensor, Tensor] | None = (
-                torch.tensor(spec.mu1).double(),
-                torch.tensor(mu2).double(),
-            )
-            self.logits = tuple(law.log().float() for law in self.laws)
-            if spec.dataset_size is not None:
-                self.dataset = self._fresh(None, spec.dataset_size, generator)
-        elif isinstance(spec, ReplaySampler):  # the policy's own past samples
-            self.laws, self.logits = None, None
-            self.replay: deque[Tensor] = deque(maxlen=spec.replay_steps)
-            self.mix = spec.mix
-        elif spec == "policy":
-            self.laws, self.logits = None, None
-        else:
-            table = world.uniform_logits() if spec == "uniform" else world.init_logits(1)[0]
-            self.logits = (table, table)
-            law = world.outcome_law(table[None])[0]
-            self.laws = (law, law)
-
-    def for_objective(self) -> PairSource:
-        """This source for one objective: a replay buffer holds that objective's own past policies."""
-        if getattr(self, "replay", None) is None:
-            return self
-        out = copy.copy(self)
-        out.replay = deque(maxlen=self.replay.maxlen)
-        return out
-
-    def _fresh(self, policy_logits: Tensor | None, n: int, generator: torch.Generator) -> tuple[Sample, Sample, Tensor]:
-        first_logits, second_logits = (policy_logits, policy_logits) if policy_logits is not None else self.logits
-        y = self.world.sample(first_logits, self.seeds, n, generator)
-        y2 = self.world.sample(second_logits, self.seeds, n, generator)
-        p_first = torch.sigmoid(self.world.reward(y) - self.world.reward(y2))
-        return y, y2, torch.rand(p_first.shape, generator=generator) < p_first
-
-    def draw(self, policy_logits: Tensor | None, n: int, generator: torch.Generator) -> tuple[Sample, Sample, Tensor]:
-        """n pairs per seed; from the policy when ``policy_logits`` is given."""
-        if policy_logits is None and self.logits is None:
-            raise ValueError("sampler: policy needs the policy's logits")
-        if self.dataset is not None and policy_logits is None:
-            y, y2, first = self.dataset
-            index = torch.randint(first.shape[1], (self.seeds, n), generator=generator)
-            return y.take(index), y2.take(index), first[torch.arange(self.seeds)[:, None], index]
-        if getattr(self, "replay", None) is not None:
-            return self._replayed(policy_logits, n, generator)
-        return self._fresh(policy_logits, n, generator)
-
-    def _replayed(self, policy_logits: Tensor, n: int, generator: torch.Generator) -> tuple[Sample, Sample, Tensor]:
-        """Each element of a pair from the policy of a random step among the last ``replay_steps``
-        (this one included); with ``mix``, that fraction of first elements fresh from this step's."""
-        self.replay.append(policy_logits.detach().clone())
-
-        def pick() -> tuple[Sample, Sample]:  # (a buffered sample, this step's) per row
-            draws = [self.world.sample(table, self.seeds, n, generator) for table in self.replay]
-            which = torch.randint(len(draws), (self.seeds, n), generator=generator)
-            out = draws[0]
-            for i, draw in enumerate(draws[1:], start=1):
-                out = draw.where(which == i, out)
-            return out, draws[-1]
-
-        (y, fresh_y), (y2, _) = pick(), pick()
-        if self.mix:
-            fresh = torch.rand(self.seeds, n, generator=generator) < self.mix
-            y = fresh_y.where(fresh, y)
-        p_first = torch.sigmoid(self.world.reward(y) - self.world.reward(y2))
-        return y, y2, torch.rand(p_first.shape, generator=generator) < p_first
 
 
 def make_batch(
@@ -126,17 +48,22 @@ def make_batch(
     pairs: PairSource,
     generator: torch.Generator,
     value_table: Tensor | None = None,
+    sampler_logits: Tensor | None = None,
+    correction: Correction | None = None,
 ) -> tuple[losses.LossBatch, int]:
     """One step's batch for all seeds, and the number of loss units of one seed. ``value_table``
-    [S, T]: the critic of objectives that need ``values``, one learned value per seed and position."""
+    [S, T]: the critic of objectives that need ``values``, one learned value per seed and position.
+    ``sampler_logits``: the (lagged) policy that draws what would come from the policy (None: ``logits``);
+    ``correction``: its weights π_old/π_sampler, given to an objective that declares ``corrects_sampler``."""
     S, k = recipe.seeds, entry.k  # the recipe's k where the entry gives none (BanditRecipe)
     from_policy = source(entry, recipe.sampler) == "policy"
+    drawn = logits if sampler_logits is None else sampler_logits
     pair_local = None
     sampler_logprobs = None  # [S, n, T] π_old where a fixed sampler drew the batch (None: the policy did)
     if from_policy and "online" in objective.feeds:
         # G groups of k samples of the policy; CoPG pairs every two samples of a group
         groups = max(1, recipe.batch_size // k)
-        sample = world.sample(logits, S, groups * k, generator)
+        sample = world.sample(drawn, S, groups * k, generator)
         group_local = torch.arange(groups * k) // k
         if objective.paired:
             tri = torch.triu_indices(k, k, offset=1).T  # [k(k-1)/2, 2]
@@ -144,7 +71,7 @@ def make_batch(
     else:
         # P pairs from the sampler (or from the policy for dpo/ipo with sampler: policy)
         P = recipe.batch_size
-        y, y2, first = pairs.draw(logits if from_policy or pairs.logits is None else None, P, generator)
+        y, y2, first = pairs.draw(drawn if from_policy or pairs.logits is None else None, P, generator)
         if objective.sampling_logprobs and not from_policy and pairs.logits is not None and not objective.preference:
             # the sampler's log-probs as π_old: a KL penalty fixed at sampling reads μ1, μ2
             sampler_logprobs = torch.cat(
@@ -162,6 +89,10 @@ def make_batch(
     logprobs = world.logprobs(logits, sample)  # [S, n, T], with grad
     n, T = logprobs.shape[1:]
     seed = torch.arange(S)
+    weights = None  # π_old/π_sampler with π_old the current policy (the trainer's micro_batch_backward)
+    if correction is not None and sampler_logits is not None and objective.corrects_sampler:
+        lagged = world.logprobs(sampler_logits, sample).reshape(S * n, T)
+        weights, _ = correction.weights(logprobs.detach().reshape(S * n, T), lagged, sample.mask.reshape(S * n, T))
     batch = losses.LossBatch(
         logprobs=logprobs.reshape(S * n, T),
         mask=sample.mask.reshape(S * n, T),
@@ -173,6 +104,7 @@ def make_batch(
         stream=seed.repeat_interleave(n),
         values=None if value_table is None else value_table.repeat_interleave(n, 0)[:, :T],
         old_logprobs=None if sampler_logprobs is None else sampler_logprobs.reshape(S * n, T).to(logprobs.dtype),
+        sampler_weights=weights,
     )
     return batch, objective.count_units(batch) // S
 
@@ -225,6 +157,12 @@ def train_objective(
     optimizer = torch.optim.Adam([logits] + ([value_table] if value_table is not None else []), lr=recipe.lr)
     schedule = lr_scheduler(optimizer, recipe.steps, recipe.lr_schedule, final_ratio=recipe.final_lr_ratio)
     curves: dict[str, list[float]] = {"step": []}
+    lag = recipe.sampler if isinstance(recipe.sampler, LagSampler) else None
+    lagged = None if lag is None else LaggedPolicy(lag.lag)
+    chosen = None if lag is None else lag.importance_correction
+    correction = None
+    if chosen is not None and chosen.mode != "none" and objective.corrects_sampler:
+        correction = Correction(chosen.mode, chosen.clip_max, chosen.clip_min)
 
     def log(step: int) -> None:
         curves["step"].append(step)
@@ -234,7 +172,10 @@ def train_objective(
 
     log(0)
     for step in range(1, recipe.steps + 1):
-        batch, units = make_batch(entry, objective, recipe, world, logits, pairs, generator, value_table)
+        sampler_logits = None if lagged is None else lagged.push(logits)  # the weights of step − 1 − lag
+        batch, units = make_batch(
+            entry, objective, recipe, world, logits, pairs, generator, value_table, sampler_logits, correction
+        )
         loss, _ = objective(batch, num_units=units)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -252,6 +193,7 @@ def train_objective(
         "data": source(entry, recipe.sampler),
         "beta": beta,
         "final": final,
+        "steps_to_target": None if tilt is None else steps_to_target(curves, recipe.converged_kl),
         "curves": curves,
     }
     target = None if evaluate.target_law is None else evaluate.target_law.tolist()
@@ -264,6 +206,14 @@ def train_objective(
         result["target_policy"] = target
         result["final_policy"] = law.tolist()
     return result
+
+
+def steps_to_target(curves: dict[str, list[float]], threshold: float) -> int | None:
+    """The first logged step whose seed-mean KL to target is at most ``threshold`` (None: none was)."""
+    for step, kl in zip(curves["step"], curves.get("kl_to_target", [])):
+        if kl <= threshold:
+            return int(step)
+    return None
 
 
 def run(recipe: BanditRecipe, progress: Any = None) -> dict[str, Any]:
@@ -283,8 +233,15 @@ def _run(recipe: BanditRecipe, progress: Any) -> dict[str, Any]:
         "mode": recipe.mode,
         "beta": recipe.beta,
         "seeds": recipe.seeds,
+        "converged_kl": recipe.converged_kl,
         "objectives": {},
     }
+    lag = recipe.sampler if isinstance(recipe.sampler, LagSampler) else None
+    twin = None  # the same recipe at lag 0: same seeds, same draws until the policies differ
+    if lag is not None:
+        results["lag"] = lag.lag
+        if lag.lag > 0 and lag.compare_lag0:
+            twin = recipe.model_copy(update={"sampler": lag.model_copy(update={"lag": 0})})
     ref_law = world.ref_outcome_law().tolist()
     if recipe.mode == "sequence":
         results["ref_length_dist"] = ref_law
@@ -294,5 +251,11 @@ def _run(recipe: BanditRecipe, progress: Any) -> dict[str, Any]:
     for index, entry in enumerate(recipe.objectives):
         if progress is not None:
             progress(entry.label)
-        results["objectives"][entry.label] = train_objective(entry, recipe, world, pairs.for_objective(), index)
+        result = train_objective(entry, recipe, world, pairs.for_objective(), index)
+        if twin is not None:
+            if progress is not None:
+                progress(f"{entry.label} at lag 0")
+            base = train_objective(entry, twin, world, pairs.for_objective(), index)
+            result["lag0"] = {key: base[key] for key in ("steps_to_target", "final", "curves")}
+        results["objectives"][entry.label] = result
     return results

@@ -7,6 +7,7 @@
 |   ... with μ1 = μ2 = μ                       | p(y ≻ μ) = E_{y′~μ} σ(r(y) − r(y′))        |
 | rcfd with demonstration reward r_d           | −(r(y) − r_d)²                             |
 | dr_grpo / grpo (no std) with k3 KL as a loss | β·log(π/π_ref), π the reverse-KL point below |
+| reinforce_pp with baseline: group (k1 KL)    | (k−1)/k·r(y)                               |
 
 IPO: its population loss is E_{μ1⊗μ2}[(g(y) − g(y′) − t(y, y′))²] + const with g = log π/π_ref
 and t = (2σ(r(y) − r(y′)) − 1)/(2β): a weighted least-squares problem in g, whose solution for
@@ -115,9 +116,12 @@ def target_tilt(
         return ipo_tilt(r, pair_laws[0], pair_laws[1], beta)
     if fixed_point == "reward":
         return r
+    if fixed_point == "group_reward":
+        return (k - 1) / k * r
     if fixed_point == "reverse_kl":
         # per-token k3 averaged per sequence is not the sequence KL(π_ref ‖ π): a bandit only
         return None if sequence else reverse_kl_tilt(r, ref_law, beta, (k - 1) / k)
     raise ValueError(
-        f"fixed_point: expected 'reward', 'demo_gap', 'preference', 'reverse_kl' or None, got {fixed_point!r}"
+        f"fixed_point: expected 'reward', 'demo_gap', 'preference', 'reverse_kl', 'group_reward' or None, "
+        f"got {fixed_point!r}"
     )

@@ -192,3 +192,6 @@ class SequenceWorld:
         occ, _ = self._occupancy(logp)
         step_kl = (logp.exp() * (logp - self.ref_table)).sum(-1)  # [S, L, V]
         return (occ * step_kl).sum((1, 2))
+
+
+World = Bandit | SequenceWorld

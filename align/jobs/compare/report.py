@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from align.jobs.compare.staleness import staleness_lines, staleness_report
 from align.jobs.report import save_figure
 
 CURVE_KEYS = ("kl", "kl_k3", "gold", "reward", "win_rate", "length")
@@ -39,6 +40,7 @@ def summarize_objective(per_seed: dict[int, dict]) -> dict[str, Any]:
         "objective": spec.objective_section(),
         "train": dict(spec.train),
         "k": spec.k,
+        "generation": dict(spec.generation),
         "steps": steps,
         "seeds": seeds,
     }
@@ -56,10 +58,11 @@ def summarize_objective(per_seed: dict[int, dict]) -> dict[str, Any]:
     return out
 
 
-def gold_at_kl(summary: dict, kl: float) -> float:
-    """The mean gold-vs-KL curve (checkpoints sorted by KL) read at ``kl`` by linear interpolation."""
+def gold_at_kl(summary: dict, kl: float, key: str = "gold") -> float:
+    """The mean ``key``-vs-KL curve (checkpoints sorted by KL; gold by default) read at ``kl`` by
+    linear interpolation."""
     order = np.argsort(summary["kl"])
-    return float(np.interp(kl, np.array(summary["kl"])[order], np.array(summary["gold"])[order]))
+    return float(np.interp(kl, np.array(summary["kl"])[order], np.array(summary[key])[order]))
 
 
 def _find(objectives: dict[str, dict], name: str, replay: bool, k: int | None = None) -> str | None:
@@ -81,6 +84,10 @@ def _cheaper_line(a: dict, b: dict) -> str:
 
 def claims(objectives: dict[str, dict], initial: dict) -> list[dict[str, Any]]:
     out = []
+    if any(not o["online"] for o in objectives.values()):
+        out.append(length_drift_claim(objectives, initial))
+    if not any(o["online"] for o in objectives.values()):  # a direct-alignment study: no online claim to judge
+        return out
     claim = "Back to Basics: RLOO >= PPO in reward at matched KL, and cheaper"
     rloo, ppo = _find(objectives, "rloo", False), _find(objectives, "ppo", False)
     if rloo and ppo:
@@ -98,6 +105,47 @@ def claims(objectives: dict[str, dict], initial: dict) -> list[dict[str, Any]]:
         out.append({"claim": claim, "reproduces": None, "line": f"{claim}: not measured (needs rloo and ppo runs)"})
     out.append(stale_samples_claim(objectives, initial))
     return out
+
+
+def _averaged_pair(objectives: dict[str, dict], name: str) -> tuple[str, str] | None:
+    """The runs of ``name`` with summed and with length-averaged log-likelihoods, if both ran."""
+    found = {}
+    for n, o in objectives.items():
+        if o["objective"]["name"] == name:
+            found.setdefault(bool(o["objective"].get("options", {}).get("average_logprobs")), n)
+    return (found[False], found[True]) if len(found) == 2 else None
+
+
+def length_drift_claim(objectives: dict[str, dict], initial: dict) -> dict[str, Any]:
+    """Averaging log-likelihoods in direct alignment (Grinsztajn et al. 2024): trained on the same
+    length-confounded preferences, DPO and IPO with length-averaged log-likelihoods drift less toward
+    long completions than their summed forms. Each family is read at the largest KL both of its runs
+    reached (length − step 0's), so a run that simply moved less is not credited."""
+    claim = "Averaging log-likelihoods: length-averaged DPO/IPO drift less toward length than summed DPO/IPO"
+    parts, holds = [], []
+    for family in ("dpo", "ipo"):
+        pair = _averaged_pair(objectives, family)
+        if pair is None:
+            continue
+        summed, averaged = objectives[pair[0]], objectives[pair[1]]
+        kl = min(max(summed["kl"]), max(averaged["kl"]))
+        drift = [gold_at_kl(o, kl, "length") - initial["length"] for o in (summed, averaged)]
+        gold = [gold_at_kl(o, kl) for o in (summed, averaged)]
+        holds.append(drift[1] < drift[0])
+        parts.append(
+            f"{family}: length {drift[0]:+.2f} summed vs {drift[1]:+.2f} averaged tokens at KL {kl:.3f} "
+            f"(gold {gold[0]:.3f} vs {gold[1]:.3f}; final length {summed['final']['length']:.1f} vs "
+            f"{averaged['final']['length']:.1f})"
+        )
+    if not parts:
+        line = f"{claim}: not measured (needs dpo or ipo runs with and without average_logprobs)"
+        return {"claim": claim, "reproduces": None, "line": line}
+    verdict = all(holds)
+    line = (
+        f"{claim}: {'reproduces' if verdict else 'does not reproduce'} here -- from length "
+        f"{initial['length']:.2f} at step 0: " + "; ".join(parts)
+    )
+    return {"claim": claim, "reproduces": verdict, "line": line}
 
 
 STALE_CONTROLS = ("rloo", "vanilla_pg")  # policy gradients with the KL fixed at sampling time
@@ -132,22 +180,30 @@ def stale_samples_claim(objectives: dict[str, dict], initial: dict) -> dict[str,
     return {"claim": claim, "reproduces": holds, "line": line}
 
 
-def build_report(study, results: dict[str, dict[int, dict]], seconds: float) -> dict[str, Any]:
+def build_report(
+    study, results: dict[str, dict[int, dict]], seconds: float, preferences: dict | None = None
+) -> dict[str, Any]:
     objectives = {name: summarize_objective(per_seed) for name, per_seed in results.items()}
     first = next(iter(results.values()))
-    initial = {k: float(np.mean([first[s]["records"][0][k] for s in sorted(first)])) for k in ("gold", "reward", "kl")}
-    for summary in objectives.values():
-        summary["prompts_per_step"] = study.samples_per_step // summary["k"]
+    keys = ("gold", "reward", "kl", "length")
+    initial = {k: float(np.mean([first[s]["records"][0][k] for s in sorted(first)])) for k in keys}
+    for name, summary in objectives.items():
+        spec = next(iter(results[name].values()))["spec"]
+        summary["online"] = spec.online
+        summary["prompts_per_step"] = study.run_train(spec)["batch_size"]  # offline: pairs or rows
     matched = min(max(o["kl"]) for o in objectives.values())
+    staleness, staleness_claims = staleness_report(objectives, initial, gold_at_kl)
     return {
         "seconds": seconds,
         "seeds": list(study.seeds),
         "samples_per_step": study.samples_per_step,
+        "preferences": preferences,
         "initial": initial,
         "objectives": objectives,
         "matched_kl": matched,
         "gold_at_matched_kl": {n: gold_at_kl(o, matched) for n, o in objectives.items()},
-        "claims": claims(objectives, initial),
+        "claims": claims(objectives, initial) + staleness_claims,
+        "staleness": staleness,
     }
 
 
@@ -162,11 +218,12 @@ def table_rows(report: dict) -> list[list[str]]:
         rows.append(
             [
                 name,
-                str(o["k"]),
+                str(o["k"]) if o["online"] else "–",
                 str(o["prompts_per_step"]),
                 _pm(f["gold"], s["gold"]),
                 _pm(f["kl"], s["kl"]),
                 _pm(f["win_rate"], s["win_rate"], 2),
+                _pm(f["length"], s["length"], 1),
                 f"{report['gold_at_matched_kl'][name]:.3f}",
                 f"{c['seconds']:.1f}",
                 f"{c['tokens_per_s']:.0f}",
@@ -183,6 +240,7 @@ HEADER = [
     "final gold",
     "final KL",
     "win-rate vs SFT",
+    "final length",
     "gold at matched KL",
     "train s/run",
     "tokens/s",
@@ -205,6 +263,18 @@ def markdown(report: dict) -> str:
         "|" + "---|" * len(HEADER),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    prefs = report.get("preferences")
+    if prefs:
+        lines += [
+            "",
+            f"Offline objectives trained on {prefs['pairs']} preference pairs of SFT samples (prompts/step: pairs, "
+            f"or unpaired rows for KTO), labelled by gold + {prefs['length_bonus']} × length / budget: the "
+            f"preferred completion is the longer in {prefs['chosen_longer_fraction']:.0%} of pairs, the gold alone "
+            f"agrees with the label in {prefs['gold_agrees_fraction']:.0%}.",
+        ]
+    if report.get("staleness"):
+        lines += ["", "## What staleness cost (gold at each objective's matched KL, change from N = 0)", ""]
+        lines += [f"- {line}" for line in staleness_lines(report["staleness"])]
     lines += ["", "## The papers' claims, here", ""]
     lines += [f"- {c['line']}" for c in report["claims"]]
     lines += ["", "![curves](curves_vs_step.png)", "", "![frontier](gold_vs_kl.png)", ""]
@@ -270,5 +340,7 @@ def print_summary(report: dict) -> None:
         table.add_row(*row)
     console = Console(width=max(Console().width, 150))
     console.print(table)
+    for line in staleness_lines(report.get("staleness") or {}):
+        console.print(line, soft_wrap=True)
     for claim in report["claims"]:
         console.print(claim["line"], soft_wrap=True)

@@ -9,6 +9,10 @@ needs them -- the same SFT policy, prompts, seeds and samples per step for every
    the same prompt under the gold (ties count half).
 3. Each run's cost, measured while it trains (``align.jobs.study.train_measured``): wall seconds,
    tokens/s, peak resident memory.
+With a ``preferences`` section, offline objectives (DPO, IPO, SimPO, KTO, ORPO ...) train too, on
+one preference set the study builds first from the SFT policy's samples (``preferences.py``), and
+are scored exactly as the online runs are.
+
 4. The report (``align/jobs/compare/report.py``): curves with seed bands, the gold-vs-KL frontier,
    a table, and one line per paper claim with its numbers.
 """
@@ -23,6 +27,7 @@ import torch
 
 from align.jobs import study as engine
 from align.jobs.compare.config import CompareRecipe, run_recipe
+from align.jobs.compare.preferences import build_preferences
 from align.recipe import Recipe
 
 
@@ -72,10 +77,17 @@ def run_study(study: CompareRecipe, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from align.jobs.compare.report import build_report, write_report
+    from align.run_setup import load_run_data
 
     start = time.perf_counter()
     first, models, device = engine.start_study(study)
     judge = Judge(study, device)
+    preference_stats = None
+    if any(not spec.online for spec in study.objectives):
+        preference_stats = build_preferences(study, first, models, models.policy, judge, device)
+        for spec in study.objectives:  # the set is written: each offline run's data read once, here
+            if not spec.online:
+                load_run_data(run_recipe(study, spec, study.seeds[0]))
     source = study.eval.prompts or first.data.eval_prompts
     prompts = engine.read_prompts(source, first.data.prompt_column, study.eval.n_prompts)
 
@@ -100,7 +112,7 @@ def run_study(study: CompareRecipe, progress: bool = True) -> dict:
         )
         results.setdefault(spec.run_name, {})[seed] = {"records": records, "cost": cost, "spec": spec}
     bar.close()
-    report = build_report(study, results, seconds=time.perf_counter() - start)
+    report = build_report(study, results, seconds=time.perf_counter() - start, preferences=preference_stats)
     write_report(report, Path(study.out))
     return report
 
