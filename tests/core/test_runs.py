@@ -433,19 +433,31 @@ def bad_inputs(tiny_model_dir, tmp_path_factory):
         ),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_inputs, overrides, expected):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_inputs, overrides, expected, capsys):
+    """``align train`` in this process (its ``main``, as the console script calls it); the installed
+    command in a process of its own is the next test."""
+    from align.cli import main
+
     run = bad_inputs / "run"
     argv = [o.format(root=bad_inputs) for o in overrides]
-    out = _cli("train", str(bad_inputs / "r.yaml"), *argv, f"output.dir={run}", timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    err = out.stderr.strip()
+    code = main(["train", str(bad_inputs / "r.yaml"), *argv, f"output.dir={run}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err[-2000:]
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert expected.format(root=bad_inputs) in err, err
     assert not run.exists()
     assert not (bad_inputs / "sft_modle").exists() and not (bad_inputs / "data").exists()
 
 
-def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(bad_inputs, tmp_path):
+def test_bad_input_through_the_installed_command(bad_inputs):
+    run = bad_inputs / "run"
+    out = _cli("train", str(bad_inputs / "r.yaml"), f"data.train={bad_inputs}/latin1.jsonl", f"output.dir={run}")
+    err = out.stderr.strip()
+    assert out.returncode == 2 and len(err.splitlines()) == 1 and "not UTF-8 text" in err, err[-2000:]
+    assert not run.exists()
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(bad_inputs, tmp_path, capsys):
     """An existing file as a run directory, a path under a file, a directory as a samples file, no
     prompts to sample: one line naming the field, exit 2, before a model loads or a study runs."""
     a_file = bad_inputs / "ok.jsonl"
@@ -457,10 +469,12 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(bad_in
         (["sample", str(bad_inputs / "r.yaml"), "n=0"], "n: ", "expected at least 1 prompt, got 0"),
         (["sample", str(bad_inputs / "r.yaml"), "n=many"], "n: ", "expected a whole number, got 'many'"),
     ]
+    from align.cli import main
+
     for argv, field, expected in cases:
-        out = _cli(*argv, timeout=120)
-        err = out.stderr.strip()
-        assert out.returncode == 2 and len(err.splitlines()) == 1, (argv, err[-1000:])
+        code = main(list(argv))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, (argv, err[-1000:])
         assert field in err and expected in err, err
 
 

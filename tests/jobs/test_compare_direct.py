@@ -1,6 +1,7 @@
 """``align compare`` with direct alignment: offline objectives trained from the SFT policy on one
 preference set the study builds from the task (two SFT samples per prompt, labelled by the gold
-plus a length bonus), scored like the online runs; the length-drift verdict carries its numbers."""
+plus a length bonus), scored like the online runs; the length-drift verdict carries its numbers.
+The same study puts its online run on a staleness axis (the axis itself: test_compare_staleness.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def direct_compare(model_dir, data: dict, out) -> dict:
         "reward": [{"name": "sentiment"}],
         "samples_per_step": 8,
         "preferences": {"prompts": 12, "length_bonus": 1.0, "seed": 3},
+        # the online run on the staleness axis too (tests/jobs/test_compare_staleness.py): one study
+        "staleness": {"max_staleness": [0, 2], "corrections": ["sequence_mask"]},
         "base": {
             "model": {"path": str(model_dir)},
             "data": {"train": str(data["prompts"]), "eval_prompts": str(data["eval_prompts"])},
@@ -104,7 +107,26 @@ def test_offline_objectives_train_on_the_built_set_and_the_report_judges_them(
         assert not o["online"] and o["prompts_per_step"] == 4 and o["steps"] == [0, 1, 2]
         metrics = [json.loads(x) for x in (out / "runs" / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 2 and all("rewards/margins" in m for m in metrics)
-    assert report["objectives"]["rloo_beta0.05"]["online"]
+    # the staleness axis expands the online entry only: N = 0 uncorrected, N = 2 corrected
+    assert [o.run_name for o in study.objectives] == [
+        "dpo",
+        "dpo_avg",
+        "rloo_beta0.05_s0",
+        "rloo_beta0.05_s2_sequence_mask",
+    ]
+    corrected = run_recipe(study, study.objectives[-1], 0)
+    assert corrected.train.async_.max_staleness == 2 and corrected.sampler_correction().mode == "sequence_mask"
+    assert run_recipe(study, study.objectives[2], 0).sampler_correction() is None
+    for name in ("rloo_beta0.05_s0", "rloo_beta0.05_s2_sequence_mask"):
+        records = [json.loads(x) for x in (out / "runs" / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["staleness"] for r in records] == ([0.0, 1.0] if "_s2" in name else [0.0, 0.0])
+        assert ("is_ratio_mean" in records[-1]) == name.endswith("sequence_mask")
+        assert report["objectives"][name]["online"]
+    table = report["staleness"]
+    assert set(table) == {"rloo"} and [r["staleness"] for r in table["rloo"]["runs"].values()] == [0, 2]
+    stale = next(c for c in report["claims"] if c["claim"].startswith("CoPG: on samples N steps stale"))
+    assert stale["reproduces"] is None and "not measured" in stale["line"]  # no copg run here
+    assert "What staleness cost" in (out / "report.md").read_text()
     claim = next(c for c in report["claims"] if c["claim"].startswith("Averaging log-likelihoods"))
     assert claim["reproduces"] in (True, False) and "dpo: length" in claim["line"]
     assert "preference pairs of SFT samples" in (out / "report.md").read_text()

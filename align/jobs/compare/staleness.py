@@ -35,10 +35,14 @@ class StalenessAxis(Strict):
 
 
 def expand(entries: list[Any], axis: StalenessAxis) -> list[dict]:
-    """The objective entries, one per (N, correction) of the axis, labelled ``RUN_sN[_MODE]``."""
+    """The online objective entries, one per (N, correction) of the axis, labelled ``RUN_sN[_MODE]``;
+    offline entries as they are."""
     out = []
     for raw in entries:
         entry = ObjectiveConfig.model_validate(raw)
+        if not entry.online:  # a direct-alignment run trains on a fixed set: no samples to be stale
+            out.append(raw)
+            continue
         takes = losses.REGISTRY[entry.name].corrects_sampler
         base = entry.model_dump(mode="json", exclude_none=True)
         for n in sorted(set(axis.max_staleness)):
