@@ -43,8 +43,8 @@ def recipe(model: Path, prompts: Path, steps: int, new_tokens: int, async_: dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama_small")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--model", default="llama_medium")
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads per process (default: torch's)")
