@@ -18,13 +18,13 @@ TIMINGS = {"step_s", "tokens_per_s", "generation_s"}  # measured per process: no
     "key, fields",
     [
         ("dpo", {}),
-        ("rloo", {}),
+        # rloo's path plus the reward whitened over both processes (plain rloo: the sharded tests)
         ("rloo_whitened", {}),
         ("grpo_token", {}),
         ("rcfd_two", {}),
-        ("ppo", {}),
         ("reinforce_pp", {}),  # returns whitened over both processes, the group mean subtracted first
-        ("ppo", {"mini_batches": 2, "updates_per_batch": 2}),  # π_old and V_old kept before the first step
+        # ppo's one-pass path and more: π_old and V_old kept before the first of 2 × 2 updates
+        ("ppo", {"mini_batches": 2, "updates_per_batch": 2}),
         # KTO's z₀: mismatched completions rotated over the whole step, their mean over both processes
         ("kto", {}),
     ],
