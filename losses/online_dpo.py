@@ -29,17 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from losses.base import LossBatch, Objective, pairs_within_groups
-from losses.dpo import pair_log_ratios
+from losses.base import LossBatch, pairs_within_groups
+from losses.dpo import PreferencePairs
 
 
-class OnlineDPO(Objective):
+class OnlineDPO(PreferencePairs):
+    """DPO's (and IPO's) pair loss and TRL's metric names (``PreferencePairs``) on the policy's own
+    samples, each pair ordered by reward here rather than by the data."""
+
     name = "online_dpo"
-    unit = "pair"
     feeds = ("online",)
     min_k = 2  # a pair needs two samples of the prompt
     needs = ("rewards", "ref_logprobs", "group")
-    paired = True
+    preference = False  # the loss orders its pairs by reward itself (``batch_pairs``)
     fixed_point = None
 
     def __init__(
@@ -49,13 +51,12 @@ class OnlineDPO(Objective):
         average_logprobs: bool = False,
         ties: Literal["drop", "first"] = "drop",
     ):
-        if beta <= 0:
-            raise ValueError(f"online_dpo: beta must be > 0, got {beta}")
+        super().__init__(beta, average_logprobs)
         if loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"online_dpo: loss_type: expected 'sigmoid' or 'ipo', got {loss_type!r}")
         if ties not in ("drop", "first"):
             raise ValueError(f"online_dpo: ties: expected 'drop' or 'first', got {ties!r}")
-        self.beta, self.loss_type, self.average_logprobs, self.ties = beta, loss_type, average_logprobs, ties
+        self.loss_type, self.ties = loss_type, ties
 
     def batch_pairs(self, batch: LossBatch) -> Tensor:
         """The batch's pairs (given, or every two rows of a group), each as (preferred, dispreferred)
@@ -66,24 +67,14 @@ class OnlineDPO(Objective):
         ordered = torch.where(swap[:, None], pairs.flip(1), pairs)
         return ordered if self.ties == "first" else ordered[first != second]
 
-    def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        pairs = self.batch_pairs(batch)
-        chosen, rejected, logp = pair_log_ratios(batch, pairs, self.average_logprobs)
-        margin = chosen - rejected
+    def pair_loss(self, margin: Tensor) -> Tensor:
         if self.loss_type == "sigmoid":
-            loss = -F.logsigmoid(self.beta * margin)
-        else:
-            loss = (margin - 1 / (2 * self.beta)) ** 2
-        accuracy = (margin.detach() > 0).float()
-        return loss, {
-            "margin": margin.detach(),
-            "accuracy": accuracy,
-            # TRL's OnlineDPOTrainer names
-            "objective/scores_margin": (batch.rewards[pairs[:, 0]] - batch.rewards[pairs[:, 1]]).detach(),
-            "rewards/chosen": self.beta * chosen.detach(),
-            "rewards/rejected": self.beta * rejected.detach(),
-            "rewards/margins": self.beta * margin.detach(),
-            "rewards/accuracies": accuracy,
-            "logps/chosen": logp.detach()[pairs[:, 0]],
-            "logps/rejected": logp.detach()[pairs[:, 1]],
-        }
+            return -F.logsigmoid(self.beta * margin)
+        return (margin - 1 / (2 * self.beta)) ** 2
+
+    def terms(self, batch: LossBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, metrics = super().terms(batch)
+        pairs = self.batch_pairs(batch)
+        # TRL's OnlineDPOTrainer name: the judge's margin between the two sides of each pair
+        metrics["objective/scores_margin"] = (batch.rewards[pairs[:, 0]] - batch.rewards[pairs[:, 1]]).detach()
+        return loss, metrics
