@@ -12,16 +12,20 @@ sampled it; the synchronous loop trains step s (0-based, ``Run.step``) on sample
 
 Where the generation overlaps the training: with the native engine on whole (unsharded) weights a
 *shadow* copy of the policy generates in a worker thread, loaded with the trainer's weights of the
-version it samples (the trainer hands them over between optimizer steps, never during one). Any
-other engine (the colocated vLLM engine, FSDP2 / ZeRO-3 shards) generates in line: ``fixed`` keeps
-its exact schedule without the overlap; ``bounded`` needs the worker and is refused without it.
+version it samples (the trainer hands them over between optimizer steps, never during one); with a
+vLLM server and one training process the worker has the server generate, the trainer publishing
+each version's weights as a file between optimizer steps (``ServerShadow``). Anything else (the
+colocated vLLM engine, FSDP2 / ZeRO-3 shards, a server with several training processes) generates
+in line: ``fixed`` keeps its exact schedule without the overlap; ``bounded`` needs the worker and is
+refused without it.
 
 What the trainer scores and trains is unchanged: the rollout carries its sampler's log-probs
 (``Rollout.sampler_logprobs``) and its version; the step recomputes π_old with the current weights
 and, for the objectives that take it, applies the run's importance correction π_old/π_sampler
 (losses/correction.py) -- the same path as a vLLM engine's mismatch. Logged per step: ``staleness``
-(the version gap of the step's samples), ``async_wait_s`` (time the trainer waited for them) and
-``generation_s`` (the time their generation took, wherever it ran).
+(the version gap of the step's samples), ``async_wait_s`` (time the trainer waited for them),
+``generation_s`` (the time their generation took, wherever it ran) and ``generator_wait_s`` (the time
+the generator sat idle, waiting for the trainer's weights, before starting them).
 """
 
 from __future__ import annotations
@@ -65,10 +69,37 @@ class ShadowPolicy:
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.engine = make_engine(self.model)
+        self.handed: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def load(self, policy: torch.nn.Module) -> None:
+    def load(self, policy: torch.nn.Module, version: int) -> None:
+        """The trainer's weights into the copy now (the worker is idle)."""
         self.model.load_state_dict(policy.state_dict())
+
+    def hand_over(self, policy: torch.nn.Module, version: int) -> None:
+        """A snapshot of the trainer's weights, for the worker to take when it next starts a rollout."""
+        self.handed = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+    @torch.no_grad()
+    def take_over(self) -> None:
+        self.model.load_state_dict(self.handed)
+
+
+class ServerShadow:
+    """A vLLM server as the generator beside training: the trainer publishes each version's weights
+    (a file write, between optimizer steps); the server reloads them when a rollout asks for that
+    version (align/vllm_server.py)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def load(self, policy: torch.nn.Module, version: int) -> None:
+        self.engine.publish(policy, version)
+
+    hand_over = load
+
+    def take_over(self) -> None:  # the engine pushes the published version with the rollout
+        pass
 
 
 class AheadRollouts:
@@ -80,11 +111,11 @@ class AheadRollouts:
         config: AsyncConfig,
         engine: RolloutEngine,
         total_steps: int,
-        shadow: ShadowPolicy | None = None,
+        shadow: ShadowPolicy | ServerShadow | None = None,
         policy: torch.nn.Module | None = None,
     ):
         if config.mode == "bounded" and shadow is None:
-            raise ValueError("train.async.mode: bounded needs the native engine on whole weights")
+            raise ValueError("train.async.mode: bounded needs a generator beside training (a shadow)")
         self.produce, self.engine, self.total_steps = produce, engine, total_steps
         self.n, self.mode, self.shadow, self.policy = config.max_staleness, config.mode, shadow, policy
         self.pending: dict[int, Rollout] = {}
@@ -93,11 +124,12 @@ class AheadRollouts:
         self.future: Future | None = None
         # bounded: the weights the trainer last handed over, and the generator's progress
         self.ready = threading.Condition()
-        self.published: dict[str, torch.Tensor] | None = None
         self.published_version = -1
         self.trainer_version = -1
         self.next_step = 0
         self.stopped = False
+        self.generator_waits: dict[int, float] = {}  # the time the generator sat idle before each rollout
+        self.idle_since: float | None = None
 
     # ----------------------------------------------------------------------------- the trainer's side
 
@@ -109,7 +141,12 @@ class AheadRollouts:
         staleness = step - rollout.policy_version
         if staleness > self.n or staleness < 0:  # the schedule's invariant: never silently broken
             raise RuntimeError(f"async: step {step} got samples of version {rollout.policy_version} (N = {self.n})")
-        metrics = {"staleness": float(staleness), "async_wait_s": waited, "generation_s": self.seconds.pop(step)}
+        metrics = {
+            "staleness": float(staleness),
+            "async_wait_s": waited,
+            "generation_s": self.seconds.pop(step),
+            "generator_wait_s": self.generator_waits.pop(step, 0.0),
+        }
         return rollout, metrics
 
     def _take_fixed(self, step: int) -> Rollout:
@@ -120,7 +157,9 @@ class AheadRollouts:
         ahead = step + self.n
         if ahead < self.total_steps and ahead not in self.pending:
             if self.shadow is not None and self.n > 0:  # sampled by this version while this step trains
-                self.shadow.load(self.policy)
+                self.shadow.load(self.policy, step)
+                if self.idle_since is not None:  # the worker waited for this step's weights since then
+                    self.generator_waits[ahead] = time.perf_counter() - self.idle_since
                 self.future = self.worker.submit(self._generate, ahead, self.shadow.engine, step)
             else:
                 self._generate(ahead, self.engine, step)
@@ -129,7 +168,7 @@ class AheadRollouts:
     def _take_bounded(self, step: int) -> Rollout:
         with self.ready:
             # the weights of version ``step``, handed over now: between optimizer steps
-            self.published = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+            self.shadow.hand_over(self.policy, step)
             self.published_version = self.trainer_version = step
             if self.future is None:
                 self.next_step = step
@@ -149,7 +188,8 @@ class AheadRollouts:
         rollout = self.produce(step, engine, version)
         with self.ready:
             self.pending[step] = rollout
-            self.seconds[step] = time.perf_counter() - started
+            self.idle_since = time.perf_counter()
+            self.seconds[step] = self.idle_since - started
             self.ready.notify_all()
 
     def _generator(self) -> None:
@@ -159,12 +199,14 @@ class AheadRollouts:
         while True:
             with self.ready:
                 u = self.next_step
-                while not self.stopped and self.trainer_version < u - self.n:
+                waiting = time.perf_counter()
+                while not self.stopped and self.trainer_version < u - self.n:  # N versions ahead: wait
                     self.ready.wait()
+                self.generator_waits[u] = time.perf_counter() - waiting
                 if self.stopped or u >= self.total_steps:
                     return
                 if self.published_version != loaded:
-                    self.shadow.model.load_state_dict(self.published)
+                    self.shadow.take_over()
                     loaded = self.published_version
                 self.next_step = u + 1
             self._generate(u, self.shadow.engine, loaded)

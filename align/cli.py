@@ -70,6 +70,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "measure reward over-optimization (gold vs proxy reward against KL)",
         RECIPE_ARGS,
     ),
+    "vllm-serve": (
+        "align.jobs.vllm_serve",
+        "start a vLLM server for generation.vllm.mode: server",
+        "vLLM's own server with the endpoints the trainer uses (weight reload and version, token-in "
+        "token-out generation); arguments after -- go to vLLM.",
+    ),
 }
 
 
@@ -92,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text, details) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=f"{help_text}. {details}")
+        p.set_defaults(module=module, recipe=None, overrides=[])
+        if name == "vllm-serve":  # a model, not a recipe
+            importlib.import_module(module).add_arguments(p)
+            continue
         p.add_argument("recipe", nargs="?", metavar="RECIPE", help="recipe YAML or bundled name (see below)")
         p.add_argument("overrides", nargs="*", metavar="OVERRIDES", help="key=value, dotted for sections")
         if name == "train":

@@ -10,10 +10,35 @@ from pydantic import Field, model_validator
 
 from align.config import Strict
 
+# set where the server starts (align vllm-serve's flags of the same names), not in the trainer's recipe
+SERVER_OWNED = (
+    "dtype",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "tensor_parallel_size",
+    "enforce_eager",
+    "cpu_kvcache_gib",
+)
+
 
 class VLLMConfig(Strict):
     """The vLLM engine's settings (TRL's ``vllm_*``); read only with ``generation.engine: vllm``."""
 
+    mode: Literal["colocate", "server"] = Field(
+        "colocate",
+        description="colocate: an engine inside each training process; server: a vLLM server started by "
+        "`align vllm-serve` on other devices (TRL's vllm_mode)",
+    )
+    server_host: str = Field("127.0.0.1", min_length=1, description="server mode: the server's host")
+    server_port: int = Field(8000, gt=0, lt=65536, description="server mode: the server's port")
+    server_timeout: float = Field(
+        240.0, gt=0, description="server mode: seconds to wait for the server to answer, at start and per request"
+    )
+    weights_dir: str | None = Field(
+        None,
+        description="server mode, weights by file: where the trainer writes the weights the server reloads, "
+        "a directory both see (default: /dev/shm on this machine)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the engine's weights and activations (auto: model.dtype)"
     )
@@ -27,6 +52,22 @@ class VLLMConfig(Strict):
     enable_sleep_mode: bool = Field(False, description="GPU: release the engine's KV cache and weights while training")
     enforce_eager: bool | None = Field(None, description="no CUDA graphs / compilation (default: true on CPU)")
     cpu_kvcache_gib: int = Field(1, gt=0, description="vLLM's CPU build: the KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+
+    @model_validator(mode="after")
+    def server_settings(self) -> VLLMConfig:
+        if self.mode == "server":
+            # a value other than the default (a dumped recipe, e.g. a run's recipe.yaml, names them all)
+            owned = [n for n in SERVER_OWNED if getattr(self, n) != type(self).model_fields[n].default]
+            if owned:
+                flag = owned[0].replace("_", "-")
+                raise ValueError(
+                    f"{owned[0]}: in mode: server the server's own setting (align vllm-serve --{flag}); remove it"
+                )
+            if self.enable_sleep_mode:
+                raise ValueError("enable_sleep_mode: the colocated engine's; a server keeps its own devices")
+        elif self.weights_dir is not None:
+            raise ValueError("weights_dir: read in mode: server only; remove it")
+        return self
 
 
 class CorrectionConfig(Strict):
@@ -47,7 +88,9 @@ class CorrectionConfig(Strict):
 
 class GenerationConfig(Strict):
     engine: Literal["native", "vllm"] = Field(
-        "native", description="native: align's keyed decode loop on the training weights; vllm: a colocated engine"
+        "native",
+        description="native: align's keyed decode loop on the training weights; vllm: vLLM, colocated or a "
+        "server (vllm.mode)",
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     importance_correction: CorrectionConfig | None = Field(

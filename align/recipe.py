@@ -313,10 +313,11 @@ class Recipe(Strict):
             raise ValueError(f"train.async: {name!r} is trained on a fixed dataset; nothing is generated ahead")
         if self.train.replay is not None:
             raise ValueError("train.async: with train.replay the samples' age is the buffer's; use one or the other")
-        if mode == "bounded" and self.generation.engine != "native":
+        colocated = self.generation.engine == "vllm" and self.generation.vllm.mode == "colocate"
+        if mode == "bounded" and colocated:
             raise ValueError(
-                f"train.async.mode: bounded generates in a worker beside training, with the native engine; "
-                f"generation.engine is {self.generation.engine!r} (fixed generates in line with it)"
+                "train.async.mode: bounded generates beside training, with the native engine or a vLLM server; "
+                "the colocated vLLM engine shares the trainer's devices (fixed generates in line with it)"
             )
 
     def sampler_correction(self) -> CorrectionConfig | None:

@@ -70,6 +70,11 @@ def sampling_settings(generation, eos_token_id: int | list[int] | None, pad_toke
     )
 
 
+class EngineUnavailable(RuntimeError):
+    """The rollout engine stopped answering (a vLLM server that died): the trainer saves a
+    checkpoint and stops with this message, on every process together."""
+
+
 class RolloutEngine(Protocol):
     """Anything that turns prompts into sampled completions."""
 

@@ -233,6 +233,10 @@ def steps_of_epochs(settings: RunSettings, rows: int, processes: int) -> RunSett
 def make_engine(settings: RunSettings, sampling: SamplingSettings, models: Models, accelerator) -> RolloutEngine:
     """The recipe's rollout engine (``generation.engine``)."""
     recipe = settings.recipe
+    if recipe.generation.engine == "vllm" and recipe.generation.vllm.mode == "server":
+        from align.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(recipe, models, accelerator)
     if recipe.generation.engine == "vllm":
         from align.vllm_engine import VLLMEngine
 
@@ -266,7 +270,12 @@ def load_run_data(recipe: Recipe) -> tuple[Any, OnlineData | OfflineData]:
     check_loadable(recipe)  # a hub id that cannot be resolved: one line, before anything loads
     check_quantisation(recipe)
     check_positions(recipe, dataset)
-    if recipe.objective.online and recipe.generation.engine == "vllm":
+    if recipe.objective.online and recipe.generation.engine == "vllm" and recipe.generation.vllm.mode == "server":
+        from align.vllm_server import check_server
+
+        needed, limit = recipe.data.max_prompt_tokens + recipe.generation.max_new_tokens, position_limit(recipe)
+        check_server(recipe, min(needed, limit) if limit else needed)
+    elif recipe.objective.online and recipe.generation.engine == "vllm":
         from align.vllm_engine import check_vllm
 
         check_vllm(recipe, model_config(recipe))

@@ -27,7 +27,7 @@ import torch
 
 from align import files
 from align.allocator import tune_allocator
-from align.async_rollouts import AheadRollouts, ShadowPolicy
+from align.async_rollouts import AheadRollouts, ServerShadow, ShadowPolicy
 from align.batches import BatchLayout, StepBatch, local_rows, offline_batch, rollout_batch
 from align.checkpoint import resolve_resume, save_checkpoint
 from align.config import RecipeError, dump_recipe
@@ -40,7 +40,7 @@ from align.periodic_eval import evaluate_step, keep_best
 from align.recipe import Recipe
 from align.resume_check import check_resume, record_changes
 from align.rewards_adapter import RewardFunction
-from align.rollout import Rollout, RolloutEngine
+from align.rollout import EngineUnavailable, Rollout, RolloutEngine
 from align.run_data import OfflineData, OnlineData
 from align.run_setup import Run, RunSettings, restore, setup_run
 from align.rundir import claim_run_dir
@@ -48,6 +48,7 @@ from align.sampling import sample_keys
 from align.scoring import RolloutScores, ScoreSettings, all_ranks, pair_rewards, score_rollout
 from align.signals import StopSignal, agreed_signal
 from align.step import StepSettings, keep_rollout_logprobs, train_on_batch
+from align.vllm_server import VLLMServerEngine
 from losses.correction import Correction
 
 
@@ -182,7 +183,10 @@ def run_loop(run: Run, accelerator, run_dir: Path, hooks: Hooks) -> dict:
     try:  # the bar and the log are closed however the loop ends, before anything is said of it
         with StopSignal() as stop:
             while run.step < settings.steps:
-                record = train_step(run, accelerator)
+                try:
+                    record = train_step(run, accelerator)
+                except EngineUnavailable as err:  # the rollouts' server died: keep what was trained
+                    raise TrainingError(f"{err}; checkpoint {save(run, accelerator, run_dir)}") from None
                 evaluate(run, accelerator, record, run_dir, hooks)
                 if record.get("skipped") and main:
                     skipped = f"step skipped ({run.bad_steps} so far)"
@@ -294,7 +298,8 @@ def rollout(
 
 def ahead_rollouts(run: Run, accelerator) -> AheadRollouts | None:
     """The generator of ``train.async`` (align/async_rollouts.py): a shadow copy of the policy in a
-    worker thread where the native engine samples whole weights, in line otherwise."""
+    worker thread where the native engine samples whole weights, a vLLM server generating while the
+    step trains (one training process), in line otherwise."""
     config = run.recipe.train.async_
     if config is None:
         return None
@@ -309,10 +314,12 @@ def ahead_rollouts(run: Run, accelerator) -> AheadRollouts | None:
     if isinstance(run.engine, NativeEngine) and not params_sharded(accelerator):
         tokenizer = run.models.tokenizer
         shadow = ShadowPolicy(policy, lambda model: NativeEngine(model, tokenizer, accelerator))
+    elif isinstance(run.engine, VLLMServerEngine) and accelerator.num_processes == 1:
+        shadow = ServerShadow(run.engine)  # the server generates while the step trains
     elif config.mode == "bounded":
         raise RecipeError(
-            "train.async.mode: bounded generates beside training on whole weights; this launch shards them "
-            "(FSDP2 / ZeRO-3): use mode: fixed"
+            "train.async.mode: bounded generates beside training on whole weights, or from a vLLM server with one "
+            "training process; this launch has neither: use mode: fixed"
         )
     return AheadRollouts(produce, config, run.engine, run.settings.steps, shadow, policy)
 

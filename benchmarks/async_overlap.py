@@ -1,6 +1,6 @@
 """Generation beside training (``train.async``) against the synchronous loop, on this machine.
 
-    python benchmarks/async_overlap.py [--model NAME] [--steps N] [--rounds R] [--threads T]
+    python benchmarks/async_overlap.py [--model NAME] [--steps N] [--rounds R] [--threads T] [--engine server]
 
 One RLOO recipe (the benchmark's prompts, the ``length`` reward, k 4, 8 prompts a step, 64 new
 tokens by default) run as ``align train`` with: the synchronous loop; ``async: {max_staleness: 1,
@@ -11,11 +11,17 @@ asking for its rollout to the end of its update, so it includes any wait for the
 OMP/MKL threads per process: generation and training then share the 2 cores of this machine, so
 what the overlap can buy is at most the smaller of the two phases, and less where both already use
 both cores. Prints steps/s of each side and the ratio to the synchronous loop.
+
+``--engine server``: the generator in its own process, a vLLM server (``align vllm-serve``, vLLM's
+CPU build: run with a python that has it, e.g. the test install) started once for the benchmark;
+every side samples from it (weights pushed by file each step), the async sides while the step
+trains. The native synchronous loop is printed beside them for reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -23,19 +29,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LENGTH_TARGET, Timing, alternate, ensure_assets, load_average, run_align  # noqa: E402
+from common import (  # noqa: E402
+    LENGTH_TARGET,
+    Timing,
+    alternate,
+    ensure_assets,
+    load_average,
+    run_align,
+    vllm_server,
+)
 
 
-def recipe(model: Path, prompts: Path, steps: int, new_tokens: int, async_: dict | None) -> dict:
+def recipe(
+    model: Path, prompts: Path, steps: int, new_tokens: int, async_: dict | None, port: int | None = None
+) -> dict:
     train = {"steps": steps, "batch_size": 8, "lr": 1e-5, "seed": 0}
     if async_ is not None:
         train["async"] = async_
+    generation = {"max_new_tokens": new_tokens, "min_new_tokens": 0, "temperature": 1.0}
+    if port is not None:
+        generation.update(engine="vllm", vllm={"mode": "server", "server_port": port})
     return {
         "model": {"path": str(model)},
         "data": {"train": str(prompts)},
         "objective": {"name": "rloo", "k": 4, "beta": 0.05},
         "reward": [{"name": "length", "options": {"target": LENGTH_TARGET}}],
-        "generation": {"max_new_tokens": new_tokens, "min_new_tokens": 0, "temperature": 1.0},
+        "generation": generation,
         "train": train,
         "output": {"report": False, "sample_every": 0, "save_every": 0},
     }
@@ -48,32 +67,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads per process (default: torch's)")
+    parser.add_argument("--engine", choices=("native", "server"), default="native")
     args = parser.parse_args(argv)
     paths = ensure_assets()
+    where = "worker" if args.engine == "native" else "server"
     sides = {
-        "sync": None,
-        "fixed N=1 (worker)": {"max_staleness": 1, "mode": "fixed"},
-        "bounded N=1 (worker)": {"max_staleness": 1, "mode": "bounded"},
+        "sync": (None, args.engine == "server"),
+        f"fixed N=1 ({where})": ({"max_staleness": 1, "mode": "fixed"}, args.engine == "server"),
+        f"bounded N=1 ({where})": ({"max_staleness": 1, "mode": "bounded"}, args.engine == "server"),
     }
+    if args.engine == "server":
+        sides["native sync (reference)"] = (None, False)
     timing = Timing(threads=args.threads)
-    print(f"{args.model}, {args.new_tokens} new tokens, 8 prompts × k 4, {args.steps} steps; {load_average()}")
-    with tempfile.TemporaryDirectory() as tmp:
+    shape = f"{args.model}, {args.new_tokens} new tokens, 8 prompts × k 4, {args.steps} steps"
+    print(f"{shape}, engine {args.engine}; {load_average()}")
+    with tempfile.TemporaryDirectory() as tmp, serving(args, paths, timing) as port:
         work = Path(tmp)
 
-        def side(async_):
+        def side(async_, on_server: bool):
             def once(_round: int) -> float:
-                raw = recipe(paths[args.model], paths["prompts"], args.steps, args.new_tokens, async_)
+                served = port if on_server else None
+                raw = recipe(paths[args.model], paths["prompts"], args.steps, args.new_tokens, async_, served)
                 result = run_align(raw, work, timing)
                 return sum(result["step_s"][1:]) / (len(result["step_s"]) - 1)  # the steps after the first
 
             return once
 
-        values = alternate({name: side(cfg) for name, cfg in sides.items()}, args.rounds)
+        values = alternate({name: side(*cfg) for name, cfg in sides.items()}, args.rounds)
     base = statistics.median(values["sync"])
     for name, seconds in values.items():
         s = statistics.median(seconds)
         print(f"{name:<24} {s:.3f} s/step  {1 / s:.2f} steps/s  ratio to sync {base / s:.2f}")
     return 0
+
+
+@contextlib.contextmanager
+def serving(args, paths, timing: Timing):
+    """``align vllm-serve`` on the benchmark's model for the whole run (``--engine server``)."""
+    if args.engine != "server":
+        yield None
+        return
+    with vllm_server(paths[args.model], ["--dtype", "float32", "--max-model-len", "256"], timing.env()) as port:
+        yield port
 
 
 if __name__ == "__main__":

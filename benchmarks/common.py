@@ -22,14 +22,18 @@ This module is imported by the TRL workers too, so it imports nothing from align
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,3 +297,28 @@ def alternate(sides: dict[str, Callable[[int], float]], rounds: int, log=print) 
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: Path, extra: list[str], env: dict[str, str]):
+    """``align vllm-serve MODEL`` (this python needs vLLM) on a free port, up until the block ends;
+    yields the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "align.cli", "vllm-serve", str(model_dir), "--port", str(port), *extra]
+    env = {**os.environ, **env, "VLLM_LOGGING_LEVEL": "WARNING"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    server = subprocess.Popen(cmd, env=env, start_new_session=True, **quiet)
+    try:
+        for _ in range(600):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            if server.poll() is not None:
+                raise SystemExit("the vLLM server did not start (is vLLM installed in this python?)")
+            time.sleep(1)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

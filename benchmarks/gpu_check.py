@@ -9,7 +9,10 @@ Rows, each on a ~100M-parameter GPT-2 built from a config (12 layers, 768 wide, 
 - TRL's RLOOTrainer and DPOTrainer on the same work (when ``TRL_PYTHON`` imports trl);
 - align RLOO under FSDP2 at world size 1 (`launch/fsdp.yaml --num_processes 1`);
 - align RLOO with its rollouts from a colocated vLLM engine (``generation.engine: vllm``) against
-  TRL's RLOOTrainer with ``use_vllm=True, vllm_mode="colocate"`` (needs vLLM in both venvs).
+  TRL's RLOOTrainer with ``use_vllm=True, vllm_mode="colocate"`` (needs vLLM in both venvs);
+- align RLOO from a vLLM server (``align vllm-serve``, weights pushed by file each step): in step
+  with training, and generating step t + 1 while step t trains (``train.async: {max_staleness: 1}``).
+  With two GPUs the server takes the second; with one it shares it (30 % of its memory).
 Columns: median seconds per step after 2 warm-up steps, generated (RLOO) or trained (DPO) tokens
 per second, peak GPU memory (torch.cuda.max_memory_allocated). Put the table in benchmarks/README.md.
 """
@@ -27,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RESULT_PREFIX, TRL_PYTHON, ensure_assets  # noqa: E402
+from common import CACHE, RESULT_PREFIX, TRL_PYTHON, ensure_assets, vllm_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 2
@@ -45,8 +48,10 @@ def build_model(smoke: bool) -> Path:
     return atomic_dir(CACHE / name, lambda d: build_tiny_model(tokenizer, d, seed=0, **shape))
 
 
-def rloo_recipe(model: Path, prompts: Path, steps: int, new_tokens: int, engine: str = "native") -> dict:
-    return {
+def rloo_recipe(
+    model: Path, prompts: Path, steps: int, new_tokens: int, engine: str = "native", server_port: int | None = None
+) -> dict:
+    recipe = {
         "model": {"path": str(model)},
         "data": {"train": str(prompts)},
         "objective": {"name": "rloo", "k": 4, "beta": 0.05},
@@ -55,6 +60,25 @@ def rloo_recipe(model: Path, prompts: Path, steps: int, new_tokens: int, engine:
         "train": {"steps": steps, "batch_size": 4, "lr": 1e-5, "lr_scheduler": "constant"},
         "output": {"report": False, "save_model": False, "sample_every": 0, "save_every": 0},
     }
+    if server_port is not None:
+        recipe["generation"]["vllm"] = {"mode": "server", "server_port": server_port}
+    return recipe
+
+
+def server_rows(model: Path, prompts: Path, steps: int, new_tokens: int, work: Path, launch: list[str]) -> dict:
+    """RLOO against ``align vllm-serve``: synchronous, then fixed N = 1 (generation beside training)."""
+    import torch
+
+    two = torch.cuda.device_count() >= 2
+    env = {"CUDA_VISIBLE_DEVICES": "1"} if two else {}
+    extra = [] if two else ["--gpu-memory-utilization", "0.3"]
+    rows = {}
+    with vllm_server(model, extra, env) as port:
+        recipe = rloo_recipe(model, prompts, steps, new_tokens, engine="vllm", server_port=port)
+        rows["align rloo vllm server"] = run_align(recipe, work, launch)
+        recipe["train"]["async"] = {"max_staleness": 1, "mode": "fixed"}
+        rows["align rloo server async1"] = run_align(recipe, work, launch)
+    return rows
 
 
 def dpo_recipe(model: Path, pairs: Path, steps: int) -> dict:
@@ -141,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 rloo_recipe(model, assets["prompts"], steps, new_tokens, engine="vllm"), work, single
             )
             rows["trl rloo vllm"] = run_trl("_trl_rloo_worker.py", trl_rloo, rloo_tokens, vllm=True)
+            rows.update(server_rows(model, assets["prompts"], steps, new_tokens, work, single))
             rows["align rloo fsdp2 ws=1"] = run_align(
                 rloo_recipe(model, assets["prompts"], steps, new_tokens), work, fsdp
             )

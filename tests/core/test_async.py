@@ -17,7 +17,7 @@ from align.config import RecipeError
 from align.logprobs import completion_logprobs
 from align.trainer import train
 
-TIMINGS = {"step_s", "tokens_per_s", "generation_s", "async_wait_s"}
+TIMINGS = {"step_s", "tokens_per_s", "generation_s", "async_wait_s", "generator_wait_s"}
 
 
 def recipe(model_dir, data, run: Path, n: int | None, mode: str = "fixed", **fields):
@@ -106,9 +106,11 @@ def test_bounded_never_trains_on_samples_older_than_n(tiny_model_dir, tiny_data_
     monkeypatch.setattr(trainer_mod, "train_on_batch", slow)
     run = tmp_path / "bounded"
     train(recipe(tiny_model_dir, tiny_data_files, run, 1, "bounded", steps=6))
-    staleness = [r["staleness"] for r in run_metrics(run)]
+    records = run_metrics(run)
+    staleness = [r["staleness"] for r in records]
     assert len(staleness) == 6 and max(staleness) <= 1
     assert max(staleness[1:]) == 1  # it did run ahead
+    assert max(r["generator_wait_s"] for r in records) > 0.2  # ... then waited for the slow trainer's weights
 
 
 @pytest.mark.parametrize(
@@ -116,7 +118,7 @@ def test_bounded_never_trains_on_samples_older_than_n(tiny_model_dir, tiny_data_
     [
         ({"objective": {"name": "dpo", "beta": 0.1}}, "train.async: 'dpo' is trained on a fixed dataset"),
         ({"train": {"replay": {"capacity_steps": 2}}}, "train.async: with train.replay"),
-        ({"generation": {"engine": "vllm"}}, "train.async.mode: bounded generates in a worker"),
+        ({"generation": {"engine": "vllm"}}, "train.async.mode: bounded generates beside training, with the native"),
     ],
 )
 def test_bad_async_recipes_are_one_line(change, message, tiny_model_dir, tiny_data_files, tmp_path):
