@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     accelerator: Any
+    phase_s: dict[str, float] = field(default_factory=dict)  # the step's seconds per phase (reference_s)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ def train_on_batch(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs | None
     merged exactly over its mini-batches and every process (align/step_metrics.py), or None when a
     step was skipped."""
     settings, objective = ctx.settings, ctx.objective
+    started = time.perf_counter()
+    ctx.phase_s.clear()
     reads = set(objective.stats_read)
     kept = kept or KeptLogprobs(ref_logprobs=batch.ref_logprobs)
     if "mismatched_logprobs" in objective.needs and kept.mismatched_logprobs is None:  # KTO's KL estimate
@@ -91,6 +95,9 @@ def train_on_batch(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs | None
     metrics["grad_norm"] = step.grad_norm
     metrics["lr"] = ctx.scheduler.get_last_lr()[0]
     metrics.update(batch.metrics)
+    # where the step went (beside generation_s and scoring_s): the reference's forwards, and the rest
+    metrics["reference_s"] = reference = ctx.phase_s.get("reference_s", 0.0)
+    metrics["training_s"] = time.perf_counter() - started - reference
     return metrics
 
 
@@ -225,7 +232,7 @@ def micro_batch_backward(
     if kept.ref_logprobs is not None:
         ref = kept.ref_logprobs[rows][:, :width]
     elif objective.uses_reference:
-        with torch.no_grad(), reference_model(models, accelerator) as ref_model:
+        with torch.no_grad(), timed_reference(ctx) as ref_model:
             ref = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, settings.temperature)
     else:
         ref = None
@@ -323,7 +330,7 @@ def keep_rollout_logprobs(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs
     their ratios must read the policy that sampled (TRL's PPO computes them in its rollout too).
     The same micro-batches, widths and mode as the training forward, so a ratio the first step
     reads is exactly 1. ``kept``: what is known already (a cached reference is not recomputed)."""
-    settings, models, objective, accelerator = ctx.settings, ctx.models, ctx.objective, ctx.accelerator
+    settings, models, objective = ctx.settings, ctx.models, ctx.objective
     kept = kept or KeptLogprobs(ref_logprobs=batch.ref_logprobs)
     n, width = batch.completion_mask.shape
     out: dict[str, Tensor] = {}
@@ -339,7 +346,7 @@ def keep_rollout_logprobs(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs
         policy_lp = completion_logprobs(models.policy, p_ids, p_mask, c_ids, c_mask, settings.temperature)
         ref_lp = values = None
         if objective.uses_reference and kept.ref_logprobs is None:
-            with reference_model(models, accelerator) as ref_model:
+            with timed_reference(ctx) as ref_model:
                 ref_lp = completion_logprobs(ref_model, p_ids, p_mask, c_ids, c_mask, settings.temperature)
         if models.critic is not None:
             values = completion_values(models.critic, p_ids, p_mask, c_ids, c_mask.to(policy_lp.dtype))
@@ -351,6 +358,18 @@ def keep_rollout_logprobs(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs
     if "old" not in out:  # every sample went unscored: the steps train on nothing
         return kept
     return KeptLogprobs(out["old"], out.get("ref", kept.ref_logprobs), out.get("values"))
+
+
+@contextlib.contextmanager
+def timed_reference(ctx: StepContext):
+    """The reference model for a forward, its time added to the step's ``reference_s`` (on a GPU
+    after the device has finished it)."""
+    started = time.perf_counter()
+    with reference_model(ctx.models, ctx.accelerator) as ref_model:
+        yield ref_model
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    ctx.phase_s["reference_s"] = ctx.phase_s.get("reference_s", 0.0) + time.perf_counter() - started
 
 
 def _no_sync_unless(last: bool, accelerator, *models) -> contextlib.AbstractContextManager:

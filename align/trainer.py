@@ -280,7 +280,9 @@ def make_batch(run: Run, step: int, accelerator) -> StepBatch:
         started = time.perf_counter()
         sampled = rollout(run, rows, step)
         timing = {"generation_s": time.perf_counter() - started}
+    started = time.perf_counter()
     scores = score(run, sampled, rows, step, accelerator)
+    timing = {**timing, "scoring_s": time.perf_counter() - started}
     prompts = [run.dataset.prompts[i] for i in rows for _ in range(run.settings.k)]
     return rollout_batch(sampled, scores, run.settings.layout, prompts, accelerator.device, timing)
 

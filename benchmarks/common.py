@@ -273,6 +273,7 @@ def run_align(recipe: dict, workdir: Path, timing: Timing | None = None) -> dict
         "completion_length": [r.get("completion_length") for r in records],
         "wall_s": wall,
         "peak_rss_mib": rss,
+        "records": records,
     }
 
 

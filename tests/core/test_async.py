@@ -15,9 +15,8 @@ from helpers import SGD_LR, final_params, make_recipe, run_metrics, stop_at
 import align.async_rollouts as async_mod
 from align.config import RecipeError
 from align.logprobs import completion_logprobs
+from align.step_metrics import TIMINGS
 from align.trainer import train
-
-TIMINGS = {"step_s", "tokens_per_s", "generation_s", "async_wait_s", "generator_wait_s"}
 
 
 def recipe(model_dir, data, run: Path, n: int | None, mode: str = "fixed", **fields):

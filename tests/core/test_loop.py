@@ -22,6 +22,7 @@ from helpers import (
 )
 
 from align.config import RecipeError
+from align.step_metrics import TIMINGS
 from align.trainer import TrainingError, train
 
 
@@ -48,7 +49,7 @@ def test_resume_is_exact(key, tiny_model_dir, tiny_data_files, tmp_path):
 
     a, b = final_params(straight), final_params(interrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    drop = {"step_s", "tokens_per_s", "generation_s"}
+    drop = TIMINGS
     clean = [
         [{k: v for k, v in r.items() if k not in drop} for r in run_metrics(run)] for run in (straight, interrupted)
     ]
@@ -69,12 +70,15 @@ def test_resume_is_exact_with_several_updates_per_batch(key, mini_batches, tiny_
 
 
 def test_same_seed_same_metrics(tiny_model_dir, tiny_data_files, tmp_path):
-    drop = {"step_s", "tokens_per_s", "generation_s"}
+    drop = TIMINGS
     runs = []
     for name in ("a", "b"):
         train(make_recipe(tiny_model_dir, tiny_data_files, tmp_path / name, "rloo", steps=2, batch_size=4))
         runs.append([{k: v for k, v in r.items() if k not in drop} for r in run_metrics(tmp_path / name)])
     assert runs[0] == runs[1]
+    for record in run_metrics(tmp_path / "a"):  # where the step went: phases inside the step's time
+        phases = [record[k] for k in ("generation_s", "scoring_s", "reference_s", "training_s")]
+        assert min(phases) > 0 and sum(phases) <= record["step_s"]
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, tiny_data_files, tmp_path):

@@ -183,10 +183,10 @@ def test_two_processes_equal_one(vllm_models, tiny_data_files, tmp_path):
 @pytest.mark.parametrize(
     "config, arch, model",
     [
-        ("cpu_fsdp2", "llama", {}),  # DTensor shards: each parameter made whole in turn
-        ("cpu_zero3", "qwen2", {}),  # ZeRO-3 partitions, tied head
+        # DTensor shards: each base weight made whole in turn, and each adapter's ΔW product
         ("cpu_fsdp2", "llama", {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}),
-        ("cpu_zero3", "llama", {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}),  # ΔW gathered
+        # ZeRO-3 partitions gathered (base weights, tied head, the adapters' A and B for ΔW)
+        ("cpu_zero3", "qwen2", {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}),
     ],
 )
 def test_sharded_training_syncs_whole_weights(config, arch, model, vllm_models, tiny_data_files, tmp_path):

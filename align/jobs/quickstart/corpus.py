@@ -354,10 +354,11 @@ def build_tiny_model(
     seed: int = 0,
     architecture: str = "gpt2",
     tie_word_embeddings: bool = False,
+    intermediate_size: int | None = None,
 ) -> PreTrainedModel:
     """A randomly initialised GPT-2 (or ``architecture="llama"`` / ``"qwen2"``: rotary positions,
-    RMSNorm, SwiGLU, grouped KV heads, an untied head unless ``tie_word_embeddings``) sized to
-    ``tokenizer``, saved with it to ``out_dir``.
+    RMSNorm, SwiGLU (``intermediate_size``, default 2·n_embd), grouped KV heads, an untied head unless
+    ``tie_word_embeddings``) sized to ``tokenizer``, saved with it to ``out_dir``.
 
     Special-token ids go in both the model config and the generation config, so ``generate``
     stops on ``</s>`` and pads with ``<pad>`` without any argument — the same as a hub model.
@@ -377,7 +378,7 @@ def build_tiny_model(
         config = family(
             vocab_size=len(tokenizer),
             hidden_size=n_embd,
-            intermediate_size=2 * n_embd,
+            intermediate_size=intermediate_size or 2 * n_embd,
             num_hidden_layers=n_layer,
             num_attention_heads=n_head,
             num_key_value_heads=max(1, n_head // 2),
