@@ -49,7 +49,10 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     accelerator: Any
-    phase_s: dict[str, float] = field(default_factory=dict)  # the step's seconds per phase (reference_s)
+    # the step's reference forwards timed: wall seconds (CPU), or CUDA event pairs read once at the
+    # step's end (a host sync per forward would stall the device's queue)
+    reference_s: list[float] = field(default_factory=list)
+    reference_events: list[tuple[Any, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ def train_on_batch(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs | None
     step was skipped."""
     settings, objective = ctx.settings, ctx.objective
     started = time.perf_counter()
-    ctx.phase_s.clear()
+    ctx.reference_s.clear()
+    ctx.reference_events.clear()
     reads = set(objective.stats_read)
     kept = kept or KeptLogprobs(ref_logprobs=batch.ref_logprobs)
     if "mismatched_logprobs" in objective.needs and kept.mismatched_logprobs is None:  # KTO's KL estimate
@@ -96,7 +100,10 @@ def train_on_batch(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs | None
     metrics["lr"] = ctx.scheduler.get_last_lr()[0]
     metrics.update(batch.metrics)
     # where the step went (beside generation_s and scoring_s): the reference's forwards, and the rest
-    metrics["reference_s"] = reference = ctx.phase_s.get("reference_s", 0.0)
+    if ctx.reference_events:
+        ctx.reference_events[-1][1].synchronize()
+    reference = sum(ctx.reference_s) + sum(a.elapsed_time(b) for a, b in ctx.reference_events) / 1000
+    metrics["reference_s"] = reference
     metrics["training_s"] = time.perf_counter() - started - reference
     return metrics
 
@@ -362,14 +369,20 @@ def keep_rollout_logprobs(ctx: StepContext, batch: StepBatch, kept: KeptLogprobs
 
 @contextlib.contextmanager
 def timed_reference(ctx: StepContext):
-    """The reference model for a forward, its time added to the step's ``reference_s`` (on a GPU
-    after the device has finished it)."""
+    """The reference model for a forward, its time added to the step's ``reference_s``: the wall
+    clock on a CPU, CUDA events on a GPU (the device's time, without waiting for it here)."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with reference_model(ctx.models, ctx.accelerator) as ref_model:
+            yield ref_model
+        end.record()
+        ctx.reference_events.append((start, end))
+        return
     started = time.perf_counter()
     with reference_model(ctx.models, ctx.accelerator) as ref_model:
         yield ref_model
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    ctx.phase_s["reference_s"] = ctx.phase_s.get("reference_s", 0.0) + time.perf_counter() - started
+    ctx.reference_s.append(time.perf_counter() - started)
 
 
 def _no_sync_unless(last: bool, accelerator, *models) -> contextlib.AbstractContextManager:

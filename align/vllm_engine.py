@@ -129,30 +129,18 @@ class VLLMEngine:
         if self.settings.enable_sleep_mode:  # level 2 drops the weights: the next rollout syncs them
             self.llm.sleep(level=2)
             self.version = None
-        rollout = to_rollout(prompts, k, [o.outputs[0] for o in outputs], sampling, self.accelerator.device)
+        completions = [o.outputs[0] for o in outputs]
+        tokens = [list(c.token_ids) for c in completions]
+        logprobs = [[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for c in completions]
+        rollout = to_rollout(prompts, k, tokens, logprobs, sampling, self.accelerator.device)
         return replace(decode_completions(rollout, self.models.tokenizer, sampling), policy_version=policy_version)
 
     @staticmethod
     def request(seed: int, sampling: SamplingSettings):
-        """One sample's request: its own seed; stop strings checked by vLLM so it stops early
-        (``decode_completions`` then cuts exactly where the native engine does)."""
         from vllm import SamplingParams
 
-        return SamplingParams(
-            n=1,
-            seed=seed,
-            max_tokens=sampling.max_new_tokens,
-            min_tokens=sampling.min_new_tokens,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k or -1,
-            top_p=sampling.top_p,
-            stop_token_ids=list(sampling.eos_token_ids),
-            ignore_eos=True,  # EOS is stop_token_ids: the tokenizer's, as the native engine reads it
-            stop=list(sampling.stop_strings) or None,
-            include_stop_str_in_output=True,
-            detokenize=bool(sampling.stop_strings),
-            logprobs=0,  # the sampled token's own log-prob
-        )
+        # no detokenizing without stop strings: the ids are what the trainer reads
+        return SamplingParams(**sampling_params(seed, sampling), detokenize=bool(sampling.stop_strings))
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -271,19 +259,46 @@ def _lora_deltas(base) -> dict:
     return out
 
 
-def to_rollout(prompts: list[list[int]], k: int, completions, sampling: SamplingSettings, device) -> Rollout:
-    """vLLM's completions (prompt-major, k per prompt) as a rollout: prompts left-padded, completions
-    right-padded, each token's sampled log-prob beside it."""
+def sampling_params(seed: int, sampling: SamplingSettings) -> dict:
+    """One sample's vLLM SamplingParams (both vLLM engines): its own seed; EOS as stop_token_ids (the
+    tokenizer's, as the native engine reads it); stop strings checked by vLLM so it stops early
+    (``decode_completions`` then cuts exactly where the native engine does); the sampled token's own
+    log-prob."""
+    return {
+        "n": 1,
+        "seed": seed,
+        "max_tokens": sampling.max_new_tokens,
+        "min_tokens": sampling.min_new_tokens,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k or -1,
+        "top_p": sampling.top_p,
+        "stop_token_ids": list(sampling.eos_token_ids),
+        "ignore_eos": True,
+        "stop": list(sampling.stop_strings) or None,
+        "include_stop_str_in_output": True,
+        "logprobs": 0,
+    }
+
+
+def to_rollout(
+    prompts: list[list[int]],
+    k: int,
+    tokens: list[list[int]],
+    logprobs: list[list[float]],
+    sampling: SamplingSettings,
+    device,
+) -> Rollout:
+    """An engine's completions (prompt-major, k per prompt: their token ids and each token's sampled
+    log-prob) as a rollout: prompts left-padded, completions right-padded."""
     pad = sampling.pad_token_id
-    width = max([len(c.token_ids) for c in completions] + [1])
-    ids = torch.full((len(completions), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(completions), width), dtype=torch.long)
-    logprobs = torch.zeros((len(completions), width), dtype=torch.float32)
-    for row, completion in enumerate(completions):
-        tokens = list(completion.token_ids)
-        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, : len(tokens)] = 1
-        logprobs[row, : len(tokens)] = torch.tensor([lp[t].logprob for t, lp in zip(tokens, completion.logprobs)])
+    width = max([len(t) for t in tokens] + [1])
+    ids = torch.full((len(tokens), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(tokens), width), dtype=torch.long)
+    sampled = torch.zeros((len(tokens), width), dtype=torch.float32)
+    for row, (row_tokens, row_logprobs) in enumerate(zip(tokens, logprobs)):
+        ids[row, : len(row_tokens)] = torch.tensor(row_tokens, dtype=torch.long)
+        mask[row, : len(row_tokens)] = 1
+        sampled[row, : len(row_tokens)] = torch.tensor(row_logprobs, dtype=torch.float32)
     prompt_ids, prompt_mask = data_lib.pad(prompts, pad, "left", device)
     return Rollout(
         prompt_ids=prompt_ids.repeat_interleave(k, 0),
@@ -291,5 +306,5 @@ def to_rollout(prompts: list[list[int]], k: int, completions, sampling: Sampling
         completion_ids=ids.to(device),
         completion_mask=mask.to(device),
         group=torch.arange(len(prompts), device=device).repeat_interleave(k),
-        sampler_logprobs=logprobs.to(device),
+        sampler_logprobs=sampled.to(device),
     )

@@ -41,7 +41,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -49,6 +48,7 @@ from torch import Tensor
 from align.config import RecipeError
 from align.native_engine import decode_completions
 from align.rollout import EngineUnavailable, Rollout, SamplingSettings
+from align.vllm_engine import policy_weights, sampling_params, to_rollout
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 MAX_CONCURRENT_REQUESTS = 64
@@ -133,7 +133,9 @@ class VLLMServerEngine:
         if self.pushed != policy_version:  # the same on every process: each phase ends agreed
             self._phase(lambda: self._sync(policy_version))
         completions = self._phase(lambda: self.request_all(prompts, keys, k, sampling, self.pushed))
-        rollout = _to_rollout(prompts, k, completions, sampling, self.accelerator.device)
+        tokens = [out["token_ids"] for out in completions]
+        logprobs = [[c["logprob"] for c in out["logprobs"]["content"]] for out in completions]
+        rollout = to_rollout(prompts, k, tokens, logprobs, sampling, self.accelerator.device)
         rollout = decode_completions(rollout, self.models.tokenizer, sampling)
         return replace(rollout, policy_version=self.pushed)
 
@@ -166,8 +168,6 @@ class VLLMServerEngine:
         """The policy's weights of ``version`` written whole under ``weights_root`` (main process;
         every process takes part in the gather of sharded weights). Between optimizer steps only."""
         from safetensors.torch import save_file
-
-        from align.vllm_engine import policy_weights
 
         main = self.accelerator.is_main_process
         tensors, seen = {}, set()
@@ -214,7 +214,7 @@ class VLLMServerEngine:
     # --------------------------------------------------------------------------------- sampling
 
     def request_all(self, prompts, keys: Tensor, k: int, sampling: SamplingSettings, version: int) -> list:
-        params = [self.sampling_params(int(key), sampling) for key in keys.tolist()]
+        params = [sampling_params(int(key), sampling) for key in keys.tolist()]
         bodies = [{"token_ids": prompts[i // k], "sampling_params": p} for i, p in enumerate(params)]
         outputs = list(_pool().map(self._generate_one, bodies))
         for out in outputs:
@@ -228,24 +228,6 @@ class VLLMServerEngine:
 
     def _generate_one(self, body: dict) -> dict:
         return self._post("/inference/v1/generate", body, self.settings.server_timeout)["choices"][0]
-
-    @staticmethod
-    def sampling_params(seed: int, sampling: SamplingSettings) -> dict:
-        """One sample's vLLM SamplingParams, as the colocated engine sets them (align/vllm_engine.py)."""
-        return {
-            "n": 1,
-            "seed": seed,
-            "max_tokens": sampling.max_new_tokens,
-            "min_tokens": sampling.min_new_tokens,
-            "temperature": sampling.temperature,
-            "top_k": sampling.top_k or -1,
-            "top_p": sampling.top_p,
-            "stop_token_ids": list(sampling.eos_token_ids),
-            "ignore_eos": True,
-            "stop": list(sampling.stop_strings) or None,
-            "include_stop_str_in_output": True,
-            "logprobs": 0,
-        }
 
     def _post(self, path: str, body: dict | None, timeout: float, query: str = "") -> dict | None:
         try:
@@ -290,19 +272,6 @@ def _call(url: str, method: str, path: str, body: dict | None = None, timeout: f
     except (OSError, urllib.error.URLError) as err:  # refused, reset, timed out
         raise EngineUnavailable(f"{method} {path}: {err}") from err
     return json.loads(raw) if raw else None
-
-
-def _to_rollout(prompts, k: int, outputs: list[dict], sampling: SamplingSettings, device) -> Rollout:
-    from align.vllm_engine import to_rollout
-
-    completions = [
-        SimpleNamespace(
-            token_ids=out["token_ids"],
-            logprobs=[{c["token_id"]: SimpleNamespace(logprob=c["logprob"])} for c in out["logprobs"]["content"]],
-        )
-        for out in outputs
-    ]
-    return to_rollout(prompts, k, completions, sampling, device)
 
 
 def _broadcast(value: str, accelerator) -> str:

@@ -67,7 +67,7 @@ WARMUP_STEPS = 3  # per run, the first steps are left out of the timing
 # assets
 
 
-def _pseudo_words(n: int, seed: int = 0) -> list[str]:
+def pseudo_words(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(n)]
@@ -77,7 +77,7 @@ def _pseudo_words(n: int, seed: int = 0) -> list[str]:
 def _build_tokenizer(out: Path) -> None:
     from align.jobs.quickstart.corpus import generate_reviews, train_tokenizer
 
-    tokenizer = train_tokenizer(generate_reviews(4000) + _pseudo_words(60_000), out, vocab_size=VOCAB_SIZE)
+    tokenizer = train_tokenizer(generate_reviews(4000) + pseudo_words(60_000), out, vocab_size=VOCAB_SIZE)
     if len(tokenizer) != VOCAB_SIZE:
         raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
 

@@ -33,14 +33,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    BENCH,
     CACHE,
     TRL_PYTHON,
+    WARMUP_STEPS,
     Timing,
-    _pseudo_words,
     alternate,
     ensure_assets,
     load_average,
     padded_prompt_tokens,
+    pseudo_words,
     run_align,
     run_json,
     steady,
@@ -51,7 +53,6 @@ from peak import measure as measure_peak  # noqa: E402
 from vs_trl_rloo import LR, align_recipe  # noqa: E402
 
 GRID = CACHE / "grid"
-BENCH = Path(__file__).resolve().parent
 MEDIUM = {"n_layer": 4, "n_embd": 256, "n_head": 8, "intermediate_size": 688}
 SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "intermediate_size": 176}
 BASE = {"architecture": "llama", "vocab": 32_000, "prompt": 4, "tied": False}
@@ -68,7 +69,6 @@ SHAPES: dict[str, dict] = {
     "small vocab 128k": {**SMALL, **BASE, "vocab": 128_000},
     "small prompt 128": {**SMALL, **BASE, "prompt": 128},
 }
-WARMUP = 2
 
 
 # ------------------------------------------------------------------------------------------ assets
@@ -81,7 +81,7 @@ def tokenizer(vocab: int) -> Path:
 
     def build(out: Path) -> None:
         words = 60_000 if vocab <= 32_000 else 1_500_000
-        tok = train_tokenizer(generate_reviews(4000) + _pseudo_words(words, seed=vocab), out, vocab_size=vocab)
+        tok = train_tokenizer(generate_reviews(4000) + pseudo_words(words, seed=vocab), out, vocab_size=vocab)
         if len(tok) != vocab:
             raise RuntimeError(f"tokenizer has {len(tok)} tokens, expected {vocab}")
 
@@ -125,7 +125,7 @@ def prompts(length: int, short: Path) -> Path:
     def build(out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(tokenizer(32_000))
         rng = random.Random(length)
-        words = " ".join(_pseudo_words(200_000, seed=7)).split()
+        words = " ".join(pseudo_words(200_000, seed=7)).split()
         rows, at = [], 0
         for _ in range(512):
             target = rng.randint(length // 2, 3 * length // 2)
@@ -147,7 +147,7 @@ PHASES = ("generation_s", "scoring_s", "reference_s", "training_s")
 
 def phase_split(records: list[dict]) -> dict[str, float]:
     """align's median seconds per phase over the steps after the warm-up."""
-    kept = records[WARMUP:] or records
+    kept = records[WARMUP_STEPS:] or records
     return {k: statistics.median(r.get(k, 0.0) for r in kept) for k in PHASES}
 
 
