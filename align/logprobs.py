@@ -11,9 +11,11 @@ The vocabulary-sized LM head dominates small models' log-prob cost (a 30k × 64 
 model is called (through its own ``__call__``, so DDP's gradient hooks still fire) for its last
 hidden states with no logits at all; only the positions of real completion tokens go through the
 head (padding is often a third of a DPO batch); the forward keeps one [N, V] buffer, the softmax,
-which the backward turns into the logits' gradient in place -- no log-softmax, gather or slice
-gradient buffers of [N, V]. Without gradients (the reference) the head runs in row chunks and
-keeps nothing. Every other model takes the plain path (logits → ``token_logprobs``).
+which the backward turns into softmax − onehot in place by one write per row (the logits'
+gradient up to a row factor, applied on the [N, H] sides of its two matmuls) -- no log-softmax,
+gather or slice gradient buffers of [N, V], and no pass over the buffer. Without gradients (the
+reference) the head runs in row chunks and keeps nothing. Every other model takes the plain path
+(logits → ``token_logprobs``).
 
 On CPU the few-row matmuls of decoding go through oneDNN with the weight packed once per rollout
 (``DecodeHead``): 2–3× faster than MKL's sgemm on AMD EPYC, 1.1× on Intel Xeon. The head's large
@@ -196,11 +198,17 @@ class _HeadLogprobs(torch.autograd.Function):
             raise RuntimeError("head_logprobs: the saved buffer is reused in place; backward runs once")
         ctx.spent = True
         hidden, weight, tokens, probs = ctx.saved_tensors
-        grad = grad[:, None].float() / ctx.temperature
-        # d logp / d logits = onehot − softmax, formed in the softmax's buffer
-        grad_logits = probs.mul_(-grad).scatter_add_(-1, tokens[:, None], grad).to(weight.dtype)
-        grad_hidden = linear(grad_logits, weight.detach().t()) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[1] else None
+        # d loss / d logits = g·(onehot − softmax) = (softmax − onehot)·(−g): the difference is formed in
+        # the softmax's buffer by one write per row (p_y − 1, exact), and the row factor −g is applied
+        # on the [N, H] sides of the two matmuls -- not a multiply over all [N, V] of the buffer
+        factor = (grad.float() / -ctx.temperature)[:, None].to(weight.dtype)
+        minus_one = probs.new_full((probs.shape[0], 1), -1.0)
+        diff = probs.scatter_add_(-1, tokens[:, None], minus_one).to(weight.dtype)
+        grad_hidden = linear(diff, weight.detach().t()).mul_(factor) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # as ((−g·h)ᵀ · diff)ᵀ: the [H, V] product is the faster layout for the BLAS than diffᵀ · h
+            grad_weight = torch.mm((hidden * factor).t(), diff).t()
         return grad_hidden, grad_weight, None, None, None
 
 

@@ -88,7 +88,8 @@ def tokenizer(vocab: int) -> Path:
     return atomic_dir(GRID / f"tokenizer_{vocab // 1000}k", build)
 
 
-def model(name: str) -> Path:
+def model(name: str, seed: int = 0) -> Path:
+    """The shape's model, random weights from ``seed`` (0: the policy; 1: a reference, step0_grid.py)."""
     from transformers import AutoTokenizer
 
     from align.jobs.quickstart.corpus import atomic_dir, build_tiny_model
@@ -104,13 +105,14 @@ def model(name: str) -> Path:
             n_embd=shape["n_embd"],
             n_head=shape["n_head"],
             n_positions=512,
-            seed=0,
+            seed=seed,
             architecture=shape["architecture"],
             tie_word_embeddings=shape["tied"],
             intermediate_size=shape["intermediate_size"],
         )
 
-    return atomic_dir(GRID / name.replace(" ", "_").replace(".", ""), build)
+    suffix = "" if seed == 0 else f"_seed{seed}"
+    return atomic_dir(GRID / (name.replace(" ", "_").replace(".", "") + suffix), build)
 
 
 def prompts(length: int, short: Path) -> Path:

@@ -1,6 +1,6 @@
 """Where align's step time goes: cProfile over the steady-state steps of an RLOO or DPO run.
 
-    .venv/bin/python benchmarks/profile_align.py rloo|dpo [--medium | --model NAME] [--steps N] [--top N]
+    .venv/bin/python benchmarks/profile_align.py rloo|dpo [--medium | --model NAME | --grid SHAPE] [--steps N] [--top N]
 
 Runs ``align.trainer.train`` in this process on the recipe of vs_trl_rloo.py / vs_trl_dpo.py,
 switches the profiler on after WARMUP_STEPS steps (start-up and warm-up are left out) and
@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("objective", choices=["rloo", "dpo"])
     parser.add_argument("--medium", action="store_true")
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="a benchmark model by name")
+    parser.add_argument("--grid", default=None, help="a shape of benchmarks/grid.py ('medium', ...)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -41,10 +42,19 @@ def main(argv: list[str]) -> int:
     from align.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
+        model, prompts, new_tokens = paths.get(size), paths["prompts"], MODELS.get(size, {}).get("new_tokens")
+        if args.grid:
+            import grid
+
+            shape = grid.SHAPES[args.grid]
+            size, model = args.grid, grid.model(args.grid)
+            prompts = grid.prompts(shape["prompt"], paths["prompts"])
+            new_tokens = 128 if args.grid.startswith("medium") else 24
         if args.objective == "rloo":
-            raw = vs_trl_rloo.align_recipe(paths[size], paths["prompts"], MODELS[size]["new_tokens"], args.steps)
+            raw = vs_trl_rloo.align_recipe(model, prompts, new_tokens, args.steps)
+            raw["data"]["max_prompt_tokens"] = 256
         else:
-            raw = vs_trl_dpo.align_recipe(paths[size], paths["pairs"], args.steps, average=False)
+            raw = vs_trl_dpo.align_recipe(model, paths["pairs"], args.steps, average=False)
         raw["output"]["dir"] = str(Path(tmp) / "run")
         recipe = Recipe.model_validate(raw)
         profiler = cProfile.Profile()

@@ -102,10 +102,64 @@ def compare(align_grads: dict, trl_grads: dict) -> tuple[float, float, str]:
     return float((a - b).abs().max()) / scale, cosine, worst
 
 
-def main(argv: list[str]) -> int:
+def check(
+    name: str,
+    model: Path,
+    prompt_file: Path,
+    new_tokens: int,
+    tolerance: float,
+    positions_as_shipped: bool = False,
+    max_prompt_tokens: int | None = None,
+) -> tuple[bool, float]:
+    """One model's step 0 on the first PROMPTS prompts of ``prompt_file``: prints the comparison,
+    returns (within ``tolerance``, max |Δ| / max |g|) (benchmarks/step0_grid.py runs it over the grid)."""
     import torch
     import vs_trl_rloo
 
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prompts = work / "prompts.jsonl"
+        lines = [line for line in prompt_file.read_text().splitlines() if line.strip()][:PROMPTS]
+        prompts.write_text("\n".join(lines) + "\n")
+        recipe = vs_trl_rloo.align_recipe(model, prompts, new_tokens, 1)
+        recipe["output"]["dir"] = str(work / "align")
+        if max_prompt_tokens is not None:
+            recipe["data"]["max_prompt_tokens"] = max_prompt_tokens
+        entries, align_grads, metrics = _align_step0(recipe)
+        (work / "completions.json").write_text(json.dumps(entries))
+        env = {"STEP0_COMPLETIONS": str(work / "completions.json"), "STEP0_GRADS": str(work / "trl_grads.pt")}
+        if not positions_as_shipped:
+            env["STEP0_MASK_POSITIONS"] = "1"
+        argv_trl = [
+            TRL_PYTHON,
+            str(Path(__file__).resolve().parent / "_trl_rloo_worker.py"),
+            str(model),
+            str(prompts),
+            str(new_tokens),
+            "1",
+            str(vs_trl_rloo.LR),
+            str(work / "trl"),
+        ]
+        result, _ = run_json(argv_trl, env)
+        if not result.get("step0_grads"):
+            raise SystemExit(f"{name}: the TRL worker saved no gradients")
+        trl_grads = torch.load(work / "trl_grads.pt")
+    rel, cosine, worst = compare(align_grads, trl_grads)
+    samples = sum(len(e["completion_ids"]) for e in entries)
+    tokens = sum(len(c) for e in entries for c in e["completion_ids"])
+    print(
+        f"{name}: {samples} completions ({tokens} tokens) on both sides; clipped gradients max |Δ| / max |g| "
+        f"= {rel:.2e} (at {worst}), cosine {cosine:.9f}; grad norm before clipping align "
+        f"{metrics.get('grad_norm', float('nan')):.6g}, TRL {result['grad_norm'][0]:.6g}; loss align "
+        f"{metrics.get('loss', float('nan')):.6g} (surrogate), TRL {result['loss'][0]:.3g} "
+        "(−mean A: 0 by construction)"
+    )
+    norm_align, norm_trl = metrics.get("grad_norm", float("nan")), result["grad_norm"][0]
+    # clipping divides both by their own norm: the norms before it must agree as well
+    return rel <= tolerance and abs(norm_align - norm_trl) <= tolerance * abs(norm_trl), rel
+
+
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), action="append", help="repeatable; default: all")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |Δgrad| / max |grad| allowed")
@@ -114,49 +168,12 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     paths = ensure_assets()
-    failed = []
-    for size in args.model or list(MODELS):
-        new_tokens = MODELS[size]["new_tokens"]
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            prompts = work / "prompts.jsonl"
-            lines = [line for line in paths["prompts"].read_text().splitlines() if line.strip()][:PROMPTS]
-            prompts.write_text("\n".join(lines) + "\n")
-            recipe = vs_trl_rloo.align_recipe(paths[size], prompts, new_tokens, 1)
-            recipe["output"]["dir"] = str(work / "align")
-            entries, align_grads, metrics = _align_step0(recipe)
-            (work / "completions.json").write_text(json.dumps(entries))
-            env = {"STEP0_COMPLETIONS": str(work / "completions.json"), "STEP0_GRADS": str(work / "trl_grads.pt")}
-            if not args.trl_positions_as_shipped:
-                env["STEP0_MASK_POSITIONS"] = "1"
-            argv_trl = [
-                TRL_PYTHON,
-                str(Path(__file__).resolve().parent / "_trl_rloo_worker.py"),
-                str(paths[size]),
-                str(prompts),
-                str(new_tokens),
-                "1",
-                str(vs_trl_rloo.LR),
-                str(work / "trl"),
-            ]
-            result, _ = run_json(argv_trl, env)
-            if not result.get("step0_grads"):
-                raise SystemExit(f"{size}: the TRL worker saved no gradients")
-            trl_grads = torch.load(work / "trl_grads.pt")
-        rel, cosine, worst = compare(align_grads, trl_grads)
-        samples = sum(len(e["completion_ids"]) for e in entries)
-        tokens = sum(len(c) for e in entries for c in e["completion_ids"])
-        print(
-            f"{size}: {samples} completions ({tokens} tokens) on both sides; clipped gradients max |Δ| / max |g| "
-            f"= {rel:.2e} (at {worst}), cosine {cosine:.9f}; grad norm before clipping align "
-            f"{metrics.get('grad_norm', float('nan')):.6g}, TRL {result['grad_norm'][0]:.6g}; loss align "
-            f"{metrics.get('loss', float('nan')):.6g} (surrogate), TRL {result['loss'][0]:.3g} "
-            "(−mean A: 0 by construction)"
-        )
-        norm_align, norm_trl = metrics.get("grad_norm", float("nan")), result["grad_norm"][0]
-        # clipping divides both by their own norm: the norms before it must agree as well
-        if not (rel <= args.tolerance and abs(norm_align - norm_trl) <= args.tolerance * abs(norm_trl)):
-            failed.append(size)
+    shipped = args.trl_positions_as_shipped
+    failed = [
+        size
+        for size in args.model or list(MODELS)
+        if not check(size, paths[size], paths["prompts"], MODELS[size]["new_tokens"], args.tolerance, shipped)[0]
+    ]
     if failed:
         print(f"above tolerance {args.tolerance:g}: {', '.join(failed)}")
         return 1

@@ -121,7 +121,8 @@ def align_step0(model: Path, reference: Path, pairs: Path, average: bool, n: int
     }
 
 
-def step0_check(paths: dict, size: str, loss_type: str, average: bool, work: Path) -> str:
+def step0_check(paths: dict, size: str, loss_type: str, average: bool, work: Path) -> tuple[str, float, bool]:
+    """(a line saying it, |Δloss|, whether the two agree: identical token ids and |Δloss| ≤ 1e-5·max(1, |loss|))."""
     ours = align_step0(paths[size], paths[f"{size}_ref"], paths["pairs"], average, PAIRS_PER_STEP)
     theirs, _ = run_json(
         [
@@ -138,11 +139,12 @@ def step0_check(paths: dict, size: str, loss_type: str, average: bool, work: Pat
     )
     same_ids = all(ours[key] == theirs[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
     diff = abs(ours["loss"] - theirs["loss"])
-    verdict = "agree" if same_ids and diff <= 1e-5 * max(1.0, abs(ours["loss"])) else "DISAGREE"
-    return (
+    agree = same_ids and diff <= 1e-5 * max(1.0, abs(ours["loss"]))
+    line = (
         f"step-0 loss on the first {PAIRS_PER_STEP} pairs: align {ours['loss']:.7f}, TRL {theirs['loss']:.7f}, "
-        f"|diff| {diff:.1e}; identical token ids: {same_ids} -> {verdict}"
+        f"|diff| {diff:.1e}; identical token ids: {same_ids} -> {'agree' if agree else 'DISAGREE'}"
     )
+    return line, diff, agree
 
 
 def main(argv: list[str]) -> int:
@@ -170,7 +172,7 @@ def main(argv: list[str]) -> int:
         for loss_type, average in (("sigmoid", False), ("sigmoid_norm", True)):
             label = f"align dpo average_logprobs={str(average).lower()} vs TRL {loss_type}"
             print(label)
-            print("  " + step0_check(paths, size, loss_type, average, work))
+            print("  " + step0_check(paths, size, loss_type, average, work)[0])
             recipe = align_recipe(paths[size], paths["pairs"], args.steps, average)
             trl_argv = timing.wrap(
                 [

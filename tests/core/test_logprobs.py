@@ -128,8 +128,15 @@ def test_bf16_head_matches_the_fp32_computation_of_its_bf16_logits():
     logits = F.linear(hidden, weight).float() / 0.5  # the plain path: bf16 logits, fp32 log-softmax
     expected = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
     assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
-    out.sum().backward()
+    upstream = torch.linspace(-1, 1, 6)  # rows of either sign: the backward's row factor −g
+    (out * upstream).sum().backward()
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    # the gradients of the plain path's bf16 logits, to bf16's precision
+    plain_hidden, plain_weight = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    plain = torch.log_softmax(F.linear(plain_hidden, plain_weight) / 0.5, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    (plain * upstream).sum().backward()
+    for mine, theirs in ((hidden.grad, plain_hidden.grad), (weight.grad, plain_weight.grad)):
+        assert torch.allclose(mine.float(), theirs, atol=2e-2 * float(theirs.abs().max()), rtol=2e-2)
 
 
 def test_fused_backward_runs_once():
