@@ -194,24 +194,31 @@ def test_a_signal_during_the_sft_stage_is_one_line_and_its_exit_code(tmp_path, m
 
 def test_the_quickstart_learns_with_the_vllm_engine_as_with_the_native_one(tmp_path, monkeypatch):
     """`align train quickstart generation.engine=vllm` runs to the end on the CPU, and its reward
-    rises as the native engine's does: the same two seeds each, the vLLM runs' gains within the
-    native runs' spread (widened by half of it on each side)."""
+    rises as the native engine's does, over the same four seeds each: every run's gain (mean reward
+    of the last 6 of 24 steps minus the first 6) is clearly positive, and the two engines' mean gains
+    agree within 0.1.
+
+    Why four seeds and a fixed bound: the two engines draw different samples (vLLM's sampler is not
+    align's keyed one), so they agree in distribution, not run by run, and a run's gain varies by
+    ~0.05 from seed to seed (0.31–0.45 here) -- and with the CPU's rounding, by ~0.01 run to run on
+    one seed. The difference of two 4-run means then has a spread of ~0.035, so 0.1 fails an engine
+    that learns at half the native rate every time and a sound one about once in 200 runs (two
+    seeds against a bound scaled by their own spread failed on a change of rounding alone)."""
     from align.cli import main
 
     monkeypatch.chdir(tmp_path)
     short = ["train.steps=24", "output.report=false", "output.save_model=false"]
+    seeds = (0, 1, 2, 3)
     gains = {}
     for engine in ("native", "vllm"):
-        for seed in (0, 1):
+        for seed in seeds:
             run = f"runs/{engine}{seed}"
             argv = ["train", "quickstart", f"generation.engine={engine}", f"train.seed={seed}", f"output.dir={run}"]
             assert main([*argv, *short]) == 0
             rewards = [r["reward_mean"] for r in _read(tmp_path / run / "metrics.jsonl")]
             assert len(rewards) == 24
             gains[engine, seed] = statistics.mean(rewards[-6:]) - statistics.mean(rewards[:6])
-    native = [gains["native", s] for s in (0, 1)]
-    low, high = min(native), max(native)
-    margin = max((high - low) / 2, 0.05)
-    assert low > 0.1, gains  # the native runs learned
-    for seed in (0, 1):
-        assert low - margin <= gains["vllm", seed] <= high + margin, gains
+    assert min(gains.values()) > 0.1, gains  # every run learned, on either engine
+    native = statistics.mean(gains["native", s] for s in seeds)
+    vllm = statistics.mean(gains["vllm", s] for s in seeds)
+    assert abs(vllm - native) <= 0.1, gains
