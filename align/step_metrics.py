@@ -18,19 +18,10 @@ from losses import LossBatch
 
 Sums = dict[str, list[float]]  # name -> [numerator, count]
 TOTALS = ("loss", "tokens")  # reported as sums over the step, not means
+# where a step's time went, logged every step (training_s: the policy's forward, backward and optimizer)
+PHASES = ("generation_s", "scoring_s", "reference_s", "training_s")
 # a step's wall-clock measurements: every other logged number is a function of the run's inputs
-TIMINGS = frozenset(
-    {
-        "step_s",
-        "tokens_per_s",
-        "generation_s",
-        "scoring_s",
-        "reference_s",
-        "training_s",
-        "async_wait_s",
-        "generator_wait_s",
-    }
-)
+TIMINGS = frozenset({"step_s", "tokens_per_s", *PHASES, "async_wait_s", "generator_wait_s"})
 
 
 def add_sums(into: Sums, new: dict[str, tuple[float, float]], weight: float = 1.0) -> None:

@@ -52,6 +52,8 @@ from flops import rloo_step  # noqa: E402
 from peak import measure as measure_peak  # noqa: E402
 from vs_trl_rloo import LR, align_recipe  # noqa: E402
 
+from align.step_metrics import PHASES  # noqa: E402
+
 GRID = CACHE / "grid"
 MEDIUM = {"n_layer": 4, "n_embd": 256, "n_head": 8, "intermediate_size": 688}
 SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 4, "intermediate_size": 176}
@@ -69,6 +71,12 @@ SHAPES: dict[str, dict] = {
     "small vocab 128k": {**SMALL, **BASE, "vocab": 128_000},
     "small prompt 128": {**SMALL, **BASE, "prompt": 128},
 }
+MAX_PROMPT_TOKENS = 256  # above the longest grid prompt (~192 tokens): no prompt is cut
+
+
+def new_tokens(name: str) -> int:
+    """Exactly this many new tokens per completion (the benchmark models' EOS is all but never drawn)."""
+    return 128 if name.startswith("medium") else 24
 
 
 # ------------------------------------------------------------------------------------------ assets
@@ -144,9 +152,6 @@ def prompts(length: int, short: Path) -> Path:
 # ------------------------------------------------------------------------------------------ sides
 
 
-PHASES = ("generation_s", "scoring_s", "reference_s", "training_s")
-
-
 def phase_split(records: list[dict]) -> dict[str, float]:
     """align's median seconds per phase over the steps after the warm-up."""
     kept = records[WARMUP_STEPS:] or records
@@ -183,16 +188,16 @@ def side_by_side(align_run, trl_argv: list[str], timing: Timing, rounds: int) ->
 def rloo_row(name: str, work: Path, args, timing: Timing, peak: float, short: Path) -> dict:
     shape = SHAPES[name]
     model_dir, prompt_file = model(name), prompts(shape["prompt"], short)
-    new_tokens = 128 if name.startswith("medium") else 24
-    recipe = align_recipe(model_dir, prompt_file, new_tokens, args.steps)
-    recipe["data"]["max_prompt_tokens"] = 256
+    tokens = new_tokens(name)
+    recipe = align_recipe(model_dir, prompt_file, tokens, args.steps)
+    recipe["data"]["max_prompt_tokens"] = MAX_PROMPT_TOKENS
     trl_argv = timing.wrap(
-        [TRL_PYTHON, str(BENCH / "_trl_rloo_worker.py"), str(model_dir), str(prompt_file), str(new_tokens)]
+        [TRL_PYTHON, str(BENCH / "_trl_rloo_worker.py"), str(model_dir), str(prompt_file), str(tokens)]
         + [str(args.steps), str(LR), str(work / "trl"), ""]
     )
     row = side_by_side(lambda: run_align(recipe, work, timing), trl_argv, timing, args.rounds)
     width = round(padded_prompt_tokens(prompt_file, model_dir, 4))
-    flops = rloo_step(step_shape(model_dir), 16, width, new_tokens)["total"]
+    flops = rloo_step(step_shape(model_dir), 16, width, tokens)["total"]
     return {**row, "peak_fraction": flops / row["align_s"] / peak, "prompt_width": width}
 
 

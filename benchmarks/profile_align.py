@@ -49,10 +49,11 @@ def main(argv: list[str]) -> int:
             shape = grid.SHAPES[args.grid]
             size, model = args.grid, grid.model(args.grid)
             prompts = grid.prompts(shape["prompt"], paths["prompts"])
-            new_tokens = 128 if args.grid.startswith("medium") else 24
+            new_tokens = grid.new_tokens(args.grid)
         if args.objective == "rloo":
             raw = vs_trl_rloo.align_recipe(model, prompts, new_tokens, args.steps)
-            raw["data"]["max_prompt_tokens"] = 256
+            if args.grid:
+                raw["data"]["max_prompt_tokens"] = grid.MAX_PROMPT_TOKENS
         else:
             raw = vs_trl_dpo.align_recipe(model, paths["pairs"], args.steps, average=False)
         raw["output"]["dir"] = str(Path(tmp) / "run")

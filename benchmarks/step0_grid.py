@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         shape = grid.SHAPES[name]
         model, reference = grid.model(name), grid.model(name, seed=1)
         prompt_file = grid.prompts(shape["prompt"], assets["prompts"])
-        new_tokens = 128 if name.startswith("medium") else 24
-        ok, rel = step0_rloo.check(name, model, prompt_file, new_tokens, args.tolerance, max_prompt_tokens=256)
+        ok, rel = step0_rloo.check(
+            name, model, prompt_file, grid.new_tokens(name), args.tolerance, max_prompt_tokens=grid.MAX_PROMPT_TOKENS
+        )
         rows[name] = {"rloo": f"{rel:.1e}" + ("" if ok else " DIFFERS")}
         paths = {name: model, f"{name}_ref": reference, "pairs": assets["pairs"]}
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from helpers import (
 )
 
 from align.config import RecipeError
-from align.step_metrics import TIMINGS
+from align.step_metrics import PHASES, TIMINGS
 from align.trainer import TrainingError, train
 
 
@@ -77,7 +77,7 @@ def test_same_seed_same_metrics(tiny_model_dir, tiny_data_files, tmp_path):
         runs.append([{k: v for k, v in r.items() if k not in drop} for r in run_metrics(tmp_path / name)])
     assert runs[0] == runs[1]
     for record in run_metrics(tmp_path / "a"):  # where the step went: phases inside the step's time
-        phases = [record[k] for k in ("generation_s", "scoring_s", "reference_s", "training_s")]
+        phases = [record[k] for k in PHASES]
         assert min(phases) > 0 and sum(phases) <= record["step_s"]
 
 
