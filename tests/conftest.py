@@ -11,6 +11,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # parallel workers (pytest -n 2): one intra-op thread each, so two workers share the cores
+    # rather than four threads contending for two; launched processes already run on one
+    import torch
+
+    torch.set_num_threads(1)
+
 # after the environment above: the helpers load transformers
 from helpers import make_tiny_data_files, make_tiny_model_dir, write_jsonl  # noqa: E402
 

@@ -8,6 +8,7 @@ The session fixtures ``tiny_model_dir`` and ``tiny_data_files`` (tests/conftest.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -230,3 +231,11 @@ def stop_at(step: int):
             os.kill(os.getpid(), signal.SIGTERM)
 
     return hook
+
+
+def free_port() -> int:
+    """A port free now on loopback, for a launch's rendezvous or a server: tests may run in parallel
+    workers (pytest-xdist), so no port is derived from a fixed base."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

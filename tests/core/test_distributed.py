@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import SGD_LR, final_params, make_recipe, max_diff, run_metrics
+from helpers import SGD_LR, final_params, free_port, make_recipe, max_diff, run_metrics
 
 from align.step_metrics import TIMINGS  # measured per process: not comparable
 
@@ -67,7 +67,7 @@ def test_two_process_ddp_equals_one_process(key, fields, tiny_model_dir, tiny_da
             "--dynamo_backend",
             "no",
             "--main_process_port",
-            str(29500 + procs + os.getpid() % 1000),
+            str(free_port()),
             "-m",
             "align.cli",
             "train",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_tiny_model_dir
+from helpers import free_port, make_tiny_model_dir
 from safetensors.torch import load_file
 
 from align.config import validate
@@ -63,12 +62,6 @@ def _recipe(model_dir, data_files, run_dir, objective: str, batch_size: int, **e
     return raw
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_cmd(config: str, recipe_path: Path, *overrides: str) -> list[str]:
     return [
         sys.executable,
@@ -77,7 +70,7 @@ def _launch_cmd(config: str, recipe_path: Path, *overrides: str) -> list[str]:
         "--config_file",
         str(LAUNCH / f"{config}.yaml"),
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "align.cli",
         "train",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import final_params, make_recipe, make_tiny_model_dir, max_diff, run_metrics, stop_at
+from helpers import final_params, free_port, make_recipe, make_tiny_model_dir, max_diff, run_metrics, stop_at
 
 from align.distributed import make_accelerator
 from align.logprobs import completion_logprobs
@@ -170,7 +170,7 @@ def test_two_processes_equal_one(vllm_models, tiny_data_files, tmp_path):
             path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
             cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            cmd += ["--main_process_port", str(29700 + os.getpid() % 1000), "-m", "align.cli", "train", str(path)]
+            cmd += ["--main_process_port", str(free_port()), "-m", "align.cli", "train", str(path)]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
             assert done.returncode == 0, done.stderr[-3000:]
@@ -197,7 +197,7 @@ def test_sharded_training_syncs_whole_weights(config, arch, model, vllm_models, 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / f"{config}.yaml")]
-    cmd += ["--main_process_port", str(29800 + os.getpid() % 1000), "-m", "align.cli", "train", str(path)]
+    cmd += ["--main_process_port", str(free_port()), "-m", "align.cli", "train", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn the launch into plain DDP
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)

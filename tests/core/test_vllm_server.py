@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import urllib.request
 
 import pytest
 import torch
-from helpers import make_recipe, make_tiny_model_dir, run_metrics
+from helpers import free_port, make_recipe, make_tiny_model_dir, run_metrics
 
 from align.cli import main as cli_main
 from align.config import RecipeError, validate
@@ -31,12 +30,6 @@ from align.rollout import trim_left
 from align.run_setup import setup_run
 from align.trainer import TrainingError, rollout, run_settings, train, train_step
 from align.vllm_server import check_server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -203,19 +203,36 @@ def test_the_quickstart_learns_with_the_vllm_engine_as_with_the_native_one(tmp_p
     ~0.05 from seed to seed (0.31–0.45 here) -- and with the CPU's rounding, by ~0.01 run to run on
     one seed. The difference of two 4-run means then has a spread of ~0.035, so 0.1 fails an engine
     that learns at half the native rate every time and a sound one about once in 200 runs (two
-    seeds against a bound scaled by their own spread failed on a change of rounding alone)."""
+    seeds against a bound scaled by their own spread failed on a change of rounding alone).
+
+    The four vLLM runs share one fresh interpreter, as a user's command or study does: late in this
+    suite's long-lived process (after the vLLM engine and server tests and the studies), a vLLM
+    engine built fresh from disk gave prompt log-probs up to 2.5 nats off the transformers model's
+    and learned at half the rate -- a process-state defect of vLLM's CPU path that is not traced yet
+    (benchmarks/README.md, "vLLM in a long-lived process")."""
+    import subprocess
+    import sys
+
     from align.cli import main
 
     monkeypatch.chdir(tmp_path)
     short = ["train.steps=24", "output.report=false", "output.save_model=false"]
     seeds = (0, 1, 2, 3)
+
+    def argv(engine: str, seed: int) -> list[str]:
+        run = f"output.dir=runs/{engine}{seed}"
+        return ["train", "quickstart", f"generation.engine={engine}", f"train.seed={seed}", run]
+
+    for seed in seeds:
+        assert main([*argv("native", seed), *short]) == 0
+    vllm_runs = [[*argv("vllm", seed), *short] for seed in seeds]
+    script = f"import sys; from align.cli import main; sys.exit(max(main(a) for a in {vllm_runs!r}))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     gains = {}
     for engine in ("native", "vllm"):
         for seed in seeds:
-            run = f"runs/{engine}{seed}"
-            argv = ["train", "quickstart", f"generation.engine={engine}", f"train.seed={seed}", f"output.dir={run}"]
-            assert main([*argv, *short]) == 0
-            rewards = [r["reward_mean"] for r in _read(tmp_path / run / "metrics.jsonl")]
+            rewards = [r["reward_mean"] for r in _read(tmp_path / "runs" / f"{engine}{seed}" / "metrics.jsonl")]
             assert len(rewards) == 24
             gains[engine, seed] = statistics.mean(rewards[-6:]) - statistics.mean(rewards[:6])
     runs = ", ".join(f"{engine} {seed}: {gain:.3f}" for (engine, seed), gain in gains.items())  # untruncated
