@@ -205,7 +205,7 @@ def test_the_quickstart_learns_with_the_vllm_engine_as_with_the_native_one(tmp_p
     that learns at half the native rate every time and a sound one about once in 200 runs (two
     seeds against a bound scaled by their own spread failed on a change of rounding alone).
 
-    The four vLLM runs share one fresh interpreter, as a user's command or study does: late in this
+    The four vLLM runs share one fresh interpreter, as a user's `align train` has: late in this
     suite's long-lived process (after the vLLM engine and server tests and the studies), a vLLM
     engine built fresh from disk gave prompt log-probs up to 2.5 nats off the transformers model's
     and learned at half the rate -- a process-state defect of vLLM's CPU path that is not traced yet
@@ -227,7 +227,7 @@ def test_the_quickstart_learns_with_the_vllm_engine_as_with_the_native_one(tmp_p
         assert main([*argv("native", seed), *short]) == 0
     vllm_runs = [[*argv("vllm", seed), *short] for seed in seeds]
     script = f"import sys; from align.cli import main; sys.exit(max(main(a) for a in {vllm_runs!r}))"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     gains = {}
     for engine in ("native", "vllm"):
